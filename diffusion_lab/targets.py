@@ -1,0 +1,377 @@
+r"""Exact targets with closed-form noised marginals, and sample-only toy data.
+
+For p_0 = sum_k pi_k N(mu_k, Sigma_k) and x_t = alpha x_0 + sigma eps (THEORY.md item 15, oracle O2):
+
+    p_t       = sum_k pi_k N(alpha mu_k, C_k),   C_k = alpha^2 Sigma_k + sigma^2 I
+    r_k(x)    = pi_k N(x; alpha mu_k, C_k) / p_t(x)                      (responsibilities)
+    score     = sum_k r_k C_k^{-1} (alpha mu_k - x)
+    m_k(x)    = mu_k + alpha Sigma_k C_k^{-1} (x - alpha mu_k)             (component posterior mean)
+    P_k       = Sigma_k - alpha^2 Sigma_k C_k^{-1} Sigma_k                 (component posterior cov)
+    E[x0|x]   = sum_k r_k m_k
+    Cov[x0|x] = sum_k r_k (P_k + m_k m_k^T) - E[x0|x] E[x0|x]^T
+
+A Gaussian is the one-component mixture. ``target.field(schedule)`` returns a VelocityField whose
+model evaluates these formulas exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ._tensor import as_tensor
+from .field import VelocityField
+from .schedules import Schedule
+
+__all__ = [
+    "GaussianMixture",
+    "Gaussian",
+    "ExactModel",
+    "TARGETS",
+    "get_target",
+    "ring8",
+    "bimodal_1d",
+    "ncsn_two_mode",
+    "aniso_gaussian",
+    "moons",
+    "swiss_roll",
+    "checkerboard",
+    "digits",
+    "SAMPLE_ONLY",
+]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class GaussianMixture:
+    """Gaussian mixture sum_k pi_k N(mu_k, Sigma_k) in R^d (full covariances), held in float64.
+
+    weights (K,), means (K, d), covs (K, d, d) symmetric positive definite.
+    """
+
+    def __init__(self, weights, means, covs, name: str | None = None):
+        w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        mu = torch.as_tensor(means, dtype=torch.float64)
+        if mu.ndim == 1:
+            mu = mu[:, None] if w.numel() > 1 else mu[None, :]
+        cov = torch.as_tensor(covs, dtype=torch.float64)
+        K, d = mu.shape
+        if cov.ndim == 1 and d == 1:  # K variances of a 1-D mixture
+            cov = cov.reshape(K, 1, 1)
+        if cov.ndim == 2 and K == 1:
+            cov = cov[None]
+        if w.numel() != K:
+            raise ValueError(f"weights has {w.numel()} entries but means has {K} components")
+        if cov.shape != (K, d, d):
+            raise ValueError(f"covs must have shape {(K, d, d)}, got {tuple(cov.shape)}")
+        if (w < 0).any() or not torch.isclose(w.sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-12):
+            raise ValueError(f"weights must be non-negative and sum to 1, got {w.tolist()}")
+        if not torch.allclose(cov, cov.transpose(-1, -2), atol=1e-12):
+            raise ValueError("covariances must be symmetric")
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if (info > 0).any():
+            k = int(torch.nonzero(info)[0])
+            raise ValueError(f"covariance of component {k} is not positive definite: {cov[k].tolist()}")
+        self.weights, self.means, self.covs = w, mu, cov
+        self._chol = chol
+        self.name = name or ("gaussian" if K == 1 else f"gmm{K}")
+
+    # -- basic properties -----------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def n_components(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def data_shape(self) -> tuple:
+        return (self.dim,)
+
+    def mean(self) -> torch.Tensor:
+        return self.weights @ self.means
+
+    def covariance(self) -> torch.Tensor:
+        m = self.mean()
+        second = torch.einsum("k,kij->ij", self.weights, self.covs + torch.einsum("ki,kj->kij", self.means, self.means))
+        return second - torch.outer(m, m)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r}, K={self.n_components}, d={self.dim})"
+
+    def settings(self) -> dict:
+        return {"name": self.name, "K": self.n_components, "d": self.dim}
+
+    # -- data law (t = 0) ---------------------------------------------------------------------
+    def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, return_labels=False):
+        """n iid samples (and, optionally, their component labels)."""
+        if int(n) != n or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        k = torch.multinomial(self.weights, int(n), replacement=True, generator=generator)
+        z = torch.randn(int(n), self.dim, dtype=torch.float64, generator=generator)
+        x = self.means[k] + torch.einsum("nij,nj->ni", self._chol[k], z)
+        x = x.to(dtype)
+        return (x, k) if return_labels else x
+
+    def log_prob(self, x):
+        """log p_0(x)."""
+        return self._component_terms(x, 1.0, 0.0)["log_p"]
+
+    # -- noised marginal p_t --------------------------------------------------------------------
+    def _moments_t(self, alpha, sigma):
+        """Means (.., K, d), precisions, log-dets and gain alpha Sigma_k C_k^{-1} of the components at t."""
+        a = as_tensor(alpha).to(torch.float64)
+        s = as_tensor(sigma).to(torch.float64)
+        a2 = (a * a)[..., None, None, None]
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        C = a2 * self.covs + (s * s)[..., None, None, None] * eye
+        L = torch.linalg.cholesky(C)
+        prec = torch.cholesky_inverse(L)
+        logdet = 2.0 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        means_t = a[..., None, None] * self.means
+        gain = a[..., None, None, None] * self.covs @ prec
+        return means_t, prec, logdet, gain
+
+    def _component_terms(self, x, alpha, sigma):
+        x = as_tensor(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
+        xd = x.to(torch.float64)
+        means_t, prec, logdet, gain = self._moments_t(alpha, sigma)
+        diff = xd[:, None, :] - means_t  # (B, K, d)
+        if prec.ndim == 3:
+            prec_diff = torch.einsum("kij,bkj->bki", prec, diff)
+        else:
+            prec_diff = torch.einsum("bkij,bkj->bki", prec, diff)
+        maha = (diff * prec_diff).sum(-1)
+        log_comp = torch.log(self.weights) - 0.5 * (maha + logdet + self.dim * _LOG_2PI)
+        log_p = torch.logsumexp(log_comp, dim=-1)
+        return {
+            "x": xd, "diff": diff, "prec_diff": prec_diff, "log_r": log_comp - log_p[:, None],
+            "log_p": log_p, "gain": gain, "prec": prec,
+        }
+
+    def _at(self, schedule: Schedule, t, x):
+        t = as_tensor(t, like=x if isinstance(x, torch.Tensor) else None).to(torch.float64)
+        return schedule.alpha(t), schedule.sigma(t)
+
+    def log_prob_t(self, x, t, schedule: Schedule):
+        """log p_t(x)."""
+        return self._component_terms(x, *self._at(schedule, t, x))["log_p"].to(x.dtype)
+
+    def responsibilities(self, x, t, schedule: Schedule):
+        """r_k(x) = p_t(k | x), shape (batch, K) (THEORY.md item 26)."""
+        return self._component_terms(x, *self._at(schedule, t, x))["log_r"].exp().to(x.dtype)
+
+    def score(self, x, t, schedule: Schedule):
+        """grad_x log p_t(x) = -sum_k r_k C_k^{-1} (x - alpha mu_k)."""
+        c = self._component_terms(x, *self._at(schedule, t, x))
+        return -(c["log_r"].exp()[..., None] * c["prec_diff"]).sum(1).to(x.dtype)
+
+    def _posterior_means(self, c):
+        if c["gain"].ndim == 3:
+            m = self.means + torch.einsum("kij,bkj->bki", c["gain"], c["diff"])
+        else:
+            m = self.means + torch.einsum("bkij,bkj->bki", c["gain"], c["diff"])
+        return m
+
+    def denoiser(self, x, t, schedule: Schedule):
+        """E[x_0 | x_t = x] = sum_k r_k m_k(x)."""
+        c = self._component_terms(x, *self._at(schedule, t, x))
+        return (c["log_r"].exp()[..., None] * self._posterior_means(c)).sum(1).to(x.dtype)
+
+    def posterior_cov(self, x, t, schedule: Schedule):
+        """Cov[x_0 | x_t = x] = sum_k r_k (P_k + m_k m_k^T) - m m^T, shape (batch, d, d)."""
+        a, _ = self._at(schedule, t, x)
+        c = self._component_terms(x, *self._at(schedule, t, x))
+        r = c["log_r"].exp()
+        mk = self._posterior_means(c)
+        a = as_tensor(a).to(torch.float64)
+        # P_k = Sigma_k - alpha Sigma_k C_k^{-1} alpha Sigma_k = Sigma_k - gain_k alpha Sigma_k
+        P = self.covs - c["gain"] @ (a[..., None, None, None] * self.covs)
+        if P.ndim == 3:
+            P = P.expand(x.shape[0], *P.shape)
+        m = (r[..., None] * mk).sum(1)
+        second = torch.einsum("bk,bkij->bij", r, P + mk[..., :, None] * mk[..., None, :])
+        return (second - m[:, :, None] * m[:, None, :]).to(x.dtype)
+
+    def marginal(self, schedule: Schedule, t: float) -> "GaussianMixture":
+        """p_t as a GaussianMixture (scalar t): components N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)."""
+        a = float(schedule.alpha(as_tensor(float(t))))
+        s = float(schedule.sigma(as_tensor(float(t))))
+        covs = a * a * self.covs + s * s * torch.eye(self.dim, dtype=torch.float64)
+        cls = Gaussian if isinstance(self, Gaussian) else GaussianMixture
+        if cls is Gaussian:
+            return Gaussian(a * self.means[0], covs[0], name=f"{self.name}@t={t:g}")
+        return GaussianMixture(self.weights, a * self.means, covs, name=f"{self.name}@t={t:g}")
+
+    def cdf_1d(self, x):
+        """CDF of a 1-D mixture (used by the quantile-map flow, THEORY.md oracle O3)."""
+        if self.dim != 1:
+            raise ValueError(f"cdf_1d needs a 1-D mixture, this one has d={self.dim}")
+        x = as_tensor(x).to(torch.float64)
+        std = torch.sqrt(self.covs[:, 0, 0])
+        z = (x[..., None] - self.means[:, 0]) / std
+        return (self.weights * 0.5 * torch.erfc(-z / math.sqrt(2.0))).sum(-1)
+
+    # -- the field --------------------------------------------------------------------------------
+    def field(self, schedule: Schedule, prediction: str = "x0") -> VelocityField:
+        """The exact velocity field of this target under ``schedule``; the model returns ``prediction``."""
+        return VelocityField(schedule, ExactModel(self, schedule, prediction), prediction, data_shape=self.data_shape)
+
+
+class Gaussian(GaussianMixture):
+    """N(mu, Sigma), the one-component mixture (oracle O1)."""
+
+    def __init__(self, mean, cov, name: str | None = None):
+        mean = torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1)
+        cov = torch.as_tensor(cov, dtype=torch.float64)
+        d = mean.shape[1]
+        if cov.ndim == 0:
+            cov = cov * torch.eye(d, dtype=torch.float64)
+        super().__init__([1.0], mean, cov.reshape(1, d, d), name=name or "gaussian")
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self.means[0]
+
+    @property
+    def cov(self) -> torch.Tensor:
+        return self.covs[0]
+
+
+class ExactModel:
+    """model(x, t) returning the exact prediction (eps, x0, score, v or velocity) of a Gaussian mixture."""
+
+    def __init__(self, target: GaussianMixture, schedule: Schedule, prediction: str = "x0"):
+        self.target, self.schedule, self.prediction = target, schedule, prediction
+
+    def __repr__(self):
+        return f"ExactModel({self.target.name}, {self.prediction})"
+
+    def x0_eps(self, x, t):
+        """Exact (E[x0|x_t], E[eps|x_t]) = (sum_k r_k m_k, sigma sum_k r_k C_k^{-1}(x - alpha mu_k)); eps in the
+        score form -sigma s, which keeps full precision as sigma -> 0."""
+        tg, sch = self.target, self.schedule
+        c = tg._component_terms(x, sch.alpha(t), sch.sigma(t))
+        r = c["log_r"].exp()[..., None]
+        x0 = (r * tg._posterior_means(c)).sum(1)
+        sig = sch.sigma(t.to(torch.float64))
+        sig = sig.reshape(sig.shape + (1,) * (x.ndim - sig.ndim))
+        eps = sig * (r * c["prec_diff"]).sum(1)
+        return x0.to(x.dtype), eps.to(x.dtype)
+
+    def __call__(self, x, t):
+        from . import param
+
+        x0, eps = self.x0_eps(x, t)
+        sch = self.schedule
+        tt = t.to(x.dtype)
+        a, s, da, ds = (c_.reshape(c_.shape + (1,) * (x.ndim - c_.ndim)) for c_ in
+                        (sch.alpha(tt), sch.sigma(tt), sch.dalpha(tt), sch.dsigma(tt)))
+        return param.from_x0_eps(self.prediction, x0, eps, a, s, da, ds)
+
+
+# ------------------------------------------------------------------------------------------------
+# Named benchmark targets (exact scores)
+
+def ring8(radius: float = 2.0, std: float = 0.3) -> GaussianMixture:
+    """8 equal-weight isotropic Gaussians on a circle of the given radius (2-D)."""
+    ang = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    covs = (std**2) * torch.eye(2, dtype=torch.float64).expand(8, 2, 2).clone()
+    return GaussianMixture(torch.full((8,), 1 / 8, dtype=torch.float64), means, covs, name="ring8")
+
+
+def bimodal_1d() -> GaussianMixture:
+    """Two-mode 1-D mixture 0.3 N(-1.5, 0.4^2) + 0.7 N(1.5, 0.6^2)."""
+    return GaussianMixture([0.3, 0.7], [[-1.5], [1.5]], [[[0.16]], [[0.36]]], name="bimodal_1d")
+
+
+def ncsn_two_mode() -> GaussianMixture:
+    """NCSN's mixture 1/5 N((-5,-5), I) + 4/5 N((5,5), I) (Song & Ermon 2019, THEORY.md section 5)."""
+    eye = torch.eye(2, dtype=torch.float64)
+    return GaussianMixture([0.2, 0.8], [[-5.0, -5.0], [5.0, 5.0]], torch.stack([eye, eye]), name="ncsn_two_mode")
+
+
+def aniso_gaussian(d: int = 16, cond: float = 100.0, seed: int = 0) -> Gaussian:
+    """N(m, Q diag(lambda) Q^T) in d dimensions, eigenvalues log-spaced in [2/cond, 2], seeded rotation Q."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    lam = torch.logspace(math.log10(2.0 / cond), math.log10(2.0), d, dtype=torch.float64)
+    cov = q @ torch.diag(lam) @ q.T
+    cov = 0.5 * (cov + cov.T)
+    mean = 0.5 * torch.randn(d, dtype=torch.float64, generator=g)
+    return Gaussian(mean, cov, name=f"aniso_gaussian{d}")
+
+
+def gaussian_2d() -> Gaussian:
+    """A correlated 2-D Gaussian, N((1, -0.5), [[1, 0.6], [0.6, 0.5]])."""
+    return Gaussian([1.0, -0.5], [[1.0, 0.6], [0.6, 0.5]], name="gaussian_2d")
+
+
+TARGETS: dict[str, Callable[[], GaussianMixture]] = {
+    "ring8": ring8,
+    "bimodal_1d": bimodal_1d,
+    "ncsn_two_mode": ncsn_two_mode,
+    "aniso_gaussian": aniso_gaussian,
+    "gaussian_2d": gaussian_2d,
+}
+
+
+def get_target(name: str, **kwargs) -> GaussianMixture:
+    """Build a named exact target."""
+    try:
+        return TARGETS[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}; choose one of {sorted(TARGETS)}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Sample-only toy data (no closed-form score)
+
+def moons(n: int, generator: torch.Generator | None = None, noise: float = 0.05) -> torch.Tensor:
+    """Two interleaved half circles (as sklearn's make_moons), (n, 2)."""
+    n_out = n // 2
+    theta = math.pi * torch.rand(n, dtype=torch.float64, generator=generator)
+    upper = torch.arange(n) < n_out
+    x = torch.where(upper, torch.cos(theta), 1.0 - torch.cos(theta))
+    y = torch.where(upper, torch.sin(theta), 0.5 - torch.sin(theta))
+    pts = torch.stack([x, y], 1)
+    return pts + noise * torch.randn(n, 2, dtype=torch.float64, generator=generator)
+
+
+def swiss_roll(n: int, generator: torch.Generator | None = None, noise: float = 0.05) -> torch.Tensor:
+    """2-D swiss roll (t cos t, t sin t)/5 with t ~ U(1.5 pi, 4.5 pi), (n, 2)."""
+    t = 1.5 * math.pi * (1.0 + 2.0 * torch.rand(n, dtype=torch.float64, generator=generator))
+    pts = torch.stack([t * torch.cos(t), t * torch.sin(t)], 1) / 5.0
+    return pts + noise * torch.randn(n, 2, dtype=torch.float64, generator=generator)
+
+
+def checkerboard(n: int, generator: torch.Generator | None = None, squares: int = 4) -> torch.Tensor:
+    """Uniform on the black squares of a squares x squares board on [-2, 2]^2, (n, 2)."""
+    size = 4.0 / squares
+    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
+    col = torch.randint(0, squares, (n,), generator=generator)
+    row_half = torch.randint(0, squares // 2, (n,), generator=generator)
+    row = 2 * row_half + (col % 2)
+    cell = torch.stack([col, row], 1).to(torch.float64)
+    return -2.0 + (cell + u) * size
+
+
+def digits(return_labels: bool = False):
+    """sklearn's bundled 8x8 digits (1797 images), scaled to [-1, 1], shape (N, 1, 8, 8); no download."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("digits() needs scikit-learn: pip install 'diffusion_lab[data]'") from e
+    d = load_digits()
+    x = torch.as_tensor(d.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 8.0 - 1.0
+    if return_labels:
+        return x, torch.as_tensor(d.target, dtype=torch.long)
+    return x
+
+
+SAMPLE_ONLY = {"moons": moons, "swiss_roll": swiss_roll, "checkerboard": checkerboard}

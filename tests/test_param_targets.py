@@ -1,0 +1,175 @@
+"""Parameterisations, exact targets and Tweedie over Hypothesis-drawn mixtures, schedules, x and t."""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from diffusion_lab import param
+from diffusion_lab import schedules as S
+from diffusion_lab import targets as T
+from theory_checks.parameterisation import (dsm_scaling_residual, roundtrip_residual, score_residual,
+                                            tweedie2_residual, tweedie_residual, v_prediction_residual,
+                                            velocity_residual)
+from theory_checks.pde import continuity_residual, fokker_planck_residual, sde_family_residual
+from theory_checks.strategies import mixtures, points, schedules, times
+
+EXACT = 1e-10
+CONTINUOUS = ["vp", "subvp", "cosine", "ve", "edm", "rf"]  # DDPM's interpolant has kinks in t
+
+
+@given(st.data())
+def test_param_roundtrip(data):
+    s = data.draw(schedules())
+    t = data.draw(times(s, 4))
+    x0 = data.draw(points(3, 4))
+    eps = data.draw(points(3, 4, 1.0))
+    assert roundtrip_residual(s, t, x0, eps) <= EXACT
+
+
+@given(st.data())
+def test_v_prediction(data):
+    s = data.draw(schedules(["vp", "cosine", "ddpm"]))
+    t = data.draw(times(s, 4))
+    assert v_prediction_residual(s, t, data.draw(points(2, 4)), data.draw(points(2, 4, 1.0))) <= 1e-9
+
+
+@given(st.data())
+def test_tweedie_and_score(data):
+    tg = data.draw(mixtures())
+    s = data.draw(schedules())
+    t = data.draw(times(s, 1))[0]
+    x = data.draw(points(tg.dim, 4))
+    assert tweedie_residual(tg, s, x, t) <= 1e-9
+    assert score_residual(tg, s, x, t) <= 1e-9
+    assert velocity_residual(tg, s, x, t) <= 1e-9
+
+
+@given(st.data())
+def test_second_order_tweedie(data):
+    tg = data.draw(mixtures(max_k=2, max_d=2))
+    s = data.draw(schedules(["vp", "ve", "rf", "edm"]))
+    lo, hi = s.lam_range
+    lam = data.draw(st.floats(lo + 0.1 * (hi - lo), hi - 0.1 * (hi - lo)))  # away from sigma ~ 0 and alpha ~ 0
+    t = float(s.t_from_lam(torch.tensor(lam, dtype=torch.float64)))
+    assert tweedie2_residual(tg, s, data.draw(points(tg.dim, 3)), t) <= 1e-8
+
+
+@given(st.data())
+def test_pde_residuals(data):
+    tg = data.draw(mixtures(max_k=2, max_d=2))
+    s = data.draw(schedules(CONTINUOUS))
+    t = data.draw(times(s, 3))
+    x = data.draw(points(tg.dim, 3))
+    assert fokker_planck_residual(tg, s, x, t) <= 1e-9
+    assert continuity_residual(tg, s, x, t) <= 1e-9
+    gamma = data.draw(st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+    assert sde_family_residual(tg, s, x, t, gamma) <= 1e-9
+
+
+@given(st.data())
+def test_dsm_scaling(data):
+    tg = data.draw(mixtures())
+    s = data.draw(schedules())
+    t = data.draw(times(s, 1))[0]
+    assert dsm_scaling_residual(tg, s, data.draw(points(tg.dim, 4)), data.draw(points(tg.dim, 4, 1.0)), t) <= EXACT
+
+
+def _wrong_sign_tweedie(pred, kind, x, a, s, da, ds):
+    return (x - s * s * pred) / a, None  # Tweedie with the score's sign flipped
+
+
+def test_broken_tweedie_fails():
+    tg = T.ring8()
+    x = tg.sample(8, torch.Generator().manual_seed(0))
+    assert tweedie_residual(tg, S.VPLinear(), x, 0.3) <= EXACT
+    assert tweedie_residual(tg, S.VPLinear(), x, 0.3, converter=_wrong_sign_tweedie) > 0.1
+
+
+def test_gaussian_closed_forms():
+    g = T.gaussian_2d()
+    s = S.VPLinear()
+    t = 0.4
+    a, sg = float(s.alpha(t)), float(s.sigma(t))
+    C = a * a * g.cov + sg * sg * torch.eye(2, dtype=torch.float64)
+    x = torch.tensor([[0.3, -1.0], [2.0, 0.5]], dtype=torch.float64)
+    score = -(torch.linalg.solve(C, (x - a * g.mu).T)).T
+    assert torch.allclose(g.score(x, t, s), score, rtol=1e-12)
+    den = g.mu + (a * g.cov @ torch.linalg.solve(C, (x - a * g.mu).T)).T
+    assert torch.allclose(g.denoiser(x, t, s), den, rtol=1e-12)
+    post = g.cov - a * a * g.cov @ torch.linalg.solve(C, g.cov)
+    assert torch.allclose(g.posterior_cov(x, t, s), post.expand(2, 2, 2), rtol=1e-12)
+    m = g.marginal(s, t)
+    assert torch.allclose(m.cov, C, rtol=1e-14) and torch.allclose(m.mu, a * g.mu, rtol=1e-14)
+
+
+def test_log_prob_normalised_1d():
+    from scipy.integrate import quad
+
+    tg = T.bimodal_1d()
+    for t in (0.0, 0.3):
+        s = S.VPLinear(t_min=1e-3)
+        f = (lambda v: float(tg.log_prob(torch.tensor([[v]], dtype=torch.float64)).exp())) if t == 0 else \
+            (lambda v: float(tg.log_prob_t(torch.tensor([[v]], dtype=torch.float64), t, s).exp()))
+        mass, _ = quad(f, -20, 20, limit=200, epsabs=1e-13)
+        assert abs(mass - 1) < 1e-10
+
+
+def test_sampling_moments_within_mc_error():
+    tg = T.ring8()
+    n = 200_000
+    x = tg.sample(n, torch.Generator().manual_seed(1))
+    cov = tg.covariance()
+    se = torch.sqrt(torch.diagonal(cov) / n)
+    assert ((x.mean(0) - tg.mean()).abs() <= 5 * se).all()
+    emp = torch.cov(x.T)
+    # SE of a variance ~ sqrt(2/n) var for near-Gaussian coordinates; the ring has lighter tails
+    assert ((torch.diagonal(emp) - torch.diagonal(cov)).abs() <= 5 * math.sqrt(2 / n) * torch.diagonal(cov)).all()
+
+
+def test_named_targets_and_toy_data():
+    for name in T.TARGETS:
+        tg = T.get_target(name)
+        x = tg.sample(5, torch.Generator().manual_seed(0))
+        assert x.shape == (5, tg.dim) and torch.isfinite(tg.log_prob(x)).all()
+    nc = T.ncsn_two_mode()
+    assert torch.allclose(nc.weights, torch.tensor([0.2, 0.8], dtype=torch.float64))
+    for fn in T.SAMPLE_ONLY.values():
+        y = fn(100, torch.Generator().manual_seed(0))
+        assert y.shape == (100, 2) and torch.isfinite(y).all()
+    cb = T.checkerboard(4000, torch.Generator().manual_seed(0))
+    cell = torch.floor((cb + 2.0) / 1.0).long()
+    assert ((cell[:, 0] + cell[:, 1]) % 2 == 0).all()  # only one colour of the board
+    with pytest.raises(ValueError, match="unknown target 'nope'"):
+        T.get_target("nope")
+
+
+def test_digits_bundled():
+    pytest.importorskip("sklearn")
+    x, y = T.digits(return_labels=True)
+    assert x.shape == (1797, 1, 8, 8) and x.min() >= -1 and x.max() <= 1 and set(y.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(weights=[0.5, 0.6], means=[[0.0], [1.0]], covs=[[[1.0]], [[1.0]]]), "sum to 1"),
+        (dict(weights=[1.0], means=[[0.0, 0.0]], covs=[[[1.0, 2.0], [2.0, 1.0]]]), "not positive definite"),
+        (dict(weights=[0.5, 0.5], means=[[0.0], [1.0]], covs=[[[1.0]]]), "covs must have shape"),
+    ],
+)
+def test_mixture_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        T.GaussianMixture(**kw)
+
+
+def test_exact_model_predictions_agree():
+    tg = T.ring8()
+    s = S.VPCosine()
+    x = tg.sample(6, torch.Generator().manual_seed(2))
+    t = torch.linspace(0.1, 0.9, 6, dtype=torch.float64)
+    ref = tg.field(s, "x0")
+    for kind in param.PREDICTIONS:
+        f = tg.field(s, kind)
+        assert torch.allclose(f.score(x, t), ref.score(x, t), rtol=1e-10, atol=1e-12), kind

@@ -1,0 +1,242 @@
+"""Area B: parameterisations, Tweedie and scores (THEORY.md items 9-13, 15, 49)."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from diffusion_lab import param
+from diffusion_lab.schedules import Schedule
+from diffusion_lab.targets import GaussianMixture, bimodal_1d, ring8
+
+from .catalogue import Outcome, check, register_many
+from .kernels import DEFAULT_SCHEDULES
+
+
+def random_mixture(K: int, d: int, seed: int = 0, spread: float = 2.0) -> GaussianMixture:
+    """A K-component mixture in R^d with random weights, means and full covariances (A A^T + 0.1 I)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(K, dtype=torch.float64, generator=g) + 0.2
+    mu = spread * torch.randn(K, d, dtype=torch.float64, generator=g)
+    A = 0.6 * torch.randn(K, d, d, dtype=torch.float64, generator=g)
+    cov = A @ A.transpose(-1, -2) + 0.1 * torch.eye(d, dtype=torch.float64)
+    return GaussianMixture(w / w.sum(), mu, cov, name=f"random_gmm(K={K},d={d},seed={seed})")
+
+
+def _coeffs(schedule: Schedule, t, x):
+    t = torch.as_tensor(t, dtype=torch.float64)
+    c = [schedule.alpha(t), schedule.sigma(t), schedule.dalpha(t), schedule.dsigma(t)]
+    return [ci.reshape(ci.shape + (1,) * (x.ndim - ci.ndim)) for ci in c]
+
+
+def _maxrel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def roundtrip_residual(schedule: Schedule, t, x0, eps) -> float:
+    """With x = alpha x0 + sigma eps, every prediction type computed from (x0, eps) converts into every other
+    one exactly, and convert(convert(p, a -> b), b -> a) = p (item 9; v only on VP schedules)."""
+    kinds = [k for k in param.PREDICTIONS if k != "v" or schedule.variance_preserving]
+    a, s, da, ds = _coeffs(schedule, t, x0)
+    x = a * x0 + s * eps
+    preds = {k: param.from_x0_eps(k, x0, eps, a, s, da, ds) for k in kinds}
+    worst = 0.0
+    for src, dst in itertools.permutations(kinds, 2):
+        q = param.convert(preds[src], src, dst, x, a, s, da, ds)
+        back = param.convert(q, dst, src, x, a, s, da, ds)
+        worst = max(worst, _maxrel(q, preds[dst]), _maxrel(back, preds[src]))
+    return worst
+
+
+def v_prediction_residual(schedule: Schedule, t, x0, eps) -> float:
+    """v = alpha eps - sigma x0 gives x0 = alpha x - sigma v, eps = sigma x + alpha v on VP, and with
+    alpha = cos phi, sigma = sin phi, v = dx/dphi (Salimans & Ho 2022, item 10). The flow velocity
+    u = alpha' x0 + sigma' eps differs from v, yet both convert to the same x0."""
+    a, s, da, ds = _coeffs(schedule, t, x0)
+    x = a * x0 + s * eps
+    v = param.from_x0_eps("v", x0, eps, a, s)
+    r1 = _maxrel(a * x - s * v, x0)
+    r2 = _maxrel(s * x + a * v, eps)
+    dphi = (a * ds - s * da) / (a * a + s * s)
+    dx_dphi = (da * x0 + ds * eps) / dphi
+    r3 = _maxrel(dx_dphi, v)
+    u = param.from_x0_eps("velocity", x0, eps, a, s, da, ds)
+    r4 = _maxrel(param.convert(u, "velocity", "x0", x, a, s, da, ds), param.convert(v, "v", "x0", x, a, s))
+    return max(r1, r2, r3, r4)
+
+
+def velocity_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
+    """v(x,t) = E[alpha' x0 + sigma' eps | x_t = x] = alpha' x0_hat + sigma' eps_hat equals the PF-ODE drift
+    f x - g^2/2 grad log p_t (item 11); the field's velocity against the closed-form score."""
+    field = target.field(schedule)
+    v = field.velocity(x, t)
+    tt = torch.as_tensor(t, dtype=torch.float64)
+    drift = schedule.f(tt) * x - 0.5 * schedule.g2(tt) * target.score(x, t, schedule)
+    return _maxrel(v, drift)
+
+
+def autograd_score(target: GaussianMixture, schedule: Schedule, x, t):
+    """grad_x log p_t(x) by autograd of the closed-form log-density (float64)."""
+    xr = x.detach().clone().requires_grad_(True)
+    lp = target.log_prob_t(xr, t, schedule)
+    (g,) = torch.autograd.grad(lp.sum(), xr)
+    return g
+
+
+def score_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
+    """The closed-form mixture score sum_k r_k C_k^{-1}(alpha mu_k - x) and the exact field's score equal
+    the autograd gradient of log p_t (item 15)."""
+    g = autograd_score(target, schedule, x, t)
+    s1 = target.score(x, t, schedule)
+    s2 = target.field(schedule, prediction="x0").score(x, t)
+    return max(_maxrel(s1, g), _maxrel(s2, g))
+
+
+def tweedie_residual(target: GaussianMixture, schedule: Schedule, x, t, converter=param.to_x0_eps) -> float:
+    """Tweedie: E[x0 | x_t] = (x_t + sigma^2 grad log p_t)/alpha (item 12). The mixture posterior mean
+    sum_k r_k m_k against ``converter`` applied to the autograd score (converter is injectable so a
+    test can show that a wrong sign fails)."""
+    g = autograd_score(target, schedule, x, t)
+    a, s, da, ds = _coeffs(schedule, t, x)
+    x0_tweedie, _ = converter(g, "score", x, a, s, da, ds)
+    return _maxrel(x0_tweedie, target.denoiser(x, t, schedule))
+
+
+def tweedie2_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
+    """Second-order Tweedie: Cov[x0 | x_t] = (sigma^2/alpha^2)(I + sigma^2 grad^2 log p_t) (item 13),
+    with the Hessian by autograd against the mixture posterior covariance."""
+    tt = torch.as_tensor(t, dtype=torch.float64)
+    a, s = float(schedule.alpha(tt)), float(schedule.sigma(tt))
+    d = x.shape[1]
+    hess = []
+    for xi in x:
+        H = torch.autograd.functional.hessian(lambda z: target.log_prob_t(z[None], t, schedule).sum(), xi)
+        hess.append(H)
+    H = torch.stack(hess)
+    cov_tw = (s * s / (a * a)) * (torch.eye(d, dtype=torch.float64) + s * s * H)
+    return _maxrel(cov_tw, target.posterior_cov(x, t, schedule))
+
+
+def score_fd_order(target: GaussianMixture, schedule: Schedule, x, t, hs=(0.2, 0.1, 0.05, 0.025)) -> float:
+    """A central difference of log p_t converges to the score at order 2 in h (item 15): fitted slope."""
+    s = target.score(x, t, schedule)
+    errs = []
+    for h in hs:
+        fd = torch.empty_like(x)
+        for j in range(x.shape[1]):
+            e = torch.zeros_like(x)
+            e[:, j] = h
+            fd[:, j] = (target.log_prob_t(x + e, t, schedule) - target.log_prob_t(x - e, t, schedule)) / (2 * h)
+        errs.append(float((fd - s).abs().max()))
+    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+
+
+def dsm_scaling_residual(target: GaussianMixture, schedule: Schedule, x0, eps, t) -> float:
+    """||s_theta + eps/sigma||^2 = ||eps_hat - eps||^2 / sigma^2 with s_theta = -eps_hat/sigma (item 49):
+    a uniform-weight eps-loss is a score loss weighted by sigma^2."""
+    a, s, _, _ = _coeffs(schedule, t, x0)
+    x = a * x0 + s * eps
+    field = target.field(schedule, prediction="x0")
+    score, eps_hat = field.score(x, t), field.eps(x, t)
+    lhs = ((score + eps / s) ** 2).sum(-1)
+    rhs = ((eps_hat - eps) ** 2).sum(-1) / (s.reshape(-1) ** 2)
+    return _maxrel(lhs, rhs)
+
+
+# ---------------------------------------------------------------------------------------------
+# default cases
+
+def _case(seed=0, n=16):
+    g = torch.Generator().manual_seed(seed)
+    tg = random_mixture(3, 3, seed=seed)
+    x = 1.5 * torch.randn(n, 3, dtype=torch.float64, generator=g)
+    return tg, x, g
+
+
+def _mid_t(s: Schedule, u: float = 0.4) -> float:
+    return float(s.t_from_lam(torch.tensor((1 - u) * s.lam_range[1] + u * s.lam_range[0], dtype=torch.float64)))
+
+
+def _roundtrip(s):
+    _, x0, g = _case()
+    eps = torch.randn(x0.shape, dtype=torch.float64, generator=g)
+    t = torch.linspace(s.t_min, s.t_max, x0.shape[0], dtype=torch.float64)
+    return roundtrip_residual(s, t, x0, eps)
+
+
+register_many(
+    [(f"B.param_roundtrip[{n}]", (lambda s=s: _roundtrip(s))) for n, s in DEFAULT_SCHEDULES.items()],
+    doc=roundtrip_residual.__doc__, area="parameterisation", kind="exact", tol=1e-10, case="all ordered pairs of eps/x0/v/score/velocity, 16 (x0, eps, t) with t from t_min to t_max",
+    reference="THEORY.md item 9",
+)
+
+
+@check("B.v_prediction[vp,cosine]", area="parameterisation", kind="exact", tol=1e-10,
+       case="VP linear and cosine, 16 (x0, eps, t)", reference="THEORY.md item 10; Salimans & Ho 2022")
+def _vpred():
+    """v = alpha eps - sigma x0 inverts to (x0, eps) on VP, equals dx/dphi, and differs from the flow velocity."""
+    _, x0, g = _case(1)
+    eps = torch.randn(x0.shape, dtype=torch.float64, generator=g)
+    res = 0.0
+    for name in ("vp", "cosine"):
+        s = DEFAULT_SCHEDULES[name]
+        t = torch.linspace(s.t_min, s.t_max, x0.shape[0], dtype=torch.float64)
+        res = max(res, v_prediction_residual(s, t, x0, eps))
+    return res
+
+
+register_many(
+    [(f"B.velocity_is_pf_drift[{n}]", (lambda s=s: velocity_residual(_case()[0], s, _case()[1], _mid_t(s))))
+     for n, s in DEFAULT_SCHEDULES.items()],
+    doc=velocity_residual.__doc__, area="parameterisation", kind="exact", tol=1e-10, case="random 3-component 3-D GMM, 16 x, mid-lambda t",
+    reference="THEORY.md item 11",
+)
+
+
+@check("B.tweedie", area="parameterisation", kind="exact", tol=1e-10,
+       case="random 3-D GMM, 16 x, every schedule at mid-lambda t", reference="THEORY.md item 12")
+def _tweedie():
+    """E[x0|x_t] = (x_t + sigma^2 grad log p_t)/alpha against the mixture posterior mean."""
+    tg, x, _ = _case()
+    return max(tweedie_residual(tg, s, x, _mid_t(s)) for s in DEFAULT_SCHEDULES.values())
+
+
+@check("B.tweedie_second_order", area="parameterisation", kind="exact", tol=1e-10,
+       case="random 3-D GMM, 8 x, VP / VE / RF at mid-lambda t", reference="THEORY.md item 13")
+def _tweedie2():
+    """Cov[x0|x_t] = (sigma^2/alpha^2)(I + sigma^2 Hess log p_t) against the mixture posterior covariance."""
+    tg, x, _ = _case(n=8)
+    return max(tweedie2_residual(tg, DEFAULT_SCHEDULES[n], x, _mid_t(DEFAULT_SCHEDULES[n])) for n in ("vp", "ve", "rf"))
+
+
+@check("B.score_autograd", area="parameterisation", kind="exact", tol=1e-10,
+       case="ring8, bimodal_1d, random 3-D GMM; every schedule", reference="THEORY.md item 15")
+def _score():
+    """Closed-form GMM score = autograd gradient of the closed-form log p_t (ring8, 1-D, random 3-D)."""
+    res = 0.0
+    g = torch.Generator().manual_seed(3)
+    for tg in (ring8(), bimodal_1d(), _case()[0]):
+        x = 2.0 * torch.randn(16, tg.dim, dtype=torch.float64, generator=g)
+        for s in DEFAULT_SCHEDULES.values():
+            res = max(res, score_residual(tg, s, x, _mid_t(s, 0.7)))
+    return res
+
+
+@check("B.score_fd_order", area="parameterisation", kind="order", tol=0.15,
+       case="ring8 under VP at t=0.3, h in {0.2..0.025}", reference="THEORY.md item 15")
+def _score_fd():
+    """Central differences of log p_t converge to the closed-form score at order 2 in h."""
+    g = torch.Generator().manual_seed(4)
+    x = 2.0 * torch.randn(16, 2, dtype=torch.float64, generator=g)
+    slope = score_fd_order(ring8(), DEFAULT_SCHEDULES["vp"], x, 0.3)
+    return Outcome(abs(slope - 2.0), f"slope {slope:.3f} (expected 2)")
+
+
+@check("B.dsm_eps_scaling", area="parameterisation", kind="exact", tol=1e-10,
+       case="random 3-D GMM, 16 (x0, eps), VP and EDM", reference="THEORY.md item 49")
+def _dsm():
+    """||s + eps/sigma||^2 = ||eps_hat - eps||^2 / sigma^2."""
+    tg, x0, g = _case(2)
+    eps = torch.randn(x0.shape, dtype=torch.float64, generator=g)
+    return max(dsm_scaling_residual(tg, DEFAULT_SCHEDULES[n], x0, eps, _mid_t(DEFAULT_SCHEDULES[n])) for n in ("vp", "edm"))

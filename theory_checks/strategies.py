@@ -1,0 +1,60 @@
+"""Hypothesis strategies for the universal identities: schedules, mixtures, points and times."""
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from diffusion_lab import schedules as S
+from diffusion_lab.targets import GaussianMixture
+
+_f = dict(allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def schedules(draw, names=None):
+    """Any schedule of the package with drawn parameters."""
+    name = draw(st.sampled_from(sorted(names or S.SCHEDULES)))
+    if name in ("vp", "subvp"):
+        b0 = draw(st.floats(0.01, 2.0, **_f))
+        b1 = draw(st.floats(max(b0, 1.0), 40.0, **_f))
+        return S.SCHEDULES[name](beta_min=b0, beta_max=b1)
+    if name == "cosine":
+        return S.VPCosine(s=draw(st.floats(1e-3, 0.05, **_f)))
+    if name == "ve":
+        lo = draw(st.floats(1e-3, 0.1, **_f))
+        return S.VE(sigma_min=lo, sigma_max=draw(st.floats(5.0, 200.0, **_f)))
+    if name == "edm":
+        return S.EDM(t_min=draw(st.floats(1e-3, 0.01, **_f)), t_max=draw(st.floats(10.0, 100.0, **_f)))
+    if name == "rf":
+        return S.RectifiedFlow(t_min=draw(st.floats(1e-4, 1e-2, **_f)))
+    return S.DDPMDiscrete(n_steps=draw(st.integers(50, 2000)))
+
+
+def times(schedule, n: int = 1):
+    """Times in [t_min, t_max] as a float64 tensor of shape (n,), spread in log-SNR."""
+    lo, hi = schedule.lam_range
+    return st.lists(st.floats(0.0, 1.0, **_f), min_size=n, max_size=n).map(
+        lambda u: schedule.t_from_lam(hi + torch.tensor(u, dtype=torch.float64) * (lo - hi)).clamp(
+            schedule.t_min, schedule.t_max)
+    )
+
+
+@st.composite
+def mixtures(draw, max_k: int = 3, max_d: int = 3):
+    """Gaussian mixtures with K <= max_k components in d <= max_d dimensions, full covariances."""
+    K = draw(st.integers(1, max_k))
+    d = draw(st.integers(1, max_d))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(K, dtype=torch.float64, generator=g) + 0.1
+    mu = draw(st.floats(0.1, 4.0, **_f)) * torch.randn(K, d, dtype=torch.float64, generator=g)
+    A = draw(st.floats(0.1, 1.5, **_f)) * torch.randn(K, d, d, dtype=torch.float64, generator=g)
+    cov = A @ A.transpose(-1, -2) + draw(st.floats(0.02, 1.0, **_f)) * torch.eye(d, dtype=torch.float64)
+    return GaussianMixture(w / w.sum(), mu, cov)
+
+
+@st.composite
+def points(draw, d: int, n: int = 4, scale: float = 3.0):
+    """n points in R^d, float64."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    return scale * torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
