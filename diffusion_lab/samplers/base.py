@@ -1,0 +1,171 @@
+"""The sampler registry and the one entry point ``sample``.
+
+A sampler is a plain function
+
+    fn(field, x, grid, *, generator=None, callback=None, **options) -> (x_final, info)
+
+that integrates from grid[0] = t_max down to grid[-1] = t_min, calls ``callback(i, x)`` after it reaches
+grid[i] (i = 1..N), and returns the state at grid[-1] with a dict of method-specific information. It only
+calls the field; ``sample`` counts model evaluations exactly as the change in ``field.nfe``.
+
+Last step (same meaning for every method): ``final="step"`` returns x(t_min); ``final="denoise"`` returns
+the denoiser D(x(t_min), t_min) = E[x_0 | x_{t_min}], at the cost of one more model evaluation (EDM's and
+k-diffusion's final step to sigma = 0 is this: an Euler step to sigma = 0 lands exactly on D).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field as dc_field
+from typing import Callable
+
+import torch
+
+from ..field import VelocityField
+from .grids import check_grid, time_grid
+
+__all__ = ["MethodInfo", "SampleResult", "register", "available", "get_method", "sample", "steps_for_nfe",
+           "step_iter"]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What a sampler is: its family, order (global; weak order for stochastic methods), whether it is
+    stochastic, its model evaluations for N steps, and the fewest steps it accepts."""
+
+    name: str
+    fn: Callable
+    family: str
+    order: float
+    stochastic: bool
+    nfe_per_step: float
+    nfe_of_steps: Callable[[int], int]
+    min_steps: int = 1
+    description: str = ""
+
+    def row(self) -> dict:
+        return {"method": self.name, "family": self.family, "order": self.order, "stochastic": self.stochastic,
+                "nfe_per_step": self.nfe_per_step, "min_steps": self.min_steps, "description": self.description}
+
+
+_REGISTRY: dict[str, MethodInfo] = {}
+
+
+def register(name: str, *, family: str, order: float, stochastic: bool, nfe_per_step: float = 1,
+             nfe_of_steps: Callable[[int], int] | None = None, min_steps: int = 1, description: str = ""):
+    """Register a sampler function under ``name``; ``nfe_of_steps(N)`` is its exact NFE for N steps
+    (default round(nfe_per_step * N); None for adaptive methods is allowed via nfe_per_step=nan)."""
+
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"sampler {name!r} registered twice")
+        count = nfe_of_steps or (lambda n, k=nfe_per_step: int(round(k * n)) if not math.isnan(k) else -1)
+        _REGISTRY[name] = MethodInfo(name, fn, family, order, stochastic, nfe_per_step, count, min_steps,
+                                     description or (fn.__doc__ or "").strip().split("\n")[0])
+        return fn
+
+    return deco
+
+
+def _load_all():
+    from . import exponential, ode, sde  # noqa: F401  (registration side effects)
+
+
+def available() -> list[MethodInfo]:
+    """Every registered method with its order, stochasticity and NFE per step."""
+    _load_all()
+    return list(_REGISTRY.values())
+
+
+def get_method(name: str) -> MethodInfo:
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(_REGISTRY)}") from None
+
+
+def steps_for_nfe(method: str, nfe: int, final: str = "step") -> int:
+    """The largest number of steps N whose exact NFE (plus 1 for final='denoise') is <= nfe."""
+    info = get_method(method)
+    budget = nfe - (1 if final == "denoise" else 0)
+    if math.isnan(info.nfe_per_step):
+        raise ValueError(f"{method} is adaptive: it takes rtol/atol, not an NFE budget")
+    n = max(int(budget // max(info.nfe_per_step, 1e-12)) + 2, 1)
+    while n >= 1 and info.nfe_of_steps(n) > budget:
+        n -= 1
+    if n < info.min_steps:
+        lowest = info.nfe_of_steps(info.min_steps) + (1 if final == "denoise" else 0)
+        raise ValueError(f"NFE {nfe} is below the minimum {lowest} of method {method!r} "
+                         f"({info.min_steps} step(s) of {info.nfe_per_step:g} NFE)")
+    return n
+
+
+def step_iter(n: int, progress: bool | str = False, desc: str = "sampling"):
+    """range(n), with a tqdm progress bar when ``progress`` is true (used by every sampler loop)."""
+    if not progress:
+        return range(n)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc=desc if isinstance(progress, bool) else progress, leave=False)
+
+
+@dataclass
+class SampleResult:
+    """Samples ``x`` at the end of ``grid``, the exact number of model evaluations ``nfe``, the grid,
+    the trajectory (N+1 states at the grid times, on request) and method-specific ``info``."""
+
+    x: torch.Tensor
+    nfe: int
+    grid: torch.Tensor
+    method: str
+    trajectory: torch.Tensor | None = None
+    info: dict = dc_field(default_factory=dict)
+    seconds: float = 0.0
+    settings: dict = dc_field(default_factory=dict)
+
+
+def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", steps: int | None = None,
+           grid=None, *, grid_kind: str = "logsnr", generator: torch.Generator | None = None,
+           final: str = "step", return_trajectory: bool = False, progress: bool = False, **options) -> SampleResult:
+    """Integrate ``x_init`` (samples of p_{t_max}) from grid[0] = t_max to grid[-1] = t_min with ``method``.
+
+    Give either ``steps`` (with ``grid_kind`` in uniform / logsnr / karras / quadratic) or ``grid`` (a
+    descending list or tensor of times). ``final`` is "step" or "denoise" (see the module docstring).
+    Method options (eta, gamma, noise, rtol, ...) pass through ``**options``.
+    """
+    if not isinstance(field, VelocityField):
+        raise TypeError(f"field must be a VelocityField, got {type(field).__name__}")
+    info = get_method(method)
+    if final not in ("step", "denoise"):
+        raise ValueError(f"final must be 'step' or 'denoise', got {final!r}")
+    adaptive = math.isnan(info.nfe_per_step)
+    if steps is not None and grid is not None:
+        raise ValueError("give steps= or grid=, not both")
+    if grid is not None:
+        grid = check_grid(field.schedule, grid)
+    elif steps is not None:
+        grid = time_grid(field.schedule, steps, grid_kind)
+    elif adaptive:  # integrate over the whole range; the method chooses its own steps
+        grid = torch.tensor([field.schedule.t_max, field.schedule.t_min], dtype=torch.float64)
+    else:
+        raise ValueError(f"method {method!r} needs steps= or grid=")
+    n = len(grid) - 1
+    if n < info.min_steps:
+        raise ValueError(f"method {method!r} needs at least {info.min_steps} steps, got {n}")
+    if x_init.shape[0] == 0:
+        raise ValueError("x_init is empty")
+    traj = [x_init.clone()] if return_trajectory else None
+    callback = (lambda i, x: traj.append(x.clone())) if return_trajectory else None
+    nfe0 = field.nfe
+    t0 = time.perf_counter()
+    x, extra = info.fn(field, x_init, grid, generator=generator, callback=callback, progress=progress, **options)
+    if final == "denoise":
+        x = field.denoiser(x, grid[-1])
+    seconds = time.perf_counter() - t0
+    settings = {"method": method, "steps": n, "grid_kind": grid_kind if steps is not None else "user",
+                "final": final, "schedule": field.schedule.settings(), "dtype": str(x_init.dtype),
+                **{k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}}
+    return SampleResult(x=x, nfe=field.nfe - nfe0, grid=grid, method=method,
+                        trajectory=torch.stack(traj) if traj is not None else None, info=extra or {},
+                        seconds=seconds, settings=settings)

@@ -1,0 +1,1 @@
+"""Area E: deterministic solver checks (in progress)."""

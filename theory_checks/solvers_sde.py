@@ -1,0 +1,1 @@
+"""Area E (stochastic): SDE solver checks (in progress)."""
