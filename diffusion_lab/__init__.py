@@ -7,6 +7,7 @@ Fokker-Planck density evolution. See README.md for what is implemented.
 from . import param, schedules, targets
 from .field import VelocityField
 from .schedules import EDM, SCHEDULES, VE, DDPMDiscrete, RectifiedFlow, Schedule, SubVP, VPCosine, VPLinear, get_schedule
+from .samplers import available, sample, time_grid
 from .targets import Gaussian, GaussianMixture, get_target
 
 __version__ = "0.1.0"
@@ -14,4 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "VelocityField", "Schedule", "VPLinear", "VPCosine", "SubVP", "VE", "EDM", "RectifiedFlow", "DDPMDiscrete",
     "SCHEDULES", "get_schedule", "Gaussian", "GaussianMixture", "get_target", "param", "schedules", "targets",
+    "sample", "time_grid", "available",
 ]

@@ -35,7 +35,11 @@ def _add_check(sub):
 
 
 def _cmd_check(args, parser) -> int:
+    import torch
+
     from theory_checks import catalogue
+
+    torch.set_num_threads(1)  # small tensors throughout: intra-op threads only add OpenMP wake-up latency
     from theory_checks.report import table, to_json
 
     cat = catalogue()
@@ -91,6 +95,8 @@ def _add_compare(sub):
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", default="results/compare", metavar="DIR", help="output folder (default results/compare)")
     p.add_argument("--no-plot", action="store_true", help="skip the figure")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: at these batch sizes OpenMP wake-ups cost more than they save)")
     p.add_argument("--list-methods", action="store_true", help="list the samplers with order, NFE/step; run nothing")
     p.set_defaults(func=_cmd_compare)
     return p
@@ -120,6 +126,9 @@ def _cmd_compare(args, parser) -> int:
         return 0
     if args.n < 2:
         parser.error(f"--n must be >= 2, got {args.n}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     if any(n < 1 for n in args.nfe):
         parser.error(f"--nfe budgets must be >= 1, got {args.nfe}")
     if args.methods is None:

@@ -52,6 +52,12 @@ ORDER_CASES = [
     ("heun", 2, ORDER_STEPS, {}),
     ("midpoint", 2, (32, 64, 128, 256), {}),
     ("rk4", 4, (32, 64, 128, 256), {}),
+    ("ddim", 1, ORDER_STEPS, {}),
+    ("dpm_solver_1", 1, ORDER_STEPS, {}),
+    ("dpm_solver_2", 2, ORDER_STEPS, {}),
+    ("dpm_solver_3", 3, ORDER_STEPS, {}),
+    ("dpmpp_2m", 2, ORDER_STEPS, {}),
+    ("dpmpp_3m", 3, ORDER_STEPS, {}),
 ]
 
 
@@ -79,3 +85,28 @@ def _reference():
     exact = quantile_flow_map(tg, sch, x, sch.t_max, sch.t_min)
     ode, _ = flow_map(tg.field(sch), x, sch.t_max, sch.t_min)
     return float((ode - exact).abs().max() / exact.abs().max())
+
+
+def ddim_identity_residual(schedule, n_steps: int = 7, seed: int = 0) -> float:
+    """DDIM(eta=0) = DPM-Solver-1 = Euler in (x/alpha, sigma/alpha) on the same grid (THEORY.md item 27):
+    x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_hat(x_s, s), h = lambda_t - lambda_s."""
+    tg = bimodal_1d()
+    x = tg.marginal(schedule, schedule.t_max).sample(64, torch.Generator().manual_seed(seed))
+    field = tg.field(schedule)
+    grid = time_grid(schedule, n_steps, "logsnr")
+    ddim = sample(field, x, "ddim", grid=grid, eta=0.0).x
+    dpm1 = sample(field, x, "dpm_solver_1", grid=grid).x
+    eul = sample(field, x, "euler", grid=grid, coords="edm").x
+    scale = float(ddim.abs().max())
+    return max(float((ddim - dpm1).abs().max()), float((ddim - eul).abs().max())) / scale
+
+
+try:
+    get_method("ddim"), get_method("dpm_solver_1")
+except ValueError:  # exponential integrators not available in this build
+    pass
+else:
+    for _name in ("vp", "ve", "rf", "edm"):
+        check(f"E.ddim_is_dpm_solver_1_is_edm_euler[{_name}]", area="solvers", kind="exact", tol=1e-12,
+              case="bimodal_1d, 7 log-SNR steps, 64 samples", reference="THEORY.md item 27; Lu et al. 2022",
+              doc=ddim_identity_residual.__doc__)(lambda s=S.SCHEDULES[_name](): ddim_identity_residual(s))
