@@ -51,6 +51,17 @@ class MethodInfo:
 _REGISTRY: dict[str, MethodInfo] = {}
 
 
+def _summary(doc: str | None) -> str:
+    """The docstring's first paragraph on one line, cut before its first ': ' or '; ' (the formula part)."""
+    para = " ".join((doc or "").strip().split("\n\n")[0].split())
+    depth = 0
+    for i, ch in enumerate(para):
+        depth += (ch in "([") - (ch in ")]")
+        if depth == 0 and para[i:i + 2] in (": ", "; "):
+            return para[:i].rstrip(",")
+    return para
+
+
 def register(name: str, *, family: str, order: float, stochastic: bool, nfe_per_step: float = 1,
              nfe_of_steps: Callable[[int], int] | None = None, min_steps: int = 1, description: str = ""):
     """Register a sampler function under ``name``; ``nfe_of_steps(N)`` is its exact NFE for N steps
@@ -61,7 +72,7 @@ def register(name: str, *, family: str, order: float, stochastic: bool, nfe_per_
             raise ValueError(f"sampler {name!r} registered twice")
         count = nfe_of_steps or (lambda n, k=nfe_per_step: int(round(k * n)) if not math.isnan(k) else -1)
         _REGISTRY[name] = MethodInfo(name, fn, family, order, stochastic, nfe_per_step, count, min_steps,
-                                     description or (fn.__doc__ or "").strip().split("\n")[0])
+                                     description or _summary(fn.__doc__))
         return fn
 
     return deco
