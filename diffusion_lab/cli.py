@@ -113,7 +113,7 @@ def _cmd_compare(args, parser) -> int:
 
     import diffusion_lab
 
-    from .compare import DEFAULT_METHODS, parse_method, run_comparison
+    from .compare import DEFAULT_METHODS, _nfe_options, parse_method, run_comparison
     from .samplers import available, get_method
     from .schedules import get_schedule
     from .targets import get_target
@@ -148,7 +148,7 @@ def _cmd_compare(args, parser) -> int:
     for s_ in specs:
         for n in args.nfe:
             try:
-                steps_for_nfe(s_.name, n, args.final)
+                steps_for_nfe(s_.name, n, args.final, **_nfe_options(s_))
             except ValueError as exc:
                 parser.error(str(exc))
     os.makedirs(args.out, exist_ok=True)
@@ -166,14 +166,15 @@ def _cmd_compare(args, parser) -> int:
         bar.close()
     rows, ref = out["rows"], out["reference"]
     gauss = any(not math.isnan(r["w2_exact"]) for r in rows)
-    hdr = f"{'sampler':22s} {'NFE':>4s} {'flow error':>11s} {'sliced W2':>10s}" + (f" {'exact W2':>10s}" if gauss else "") + f" {'time [s]':>9s}"
+    w = max(22, *(len(r["sampler"]) for r in rows))
+    hdr = f"{'sampler':{w}s} {'NFE':>4s} {'flow error':>11s} {'sliced W2':>10s}" + (f" {'exact W2':>10s}" if gauss else "") + f" {'time [s]':>9s}"
     print(f"target {args.target} (d={target.dim}), schedule {args.schedule}, grid {args.grid}, final={args.final}, "
           f"{args.n} samples, seed {args.seed}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         fe = "-" if math.isnan(r["flow_error"]) else f"{r['flow_error']:.3e}"
-        line = f"{r['sampler']:22s} {r['nfe']:4d} {fe:>11s} {r['sw2']:10.4f}"
+        line = f"{r['sampler']:{w}s} {r['nfe']:4d} {fe:>11s} {r['sw2']:10.4f}"
         if gauss:
             line += " " + ("-".rjust(10) if math.isnan(r["w2_exact"]) else f"{r['w2_exact']:10.3e}")
         print(line + f" {r['seconds']:9.3f}")

@@ -33,7 +33,7 @@ __all__ = ["MethodSpec", "parse_method", "run_comparison", "DEFAULT_METHODS", "D
 
 DEFAULT_NFES = (5, 10, 20, 50)
 DEFAULT_METHODS = ("euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc",
-                   "em", "ddpm_ancestral")
+                   "em", "ddpm_ancestral", "pc")
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,11 @@ def parse_method(spec: str) -> MethodSpec:
     return MethodSpec(name, tuple(options))
 
 
+def _nfe_options(spec: MethodSpec) -> dict:
+    """The options that change a method's NFE count (see steps_for_nfe)."""
+    return {k: v for k, v in spec.options if k in ("predictor", "corrector_steps", "n_steps_each")}
+
+
 def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DEFAULT_NFES, *, n_samples: int = 2000,
                    seed: int = 0, grid_kind: str = "logsnr", final: str = "step", progress=None) -> dict:
     """Run every (method, NFE) pair; returns {"rows": [...], "reference": {...}} (see module docstring)."""
@@ -79,7 +84,7 @@ def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DE
     plan = []
     for spec in specs:
         for nfe in nfes:
-            plan.append((spec, nfe, steps_for_nfe(spec.name, int(nfe), final)))  # validates before any work
+            plan.append((spec, nfe, steps_for_nfe(spec.name, int(nfe), final, **_nfe_options(spec))))
     g = torch.Generator().manual_seed(seed)
     p_T = target.marginal(schedule, schedule.t_max)
     x_T = p_T.sample(n_samples, g)

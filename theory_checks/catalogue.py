@@ -130,6 +130,6 @@ class Catalogue:
 
 def catalogue() -> Catalogue:
     """All registered checks (importing the area modules registers them)."""
-    from . import claims, kernels, parameterisation, pde, solvers, solvers_sde  # noqa: F401
+    from . import claims, kernels, langevin_checks, parameterisation, pde, solvers, solvers_sde  # noqa: F401
 
     return Catalogue(list(REGISTRY))

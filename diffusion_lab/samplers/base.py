@@ -80,6 +80,7 @@ def register(name: str, *, family: str, order: float, stochastic: bool, nfe_per_
 
 def _load_all():
     from . import exponential, ode, sde  # noqa: F401  (registration side effects)
+    from .. import langevin  # noqa: F401  (predictor-corrector and annealed Langevin)
 
 
 def available() -> list[MethodInfo]:
@@ -96,17 +97,22 @@ def get_method(name: str) -> MethodInfo:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(_REGISTRY)}") from None
 
 
-def steps_for_nfe(method: str, nfe: int, final: str = "step") -> int:
-    """The largest number of steps N whose exact NFE (plus 1 for final='denoise') is <= nfe."""
+def steps_for_nfe(method: str, nfe: int, final: str = "step", **options) -> int:
+    """The largest number of steps N whose exact NFE (plus 1 for final='denoise') is <= nfe; ``options`` reach
+    methods whose NFE depends on them (pc's predictor and corrector_steps, annealed Langevin's n_steps_each)."""
     info = get_method(method)
     budget = nfe - (1 if final == "denoise" else 0)
+    count = lambda n: info.nfe_of_steps(n, **options) if options else info.nfe_of_steps(n)  # noqa: E731
     if math.isnan(info.nfe_per_step):
         raise ValueError(f"{method} is adaptive: it takes rtol/atol, not an NFE budget")
-    n = max(int(budget // max(info.nfe_per_step, 1e-12)) + 2, 1)
-    while n >= 1 and info.nfe_of_steps(n) > budget:
+    if count(1) < 1:
+        raise ValueError(f"{method} with options {options} makes no model evaluation per step; an NFE budget "
+                         f"cannot set its step count")
+    n = max(budget, 0) + 1  # every step costs >= 1 NFE, so N <= budget
+    while n >= 1 and count(n) > budget:
         n -= 1
     if n < info.min_steps:
-        lowest = info.nfe_of_steps(info.min_steps) + (1 if final == "denoise" else 0)
+        lowest = count(info.min_steps) + (1 if final == "denoise" else 0)
         raise ValueError(f"NFE {nfe} is below the minimum {lowest} of method {method!r} "
                          f"({info.min_steps} step(s) of {info.nfe_per_step:g} NFE)")
     return n
