@@ -48,3 +48,56 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def langevin_bias(rows: list[dict], path: str) -> None:
+    """ULA bias (closed form and Monte Carlo) and MALA bias against h on log-log axes, with a slope-1 line."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    h = [r["h"] for r in rows]
+    ax.loglog(h, [r["ula_bias_exact"] for r in rows], "-", label="ULA, exact v/(1-h/2v) - v")
+    ax.errorbar(h, [r["ula_bias_mc"] for r in rows], yerr=[2 * r["mc_se"] for r in rows], fmt="o", label="ULA, Monte Carlo")
+    ax.errorbar(h, [max(abs(r["mala_bias_mc"]), 1e-6) for r in rows], yerr=[2 * r["mc_se"] for r in rows], fmt="s",
+                label="MALA |bias|, Monte Carlo")
+    ax.loglog(h, [r["mc_se"] for r in rows], ":", color="gray", label="Monte-Carlo SE")
+    ax.loglog([h[0], h[-1]], [h[0] / 2, h[-1] / 2], "--", color="k", lw=1, label="slope 1 (h/2)")
+    ax.set(xlabel="step size h", ylabel="variance bias", title="ULA vs MALA on N(0, 1)")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sample_panels(samples: dict, path: str, titles: dict | None = None, lim: float | None = None) -> None:
+    """One scatter panel per named 2-D sample set."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, len(samples), figsize=(4 * len(samples), 4), squeeze=False)
+    for ax, (name, x) in zip(axes[0], samples.items()):
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.4)
+        ax.set_title((titles or {}).get(name, name), fontsize=9)
+        if lim:
+            ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
+        ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = None, floor: float | None = None,
+                  title: str = "") -> None:
+    """A metric against NFE, one line per sampler, with error bars and an optional Monte-Carlo floor."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name in dict.fromkeys(r["sampler"] for r in rows):
+        rs = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+        ax.errorbar([r["nfe"] for r in rs], [r[key] for r in rs],
+                    yerr=[2 * r[err_key] for r in rs] if err_key else None, fmt="o-", label=name, capsize=3)
+    if floor is not None:
+        ax.axhline(floor, color="gray", ls=":", label="Monte-Carlo floor")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=key, title=title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
