@@ -2,7 +2,10 @@ r"""Exact references for sampler errors.
 
 - ``flow_map``: the PF-ODE flow map Phi_{s->t}(x) of any field, solved by scipy's DOP853 in float64 to a
   tight tolerance (default rtol 1e-10). The whole batch is one ODE system; scipy's error norm is the RMS over
-  all components, so the tolerance is divided by sqrt(batch) to bound each sample's error.
+  all components, so the tolerance is divided by sqrt(batch) to bound each sample's error. By default it
+  integrates d xbar/d sigmabar = eps_hat in xbar = x/alpha, sigmabar = sigma/alpha (Karras et al. 2022), where the
+  ODE no longer depends on the schedule, so a schedule with kinks in t (DDPMDiscrete's piecewise-linear
+  log alpha) costs no more than a smooth one.
 - ``quantile_flow_map``: for a 1-D mixture the PF-ODE map is the monotone map F_t^{-1} o F_s (THEORY.md item 23,
   oracle O3), computed from the closed-form CDF with no ODE solve at all.
 """
@@ -23,23 +26,45 @@ __all__ = ["flow_map", "quantile_flow_map", "mixture_cdf_sf"]
 
 
 def flow_map(field: VelocityField, x: torch.Tensor, t_from: float, t_to: float, *, rtol: float = 1e-10,
-             atol: float = 1e-12) -> tuple[torch.Tensor, int]:
-    """Phi_{t_from -> t_to}(x) for the PF-ODE dx/dt = v(x, t) of ``field`` (float64); returns (x_t, nfe)."""
+             atol: float = 1e-12, coords: str = "edm") -> tuple[torch.Tensor, int]:
+    """Phi_{t_from -> t_to}(x) for the PF-ODE of ``field`` (float64), integrated in ``coords`` "edm"
+    (xbar against sigmabar, see the module docstring) or "t" (dx/dt = v(x, t)); returns (x_t, nfe)."""
+    if coords not in ("edm", "t"):
+        raise ValueError(f"coords must be 'edm' or 't', got {coords!r}")
+    sch = field.schedule
     x64 = x.detach().to(torch.float64)
     shape = x64.shape
     n = shape[0]
     nfe0 = field.nfe
     scale = 1.0 / math.sqrt(n)
+    f64 = lambda v: torch.tensor(float(v), dtype=torch.float64)  # noqa: E731
 
-    def rhs(t, y):
-        xt = torch.from_numpy(y).reshape(shape)
-        return field.velocity(xt, torch.tensor(t, dtype=torch.float64)).reshape(-1).numpy()
+    if coords == "t":
+        def rhs(t, y):
+            xt = torch.from_numpy(y).reshape(shape)
+            return field.velocity(xt, f64(t)).reshape(-1).numpy()
 
-    sol = solve_ivp(rhs, (float(t_from), float(t_to)), x64.reshape(-1).numpy().copy(), method="DOP853",
+        span, y0 = (float(t_from), float(t_to)), x64
+    else:
+        def time_of(sbar):
+            t = sch.t_from_lam(-torch.log(f64(sbar)))
+            return t.clamp(sch.t_min, sch.t_max)
+
+        def rhs(sbar, y):
+            t = time_of(sbar)
+            xt = torch.from_numpy(y).reshape(shape) * sch.alpha(t)
+            return field.eps(xt, t).reshape(-1).numpy()
+
+        span = tuple(float(torch.exp(-sch.lam(f64(v)))) for v in (t_from, t_to))
+        y0 = x64 / sch.alpha(f64(t_from))
+    sol = solve_ivp(rhs, span, y0.reshape(-1).numpy().copy(), method="DOP853",
                     rtol=max(rtol * scale, 2.3e-14), atol=atol * scale)
     if not sol.success:
         raise RuntimeError(f"reference flow map failed: {sol.message}")
-    return torch.from_numpy(sol.y[:, -1].copy()).reshape(shape).to(x.dtype), field.nfe - nfe0
+    out = torch.from_numpy(sol.y[:, -1].copy()).reshape(shape)
+    if coords == "edm":
+        out = out * sch.alpha(f64(t_to))
+    return out.to(x.dtype), field.nfe - nfe0
 
 
 def mixture_cdf_sf(target: GaussianMixture, schedule: Schedule, t: float, y: torch.Tensor):
