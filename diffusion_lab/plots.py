@@ -101,3 +101,32 @@ def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = N
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: str = "") -> None:
+    """Grid of 2-D density heat maps, one row per equation and one column per time.
+
+    ``panels``: dicts with ``row`` (label), ``t``, ``density`` (n0 x n1 array, axis 0 = x) and optional ``note``
+    (e.g. the TV to the exact p_t); ``extent`` = (x_lo, x_hi, y_lo, y_hi)."""
+    plt = _mpl()
+    rows = list(dict.fromkeys(p["row"] for p in panels))
+    ncol = max(sum(1 for p in panels if p["row"] == r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.6 * ncol, 2.6 * len(rows)), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for i, r in enumerate(rows):
+        for j, p in enumerate(pp for pp in panels if pp["row"] == r):
+            ax = axes[i, j]
+            ax.set_axis_on()
+            ax.imshow(p["density"].T, origin="lower", extent=extent, cmap="magma", aspect="equal")
+            label = f"t = {p['t']:g}" + (f"\n{p['note']}" if p.get("note") else "")
+            ax.set_title(label, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(r, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -130,6 +130,8 @@ class Catalogue:
 
 def catalogue() -> Catalogue:
     """All registered checks (importing the area modules registers them)."""
-    from . import claims, kernels, langevin_checks, parameterisation, pde, solvers, solvers_sde  # noqa: F401
+    from . import (  # noqa: F401
+        claims, fokker_planck_checks, kernels, langevin_checks, parameterisation, pde, solvers, solvers_sde,
+    )
 
     return Catalogue(list(REGISTRY))
