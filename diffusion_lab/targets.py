@@ -28,6 +28,8 @@ __all__ = [
     "GaussianMixture",
     "Gaussian",
     "ExactModel",
+    "ClassConditionalMixture",
+    "two_class_1d",
     "TARGETS",
     "get_target",
     "ring8",
@@ -245,6 +247,47 @@ class Gaussian(GaussianMixture):
     @property
     def cov(self) -> torch.Tensor:
         return self.covs[0]
+
+
+class ClassConditionalMixture(GaussianMixture):
+    """A Gaussian mixture whose components carry class labels: p(x) = sum_y p(y) p(x | y) with p(x | y) the mixture
+    of the components labelled y. At any t, p_t(y | x) = sum_{k in y} r_k(x) (THEORY.md item 26)."""
+
+    def __init__(self, weights, means, covs, labels, name: str | None = None):
+        super().__init__(weights, means, covs, name=name or "class_mixture")
+        lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if lab.numel() != self.n_components or (lab < 0).any():
+            raise ValueError(f"labels must be {self.n_components} non-negative integers, got {lab.tolist()}")
+        self.labels = lab
+        self.n_classes = int(lab.max()) + 1
+        missing = sorted(set(range(self.n_classes)) - set(lab.tolist()))
+        if missing:
+            raise ValueError(f"labels must cover 0..{self.n_classes - 1}; classes {missing} have no component")
+
+    @property
+    def class_prior(self) -> torch.Tensor:
+        return torch.zeros(self.n_classes, dtype=torch.float64).index_add_(0, self.labels, self.weights)
+
+    def conditional(self, y: int) -> GaussianMixture:
+        """p(x | y): the components labelled y with renormalised weights."""
+        if not (0 <= int(y) < self.n_classes):
+            raise ValueError(f"class y must be in 0..{self.n_classes - 1}, got {y!r}")
+        keep = self.labels == int(y)
+        w = self.weights[keep]
+        return GaussianMixture(w / w.sum(), self.means[keep], self.covs[keep], name=f"{self.name}|y={int(y)}")
+
+    def class_log_posterior_t(self, x, t, schedule: Schedule):
+        """log p_t(y | x) for every class, shape (batch, n_classes); differentiable in x."""
+        log_r = self._component_terms(x, *self._at(schedule, t, x))["log_r"]
+        out = torch.full((x.shape[0], self.n_classes), -torch.inf, dtype=log_r.dtype)
+        cols = [torch.logsumexp(log_r[:, self.labels == y], dim=1) for y in range(self.n_classes)]
+        return torch.stack(cols, 1) if cols else out
+
+
+def two_class_1d(separation: float = 2.0, std: float = 1.0) -> ClassConditionalMixture:
+    """Two equally likely 1-D Gaussian classes N(-/+ separation/2, std^2), labels 0 and 1 (the CFG counterexample)."""
+    h = separation / 2
+    return ClassConditionalMixture([0.5, 0.5], [[-h], [h]], [[[std**2]], [[std**2]]], [0, 1], name="two_class_1d")
 
 
 class ExactModel:

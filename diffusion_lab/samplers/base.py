@@ -148,7 +148,8 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     """Integrate ``x_init`` (samples of p_{t_max}) from grid[0] = t_max to grid[-1] = t_min with ``method``.
 
     Give either ``steps`` (with ``grid_kind`` in uniform / logsnr / karras / quadratic) or ``grid`` (a
-    descending list or tensor of times). ``final`` is "step" or "denoise" (see the module docstring).
+    descending list or tensor of times; deterministic methods also take an increasing grid, which runs the
+    PF-ODE from data to noise: DDIM inversion with method="ddim", an accurate one with "adaptive"). ``final`` is "step" or "denoise" (see the module docstring).
     Method options (eta, gamma, noise, rtol, ...) pass through ``**options``.
     """
     if not isinstance(field, VelocityField):
@@ -160,7 +161,9 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     if steps is not None and grid is not None:
         raise ValueError("give steps= or grid=, not both")
     if grid is not None:
-        grid = check_grid(field.schedule, grid)
+        grid = check_grid(field.schedule, grid, allow_increasing=not info.stochastic)
+        if grid[-1] > grid[0] and final == "denoise":
+            raise ValueError("final='denoise' needs a decreasing grid (it ends on the data side)")
     elif steps is not None:
         grid = time_grid(field.schedule, steps, grid_kind)
     elif adaptive:  # integrate over the whole range; the method chooses its own steps

@@ -65,6 +65,10 @@ def ddim_coefficients(alpha_t: float, sigma_t: float, h: float, eta: float) -> t
     = (sigma_t^2/sigma_s^2)(1 - alpha_s^2/alpha_t^2); and the step is their eq. 12. At eta = 1 the mean
     a x0 + b (x_s - alpha_s x0)/sigma_s is the DDPM posterior mean (THEORY.md item 28).
     """
+    if eta == 0:  # the ODE step; also valid for h < 0 (an increasing grid: DDIM inversion)
+        return alpha_t, sigma_t, 0.0
+    if h < 0:
+        raise ValueError(f"DDIM with eta={eta} > 0 needs a decreasing grid (h = {h:.4g} < 0); invert with eta=0")
     q = -math.expm1(-2.0 * h)  # 1 - e^{-2h}
     c = eta * sigma_t * math.sqrt(q)
     b = sigma_t * math.sqrt(max(1.0 - eta * eta * q, 0.0))

@@ -57,12 +57,17 @@ def time_grid(schedule: Schedule, n: int | None = None, kind="logsnr", *, rho: f
     return check_grid(schedule, t)
 
 
-def check_grid(schedule: Schedule, grid: torch.Tensor) -> torch.Tensor:
-    """Validate a grid: 1-D, >= 2 points, strictly decreasing, inside [t_min, t_max]; returned as float64."""
+def check_grid(schedule: Schedule, grid: torch.Tensor, allow_increasing: bool = False) -> torch.Tensor:
+    """Validate a grid: 1-D, >= 2 points, strictly decreasing (or, with ``allow_increasing``, strictly monotone:
+    an increasing grid runs a deterministic sampler from data to noise, i.e. inversion), inside [t_min, t_max];
+    returned as float64."""
     g = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
     if g.numel() < 2:
         raise ValueError(f"a time grid needs at least 2 points, got {g.tolist()}")
     d = torch.diff(g)
+    if allow_increasing and (d > 0).all():
+        schedule.check_t(g, what="grid time")
+        return g
     if not (d < 0).all():
         i = int(torch.nonzero(d >= 0)[0])
         raise ValueError(f"time grid must be strictly decreasing (data at t=0, noise at t_max); "
