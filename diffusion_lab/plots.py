@@ -130,3 +130,22 @@ def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def density_curves(x, curves: dict, path: str, xlim=None, title: str = "") -> None:
+    """One panel per key of ``curves`` (e.g. a guidance weight), each overlaying named 1-D densities on grid x."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), squeeze=False)
+    for ax, (key, dens) in zip(axes[0], curves.items()):
+        for i, (name, p) in enumerate(dens.items()):
+            ax.plot(x, p, lw=2.2 if i == 0 else 1.2, ls="-" if i == 0 else ("--" if "FP" in name else "-"), label=name)
+        ax.set_title(f"w = {key:g}" if isinstance(key, (int, float)) else str(key))
+        if xlim:
+            ax.set_xlim(*xlim)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
