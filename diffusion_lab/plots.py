@@ -149,3 +149,35 @@ def density_curves(x, curves: dict, path: str, xlim=None, title: str = "") -> No
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def convergence_orders(rows: list[dict], path: str) -> None:
+    """Left: error against NFE per method (log-log) with slope guides; right: fitted order against t_min."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    orders = [r for r in rows if r["part"] == "orders"]
+    for m in dict.fromkeys(r["method"] for r in orders):
+        rs = [r for r in orders if r["method"] == m]
+        axes[0].loglog([r["nfe"] for r in rs], [r["error"] for r in rs], "o-",
+                       label=f"{m} (fit {rs[0]['fitted_order']:.2f}, theory {rs[0]['expected_order']})")
+    if orders:
+        n0, n1 = min(r["nfe"] for r in orders), max(r["nfe"] for r in orders)
+        e0 = max(r["error"] for r in orders)
+        for p in (1, 2, 3):
+            axes[0].loglog([n0, n1], [e0, e0 * (n0 / n1) ** p], ":", color="gray", lw=1)
+    axes[0].set(xlabel="NFE", ylabel="mean |x - Phi(x_T)|", title="bimodal 1-D, VP, exact quantile flow map")
+    axes[0].legend(fontsize=7)
+    br = [r for r in rows if r["part"] == "breakdown"]
+    for key in dict.fromkeys((r["method"], r.get("grid", "")) for r in br):
+        rs = [r for r in br if (r["method"], r.get("grid", "")) == key]
+        axes[1].semilogx([r["t_min"] for r in rs], [r["fitted_order"] for r in rs],
+                         "o-" if key[1] != "uniform" else "s--", label=f"{key[0]} ({key[1]} grid)")
+        axes[1].axhline(rs[0]["expected_order"], color="gray", ls=":", lw=1)
+    axes[1].set(xlabel="t_min", ylabel="fitted order (N = 16..128)", title="order break-down as t_min -> 0")
+    axes[1].invert_xaxis()
+    axes[1].legend(fontsize=7)
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
