@@ -131,7 +131,7 @@ class Catalogue:
 def catalogue() -> Catalogue:
     """All registered checks (importing the area modules registers them)."""
     from . import (  # noqa: F401
-        claims, fokker_planck_checks, kernels, langevin_checks, likelihood_checks, parameterisation, pde, solvers,
+        claims, dit_checks, fokker_planck_checks, kernels, langevin_checks, likelihood_checks, parameterisation, pde, solvers,
         solvers_sde,
     )
 

@@ -1,0 +1,461 @@
+r"""Diffusion Transformer (DiT) with adaLN-Zero blocks, as facebookresearch/DiT ``models.py`` builds it.
+
+Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv 2212.09748), Sec. 3 and Fig. 3:
+
+    tokens   z_0 = PatchEmbed(x) + E_pos                      x: (N, C, H, W) -> (N, T, d), T = HW/p^2
+    cond     c   = TimestepEmbedder(c_noise) + LabelEmbedder(y)                   (N, d)
+    block    (b1, s1, a1, b2, s2, a2) = Linear(SiLU(c)), 6 chunks of d            (adaLN-Zero, zero-initialised)
+             z <- z + a1 * Attn(LN(z) (1 + s1) + b1)
+             z <- z + a2 * MLP (LN(z) (1 + s2) + b2)
+    final    (b, s) = Linear(SiLU(c));  out = Linear(LN(z) (1 + s) + b)  -> unpatchify -> (N, out_channels, H, W)
+
+LN has no affine parameters (eps 1e-6), attention is multi-head with qkv bias through
+``torch.nn.functional.scaled_dot_product_attention``, the MLP is d -> 4d -> d with tanh-GELU. Every Linear is
+xavier-uniform with zero bias; the last layer of each block's modulation, the final modulation and the final Linear
+are zero, so at init every block is exactly the identity and the network output is exactly 0 (THEORY.md item 44).
+
+Differences from the reference code: no ``learn_sigma`` (``out_channels`` is free; the paper's 8 = eps + variance
+channels on 4-channel latents), the time input is the real noise-level feature ``c_noise`` (see
+``embeddings.DEFAULT_TIME_SCALE``), the fixed position embedding is a buffer rather than a frozen Parameter
+(``count_parameters`` counts it as DiT's ``parameters()`` does), ``num_classes = 0`` builds an unconditional model, the
+grid may be rectangular, and CFG is not in the model (a generic guidance wrapper does it on all channels).
+
+Config fields ``conditioning``, ``norm`` and ``norm_placement`` name the design space of the paper's Table/Fig. 3 and
+of issue 9; only ("adaLN-Zero", "layernorm", "pre") is implemented here, the others raise ``NotImplementedError``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .embeddings import DEFAULT_TIME_SCALE, LabelEmbedder, TimestepEmbedder, sincos_pos_embed_2d
+from .norms import make_norm
+
+__all__ = [
+    "CONDITIONINGS", "NORM_TYPES", "NORM_PLACEMENTS", "IMPLEMENTED",
+    "DiTConfig", "DIT_CONFIGS", "get_config", "available_configs", "build_model",
+    "DiT", "DiTBlock", "FinalLayer", "Attention", "modulate", "patchify", "unpatchify",
+    "autocast_context", "set_tf32", "tf32", "compile_model",
+]
+
+CONDITIONINGS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")  # paper Fig. 3 / Table 1
+NORM_TYPES = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post")
+IMPLEMENTED = {"conditioning": ("adaLN-Zero",), "norm": ("layernorm",), "norm_placement": ("pre",)}
+AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                   "fp16": torch.float16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of a DiT (Peebles & Xie 2023, Table 1) plus runtime switches that do not change the weights."""
+
+    input_size: int | tuple[int, int] = 32   # H = W (int) or (H, W); latent side for the paper's models
+    patch_size: int = 2                      # p; T = HW / p^2 tokens
+    in_channels: int = 4                     # C
+    out_channels: int | None = None          # None -> in_channels; the paper's learn_sigma models have 2C = 8
+    hidden_size: int = 1152                  # d
+    depth: int = 28                          # number of DiT blocks
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000                  # 0 -> unconditional (no label embedder)
+    class_dropout_prob: float = 0.1          # CFG label dropout; > 0 adds the null class (row num_classes)
+    conditioning: str = "adaLN-Zero"         # one of CONDITIONINGS (implemented: adaLN-Zero)
+    norm: str = "layernorm"                  # one of NORM_TYPES (implemented: layernorm)
+    norm_placement: str = "pre"              # one of NORM_PLACEMENTS (implemented: pre)
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    frequency_embedding_size: int = 256      # sinusoidal features fed to the timestep MLP
+    time_scale: float = DEFAULT_TIME_SCALE   # c_noise multiplier before the frequencies
+    grad_checkpointing: bool = False         # runtime: torch.utils.checkpoint around each block
+    autocast: str | None = None              # runtime: None, "bf16" or "fp16" autocast inside forward
+
+    def __post_init__(self):
+        if self.out_channels is None:
+            object.__setattr__(self, "out_channels", self.in_channels)
+        if isinstance(self.input_size, (list, tuple)):
+            object.__setattr__(self, "input_size", tuple(int(s) for s in self.input_size))
+        h, w = self.image_size
+        p = self.patch_size
+        if p < 1 or h % p or w % p:
+            raise ValueError(f"input size {(h, w)} is not divisible by patch size {p}")
+        for name in ("in_channels", "out_channels", "hidden_size", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size must be divisible by 4 (2-D sin-cos embedding), got {self.hidden_size}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        for field, allowed in (("conditioning", CONDITIONINGS), ("norm", NORM_TYPES),
+                               ("norm_placement", NORM_PLACEMENTS)):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {value!r}")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be one of {list(AUTOCAST_DTYPES)}, got {self.autocast!r}")
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        s = self.input_size
+        return (s, s) if isinstance(s, int) else s
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.image_size
+        return h // self.patch_size, w // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """T = HW / p^2."""
+        gh, gw = self.grid_size
+        return gh * gw
+
+    @property
+    def data_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, *self.image_size)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.hidden_size * self.mlp_ratio)
+
+    def replace(self, **overrides) -> "DiTConfig":
+        return dataclasses.replace(self, **overrides)
+
+    def check_implemented(self) -> None:
+        for field, ok in IMPLEMENTED.items():
+            if getattr(self, field) not in ok:
+                raise NotImplementedError(
+                    f"{field}={getattr(self, field)!r} is part of the DiT design space but not implemented yet "
+                    f"(issue 9); implemented: {ok}")
+
+
+_PAPER_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+DIT_CONFIGS: dict[str, DiTConfig] = {
+    f"DiT-{size}/{p}": DiTConfig(input_size=32, patch_size=p, in_channels=4, hidden_size=d, depth=depth,
+                                 num_heads=heads, num_classes=1000)
+    for size, (depth, d, heads) in _PAPER_SIZES.items() for p in (2, 4, 8)
+}
+DIT_CONFIGS.update({
+    # CPU configs for sklearn's 8x8 digits (1 channel, 10 classes): p=2 gives 16 tokens
+    "DiT-tiny/2": DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=128, depth=4, num_heads=4,
+                            num_classes=10),
+    "DiT-tiny/4": DiTConfig(input_size=8, patch_size=4, in_channels=1, hidden_size=128, depth=4, num_heads=4,
+                            num_classes=10),
+    "DiT-small-digits/2": DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=256, depth=6,
+                                    num_heads=8, num_classes=10),
+    # for tests: a few thousand parameters per block
+    "DiT-micro/2": DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                             num_classes=10, frequency_embedding_size=32),
+})
+
+
+def available_configs() -> list[str]:
+    """Names accepted by ``get_config``: the paper's DiT-{S,B,L,XL}/{2,4,8} (32x32x4 latents, 1000 classes) and
+    small CPU configs."""
+    return list(DIT_CONFIGS)
+
+
+def get_config(name: str, **overrides) -> DiTConfig:
+    """The named config with fields replaced by ``overrides`` (e.g. ``get_config("DiT-XL/2", out_channels=8)``)."""
+    if name not in DIT_CONFIGS:
+        raise KeyError(f"unknown DiT config {name!r}; available: {available_configs()}")
+    return DIT_CONFIGS[name].replace(**overrides) if overrides else DIT_CONFIGS[name]
+
+
+def build_model(config: DiTConfig) -> "DiT":
+    """A freshly initialised DiT for ``config``."""
+    return DiT(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# patchify
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, T, p*p*C) tokens, T = (H/p)(W/p) in row-major grid order, each token laid out (p, q, c)
+    (the layout DiT's final Linear emits and ``unpatchify`` reads)."""
+    n, c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"input size {(h, w)} is not divisible by patch size {p}")
+    x = x.reshape(n, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens: torch.Tensor, p: int, grid_size: tuple[int, int], channels: int) -> torch.Tensor:
+    """(N, T, p*p*C) -> (N, C, gh*p, gw*p): DiT's ``reshape(N,h,w,p,p,c)``, ``einsum('nhwpqc->nchpwq')``."""
+    n, t, k = tokens.shape
+    gh, gw = grid_size
+    if t != gh * gw or k != p * p * channels:
+        raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not match grid {grid_size}, patch {p}, "
+                         f"{channels} channels (expected (N, {gh * gw}, {p * p * channels}))")
+    x = tokens.reshape(n, gh, gw, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, channels, gh * p, gw * p)
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x (1 + scale) + shift, with (N, d) shift/scale broadcast over the T tokens of x (N, T, d)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention softmax(Q K^T / sqrt(d_h)) V (Vaswani et al. 2017) through
+    ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU). No mask, no position term:
+    permutation-equivariant in the tokens (THEORY.md item 41)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, h, T, dh)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)  # (N, h, T, dh)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
+class Mlp(nn.Module):
+    """Linear(d, h) -> GELU(tanh) -> Linear(h, d) (timm ``Mlp`` as DiT uses it)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero transformer block (Peebles & Xie 2023, Fig. 3, right):
+
+        z <- z + a1 * Attn(modulate(LN z, b1, s1)),   z <- z + a2 * MLP(modulate(LN z, b2, s2)),
+        (b1, s1, a1, b2, s2, a2) = Linear(SiLU(c)).
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.norm1 = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=False)
+        self.attn = Attention(d, config.num_heads, qkv_bias=config.qkv_bias)
+        self.norm2 = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=False)
+        self.mlp = Mlp(d, config.mlp_hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """out = Linear(modulate(LN z, b, s)), (b, s) = Linear(SiLU(c)): (N, T, d) -> (N, T, p*p*out_channels)."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        d, p = config.hidden_size, config.patch_size
+        self.norm_final = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=False)
+        self.linear = nn.Linear(d, p * p * config.out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+
+class DiT(nn.Module):
+    """DiT backbone: ``forward(x, c_noise, y=None) -> (N, out_channels, H, W)``.
+
+    Attributes used by the training code: ``data_shape`` = (C, H, W) of one sample, ``num_classes`` (0 if
+    unconditional), ``config``. Runtime switches (also settable after construction): ``grad_checkpointing``,
+    ``autocast_dtype``.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        config.check_implemented()
+        self.config = config
+        d, p = config.hidden_size, config.patch_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.out_channels
+        self.patch_size = p
+        self.num_heads = config.num_heads
+        self.data_shape = config.data_shape
+        self.num_classes = config.num_classes
+        self.grad_checkpointing = config.grad_checkpointing
+        self.autocast_dtype = AUTOCAST_DTYPES[config.autocast]
+
+        self.x_embedder = nn.Conv2d(config.in_channels, d, kernel_size=p, stride=p, bias=True)  # timm PatchEmbed
+        self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size, time_scale=config.time_scale)
+        self.y_embedder = (LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
+                           if config.num_classes > 0 else None)
+        self.register_buffer("pos_embed", torch.zeros(1, config.num_patches, d), persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(config) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(config)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's ``initialize_weights``: xavier-uniform Linears with zero bias, the patch-embedding conv initialised
+        like a Linear, N(0, 0.02^2) embedders, fixed sin-cos position embedding, and zero adaLN-Zero modulations and
+        output layer (every block the identity, output 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        if not self.pos_embed.is_meta:
+            pe = sincos_pos_embed_2d(self.config.hidden_size, self.config.grid_size)
+            with torch.no_grad():
+                self.pos_embed.copy_(torch.from_numpy(pe).to(self.pos_embed.dtype).unsqueeze(0))
+        self.t_embedder.reset_parameters(0.02)
+        if self.y_embedder is not None:
+            self.y_embedder.reset_parameters(0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def _apply(self, fn, recurse=True):
+        # the sin-cos table is a function of the config: after a meta -> real move (to_empty), refill it
+        was_meta = self.pos_embed.is_meta
+        out = super()._apply(fn, recurse)
+        if was_meta and not self.pos_embed.is_meta:
+            pe = sincos_pos_embed_2d(self.config.hidden_size, self.config.grid_size)
+            with torch.no_grad():
+                self.pos_embed.copy_(torch.from_numpy(pe).to(self.pos_embed.dtype).unsqueeze(0))
+        return out
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*out_channels) -> (N, out_channels, H, W)."""
+        return unpatchify(tokens, self.patch_size, self.config.grid_size, self.out_channels)
+
+    def embed_condition(self, c_noise: torch.Tensor, y: torch.Tensor | None = None,
+                        force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """c = TimestepEmbedder(c_noise) + LabelEmbedder(y): (N, d). ``y=None`` on a class-conditional model means
+        the null class (unconditional branch of CFG)."""
+        c = self.t_embedder(c_noise)
+        if self.y_embedder is None:
+            if y is not None:
+                raise ValueError("this DiT is unconditional (num_classes=0) but labels y were given")
+            return c
+        if y is None:
+            if not self.y_embedder.has_null:
+                raise ValueError("labels y are required: this DiT has no null class (class_dropout_prob=0)")
+            y = torch.full((c_noise.shape[0],), self.y_embedder.null_id, dtype=torch.long, device=c_noise.device)
+        elif y.shape != c_noise.shape:
+            raise ValueError(f"labels must have shape {tuple(c_noise.shape)}, got {tuple(y.shape)}")
+        return c + self.y_embedder(y.long(), force_drop_ids=force_drop_ids)
+
+    def forward_tokens(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + position embedding + blocks + final layer: (N, C, H, W), (N, d) -> (N, T, p*p*C_out)."""
+        z = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, d)
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:
+            z = checkpoint(block, z, c, use_reentrant=False) if use_ckpt else block(z, c)
+        return self.final_layer(z, c)  # (N, T, p*p*C_out)
+
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor | None = None,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Network output for inputs x (N, C, H, W) at noise-level features c_noise (N,) or scalar, labels y (N,).
+
+        x is cast to the parameters' dtype and the output back to x's dtype (so a float64 sampler can call a float32
+        model; with autocast the output is float32 for float32 inputs).
+        """
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.data_shape:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.data_shape))}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        c_noise = torch.as_tensor(c_noise, device=x.device)
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(n)
+        if c_noise.shape != (n,):
+            raise ValueError(f"c_noise must be a scalar or have shape ({n},), got {tuple(c_noise.shape)}")
+        wdtype = self.x_embedder.weight.dtype
+        with autocast_context(x.device.type, self.autocast_dtype):
+            c = self.embed_condition(c_noise.to(wdtype), y, force_drop_ids)
+            out = self.forward_tokens(x.to(wdtype), c)
+            out = self.unpatchify(out)
+        return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# speed helpers
+
+def autocast_context(device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast(device_type, dtype)`` or a null context for dtype None (fp32 / fp64 eager)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def set_tf32(enabled: bool = True) -> tuple[bool, bool]:
+    """Allow TF32 in CUDA matmuls and cuDNN convolutions (DiT train.py: "makes A100 training a lot faster").
+    Returns the previous (matmul, cudnn) flags; a no-op for CPU computation."""
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return prev
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool = True):
+    """Context manager form of ``set_tf32``, restoring the previous flags."""
+    prev = set_tf32(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def compile_model(model: nn.Module, example_inputs: tuple | None = None, fallback: bool = True, **compile_kw):
+    """``torch.compile(model, **compile_kw)``.
+
+    torch.compile is lazy; given ``example_inputs`` the compiled model is run once (no grad) so that a missing
+    compiler or an unsupported op shows up here. On failure, with ``fallback=True``, a warning is issued and the
+    eager model is returned; otherwise the error propagates.
+    """
+    try:
+        compiled = torch.compile(model, **compile_kw)
+        if example_inputs is not None:
+            with torch.no_grad():
+                compiled(*example_inputs)
+        return compiled
+    except Exception as exc:  # noqa: BLE001 - any backend failure falls back to eager
+        if not fallback:
+            raise
+        warnings.warn(f"torch.compile failed ({type(exc).__name__}: {exc}); using the eager model", RuntimeWarning)
+        return model

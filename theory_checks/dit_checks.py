@@ -1,0 +1,377 @@
+"""Area "dit": identities of the DiT backbone in diffusion_lab.models (THEORY.md items 41-45).
+
+Item 41 (permutation equivariance) is checked here on the real adaLN-Zero block, item 42 (softmax temperature), 43
+(patchify and the 4LD^2 + 2L^2D attention count against torch's flop counter), 44 (adaLN-Zero at init), 45 (RMSNorm /
+LayerNorm scale properties), plus the paper's parameter count and Gflops table (Peebles & Xie 2023, Table 4). The
+toy single-head attention and the norm-growth stacks of items 41 and 46 live in claims.py.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+from diffusion_lab.models import (PAPER_GFLOPS, PAPER_PARAMS_XL2, RMSNorm, build_model, count_parameters, dit_flops,
+                                  dit_param_formula, get_config, patchify, sincos_pos_embed_2d, unpatchify)
+from diffusion_lab.models.dit import DiTBlock
+from diffusion_lab.models.flops import measured_flops
+
+from .catalogue import Outcome, check
+from .claims import claim_verdict
+
+AREA = "dit"
+
+
+def _micro(dtype=torch.float64, **overrides) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model(get_config("DiT-micro/2", **overrides)).to(dtype)
+
+
+def _inputs(model, n: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    dtype = model.x_embedder.weight.dtype
+    x = torch.randn(n, *model.data_shape, generator=g, dtype=dtype)
+    c_noise = 6 * torch.rand(n, generator=g, dtype=dtype) - 3
+    y = torch.randint(0, max(model.num_classes, 1), (n,), generator=g) if model.num_classes else None
+    return x, c_noise, y
+
+
+def _randomise_modulation(block: DiTBlock, seed: int, scale: float = 0.5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    lin = block.adaLN_modulation[-1]
+    with torch.no_grad():
+        lin.weight.copy_(scale * torch.randn(lin.weight.shape, generator=g, dtype=lin.weight.dtype))
+        lin.bias.copy_(scale * torch.randn(lin.bias.shape, generator=g, dtype=lin.bias.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# 44. adaLN-Zero at init
+
+@check("dit.adaLN_zero_identity_at_init", area=AREA, kind="exact", tol=0.0,
+       case="DiT-micro/2 and DiT-tiny/2 at init, float32 and float64, random x, c_noise in [-3,3], labels",
+       reference="THEORY.md item 44; Peebles & Xie 2023 Sec. 3.2; DiT initialize_weights")
+def _adaln_zero_identity():
+    """At init every adaLN-Zero block is exactly the identity, block(z, c) = z, and the DiT output is exactly 0
+    (torch.equal): zero modulation gives shift = scale = gate = 0, and the final Linear is zero."""
+    worst = 0.0
+    for name in ("DiT-micro/2", "DiT-tiny/2"):
+        for dtype in (torch.float32, torch.float64):
+            torch.manual_seed(1)
+            model = build_model(get_config(name)).to(dtype)
+            x, c_noise, y = _inputs(model)
+            with torch.no_grad():
+                c = model.embed_condition(c_noise, y)
+                z = model.x_embedder(x).flatten(2).transpose(1, 2) + model.pos_embed
+                for block in model.blocks:
+                    z_next = block(z, c)
+                    if not torch.equal(z_next, z):
+                        worst = max(worst, float((z_next - z).abs().max()) or 1.0)
+                    z = z_next
+                out = model(x, c_noise, y)
+            if not torch.equal(out, torch.zeros_like(out)):
+                worst = max(worst, float(out.abs().max()) or 1.0)
+    return worst
+
+
+@check("dit.adaLN_zero_gate_gradient", area=AREA, kind="exact", tol=0.0,
+       case="DiT-micro/2 float64 at init, loss ||out - target||^2; one SGD step of lr 0.1",
+       reference="THEORY.md item 44; Peebles & Xie 2023 Sec. 3.2")
+def _adaln_zero_gradient():
+    """The gradient w.r.t. a block's gate parameters is nonzero (the block is an identity, not a dead end). Through
+    the whole zero-initialised DiT, at step 0 only the final Linear has a nonzero gradient (everything upstream of
+    a zero matrix gets exactly 0); after one SGD step the gates' gradients are nonzero.
+
+    Residual: number of these three statements that fail."""
+    model = _micro()
+    x, c_noise, y = _inputs(model)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype)
+    d = model.config.hidden_size
+
+    def gate_grad_norm(block):
+        g = block.adaLN_modulation[-1].weight.grad
+        return float(g[2 * d:3 * d].norm() + g[5 * d:6 * d].norm())  # rows of gate_msa and gate_mlp
+
+    # (a) one block alone: d/d(gate weights) of ||block(z, c)||^2 at the zero init
+    block = model.blocks[0]
+    z = torch.randn(3, model.config.num_patches, d, dtype=x.dtype, generator=torch.Generator().manual_seed(6))
+    c = model.embed_condition(c_noise, y).detach()
+    block(z, c).square().sum().backward()
+    ok_block = gate_grad_norm(block) > 0
+    model.zero_grad(set_to_none=True)
+
+    # (b) whole model at step 0: only final_layer.linear has a gradient
+    (model(x, c_noise, y) - target).square().sum().backward()
+    nonzero = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+    ok_step0 = nonzero == {"final_layer.linear.weight", "final_layer.linear.bias"}
+
+    # (c) after one SGD step the gates receive gradient
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    model.zero_grad(set_to_none=True)
+    (model(x, c_noise, y) - target).square().sum().backward()
+    gate_norms = [gate_grad_norm(b) for b in model.blocks]
+    ok_step1 = all(gn > 0 for gn in gate_norms)
+    detail = (f"ok: block gate gradient {ok_block}, only the final Linear at step 0 {ok_step0}; "
+              f"step-0 nonzero grads: {sorted(nonzero)}; step-1 gate grad norms {[f'{v:.3g}' for v in gate_norms]}")
+    return Outcome(float(3 - ok_block - ok_step0 - ok_step1), detail)
+
+
+# ---------------------------------------------------------------------------------------------
+# 43. patchify
+
+def patchify_roundtrip_residual(n: int, c: int, h: int, w: int, p: int, seed: int = 0) -> float:
+    """unpatchify(patchify(x)) == x exactly and L = HW/p^2 tokens of dimension p^2 C; 0.0 if both hold, else 1."""
+    x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    tokens = patchify(x, p)
+    ok = tokens.shape == (n, h * w // p ** 2, p * p * c) and torch.equal(unpatchify(tokens, p, (h // p, w // p), c), x)
+    return 0.0 if ok else 1.0
+
+
+@check("dit.patchify_roundtrip", area=AREA, kind="exact", tol=1e-12,
+       case="(H, W, p, C) in {(8,8,2,1), (8,12,4,3), (32,32,2,4), (32,32,8,4), (6,10,2,2)}; DiT-micro/2 embedding",
+       reference="THEORY.md item 43; DiT unpatchify")
+def _patchify():
+    """p | H, W => L = HW/p^2 tokens of dimension p^2 C and unpatchify(patchify(x)) = x (torch.equal); the Conv2d
+    patch embedding equals a Linear map of the patchified tokens, W' = conv weight permuted to DiT's (p, q, c) token
+    layout (float64, max abs error)."""
+    worst = max(patchify_roundtrip_residual(2, c, h, w, p)
+                for h, w, p, c in ((8, 8, 2, 1), (8, 12, 4, 3), (32, 32, 2, 4), (32, 32, 8, 4), (6, 10, 2, 2)))
+    model = _micro()
+    x, _, _ = _inputs(model)
+    conv = model.x_embedder
+    w_lin = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)  # (d, p*p*C) in (p, q, c) order
+    with torch.no_grad():
+        via_linear = patchify(x, model.patch_size) @ w_lin.T + conv.bias
+        via_conv = conv(x).flatten(2).transpose(1, 2)
+    return max(worst, float((via_linear - via_conv).abs().max()))
+
+
+@check("dit.pos_embed_row_norm", area=AREA, kind="exact", tol=1e-12,
+       case="d in {32, 128, 1152}, grids 4x4, 16x16, 3x5", reference="MAE get_2d_sincos_pos_embed; dit_and_style.md 1.7")
+def _pos_embed():
+    """Each (sin, cos) pair of the fixed 2-D sin-cos embedding has norm 1, so every row has ||E_i||^2 = d/2, and the
+    rows of distinct grid positions differ."""
+    worst = 0.0
+    for d, grid in ((32, 4), (128, 16), (1152, 16), (64, (3, 5))):
+        e = torch.from_numpy(sincos_pos_embed_2d(d, grid))
+        worst = max(worst, float((e.square().sum(1) / (d / 2) - 1).abs().max()))
+        gram_off = torch.cdist(e, e) + torch.eye(e.shape[0]) * 1e9
+        if float(gram_off.min()) < 1e-3:
+            worst = max(worst, 1.0)
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter count and Gflops (Peebles & Xie 2023, Table 4)
+
+@check("dit.parameter_count", area=AREA, kind="exact", tol=0.0,
+       case="DiT-micro/2, DiT-tiny/2, DiT-S/2 (out 8) built on CPU, unconditional micro; DiT-XL/2 (out 8) on 'meta'",
+       reference="Peebles & Xie 2023 Table 4 (675M); fast-DiT logs (675,129,632); dit_and_style.md 1.1")
+def _param_count():
+    """count_parameters(model) = depth (18 d^2 + 15 d) + embedders (patch p^2 C d + d, timestep F d + d^2 + 2d,
+    labels (K+1) d, fixed position embedding T d, final 2d^2 + 2d + d p^2 C' + p^2 C'), and DiT-XL/2 built like the
+    paper's (32x32x4 latents, 8 output channels, 1000 classes, position embedding counted) has exactly 675,129,632.
+
+    Residual: sum of |count - formula| over the models plus |XL/2 count - 675,129,632|."""
+    residual, parts = 0, []
+    for name, kw in (("DiT-micro/2", {}), ("DiT-micro/2", {"num_classes": 0}), ("DiT-tiny/2", {}),
+                     ("DiT-S/2", {"out_channels": 8})):
+        cfg = get_config(name, **kw)
+        n = count_parameters(build_model(cfg))
+        formula = dit_param_formula(cfg)["total"]
+        block = cfg.depth * (18 * cfg.hidden_size ** 2 + 15 * cfg.hidden_size)
+        residual += abs(n - formula) + abs(dit_param_formula(cfg)["blocks"] - block)
+        parts.append(f"{name}{kw or ''}: {n:,}")
+    with torch.device("meta"):
+        xl = build_model(get_config("DiT-XL/2", out_channels=8))
+    n_xl = count_parameters(xl)
+    residual += abs(n_xl - PAPER_PARAMS_XL2) + abs(dit_param_formula(xl.config)["total"] - PAPER_PARAMS_XL2)
+    parts.append(f"DiT-XL/2: {n_xl:,} (paper code 675,129,632; of which fixed pos-embed "
+                 f"{xl.pos_embed.numel():,}, blocks {dit_param_formula(xl.config)['blocks']:,})")
+    return Outcome(float(residual), "; ".join(parts))
+
+
+@check("dit.gflops_paper_table", area=AREA, kind="exact", tol=1e-2,
+       case="the 12 paper configs, 32x32x4 latents, 8 output channels; table rounded to 0.01 Gflops",
+       reference="Peebles & Xie 2023 Table 4; dit_and_style.md 1.2")
+def _gflops_table():
+    """The paper's Gflops are forward multiply-accumulates of one sample: dit_flops (every matmul: patch embedding,
+    timestep MLP, depth (4Td^2 + 2T^2 d + 8Td^2 + 6d^2), final layer) matches Table 4 for all 12 configs.
+
+    Residual: max relative difference to the table (tolerance 1%, the issue's; the table has 2 decimals)."""
+    rows, worst = [], 0.0
+    for name, paper in PAPER_GFLOPS.items():
+        ours = dit_flops(get_config(name, out_channels=8)) / 1e9
+        rel = abs(ours / paper - 1)
+        worst = max(worst, rel)
+        rows.append(f"{name} {ours:.3f}/{paper}")
+    return Outcome(worst, "ours/paper: " + ", ".join(rows))
+
+
+@check("dit.mac_formula_vs_flop_counter", area=AREA, kind="exact", tol=0.0,
+       case="DiT-micro/2, DiT-tiny/4, DiT-micro/2 unconditional on a 8x12 grid with out 3, batch 2, float32",
+       reference="THEORY.md item 43; torch.utils.flop_counter.FlopCounterMode")
+def _flop_counter():
+    """torch's FlopCounterMode over one forward pass counts exactly 2 x batch x dit_flops(config) FLOPs (2 per MAC;
+    attention on SDPA's math backend, whose bmm calls torch counts: 4Td^2 + 2T^2 d per layer).
+
+    Residual: max |measured - 2 N MACs| / (2 N MACs)."""
+    worst, parts = 0.0, []
+    for name, kw in (("DiT-micro/2", {}), ("DiT-tiny/4", {}),
+                     ("DiT-micro/2", {"input_size": (8, 12), "out_channels": 3, "num_classes": 0})):
+        torch.manual_seed(0)
+        model = build_model(get_config(name, **kw))
+        x, c_noise, y = _inputs(model, n=2)
+        measured = measured_flops(model, x, c_noise, y)
+        predicted = 2 * 2 * dit_flops(model.config)
+        worst = max(worst, abs(measured - predicted) / predicted)
+        parts.append(f"{name}{kw or ''}: {measured:,} vs {predicted:,}")
+    return Outcome(worst, "; ".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# 41. permutation equivariance of the real block
+
+def block_permutation_residual(seed: int, tokens: int = 7) -> tuple[float, float]:
+    """(max |block(P z, c) - P block(z, c)|, max |block(P (z + E), c) - P block(z + E, c)| with E permuted too
+    vs not) for a float64 DiT block with nonzero random modulation; the second number shows that adding a fixed
+    position embedding E to the permuted tokens breaks equivariance."""
+    cfg = get_config("DiT-micro/2")
+    torch.manual_seed(seed)
+    block = DiTBlock(cfg).to(torch.float64)
+    _randomise_modulation(block, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(2, tokens, cfg.hidden_size, generator=g, dtype=torch.float64)
+    c = torch.randn(2, cfg.hidden_size, generator=g, dtype=torch.float64)
+    perm = torch.randperm(tokens, generator=g)
+    if torch.equal(perm, torch.arange(tokens)):
+        perm = torch.roll(perm, 1)
+    with torch.no_grad():
+        eq = float((block(z[:, perm], c) - block(z, c)[:, perm]).abs().max())
+        e = torch.from_numpy(sincos_pos_embed_2d(cfg.hidden_size, (1, tokens)))
+        broken = float((block(z[:, perm] + e, c) - block(z + e, c)[:, perm]).abs().max())
+    return eq, broken
+
+
+@check("dit.block_permutation_equivariant", area=AREA, kind="exact", tol=1e-12,
+       case="DiT-micro block (d=32, 2 heads), float64, random nonzero adaLN modulation, 7 tokens, 10 seeds",
+       reference="THEORY.md item 41 (the seed's 'invariance' is wrong; see H.claim_attention_permutation_invariant)")
+def _block_equivariance():
+    """The adaLN-Zero DiT block (multi-head SDPA attention + MLP, per-sample modulation) is permutation-equivariant
+    in its tokens, block(P z, c) = P block(z, c); a position embedding added after permuting breaks it."""
+    res = [block_permutation_residual(s) for s in range(10)]
+    worst = max(r[0] for r in res)
+    broken = min(r[1] for r in res)
+    return Outcome(worst, f"with a position embedding added after the permutation the error is >= {broken:.3g}")
+
+
+# ---------------------------------------------------------------------------------------------
+# 42. softmax temperature
+
+def softmax_temperature_residual(z: torch.Tensor, tau: float) -> float:
+    """Relative violation of the bounds of item 42 for logits z (1-D, float64) at temperature tau:
+
+        |p_i - 1/n| <= (e^{R/tau} - 1)/n,  R = max z - min z          (-> uniform, O(R/tau))
+        1 - p_max <= (n - 1) e^{-Delta/tau},  Delta = gap of the top logit to the next distinct one; with a k-fold
+        argmax the mass off it is <= (n - k) e^{-Delta/tau}/k and the k tied entries are equal (-> uniform on them)
+        softmax(z/tau + b) = softmax(z/tau)                           (shift invariance)
+
+    Each violation is relative to its bound: the exponentials of logits of size |z|/tau carry a relative rounding
+    error of about (|z|/tau) eps_64, which the tolerance of the check covers.
+    """
+    n = z.numel()
+    p = torch.softmax(z / tau, dim=0)  # subtracts the max: no overflow at small tau
+
+    def over(lhs: float, bound: float) -> float:
+        return 0.0 if lhs <= bound else (lhs - bound) / bound
+
+    r = float(z.max() - z.min())
+    worst = over(float((p - 1 / n).abs().max()), math.expm1(r / tau) / n if r / tau < 700 else math.inf)
+    top = z.max()
+    is_top = z == top
+    k = int(is_top.sum())
+    if k < n:
+        gap = float(top - z[~is_top].max())
+        # 1 - p_max is summed from the other entries (1 - p.max() cancels catastrophically); for k = 1 this is
+        # the bound 1 - p_max <= (n - 1) e^{-Delta/tau}
+        worst = max(worst, over(float(p[~is_top].sum()), (n - k) * math.exp(-gap / tau) / k))
+    worst = max(worst, float((p[is_top] / p[is_top][0] - 1).abs().max()))  # ties share equally
+    # adding b rounds each logit by up to ulp(b)/2
+    b = 123.4
+    shift_err = float(((torch.softmax(z / tau + b, dim=0) - p).abs() / p.clamp_min(1e-300)).max())
+    return max(worst, shift_err - 4 * b * torch.finfo(torch.float64).eps)
+
+
+@check("dit.softmax_temperature_limits", area=AREA, kind="exact", tol=1e-12,
+       case="logits of n in {2, 5, 64}, with and without ties, tau in 10^[-3, 6]",
+       reference="THEORY.md item 42; seed 001 (temperature)")
+def _softmax_temperature():
+    """softmax(z/tau) -> 1/n as tau -> inf with |p - 1/n| <= (e^{R/tau} - 1)/n; as tau -> 0+ the mass off the argmax
+    set is <= (n-k) e^{-Delta/tau}/k (1 - p_max <= (n-1) e^{-Delta/tau} for a unique max), ties split it equally;
+    softmax is shift-invariant. Residual: the largest bound violation."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(n, generator=g, dtype=torch.float64) * s for n in (2, 5, 64) for s in (0.1, 1.0, 10.0)]
+    cases += [torch.tensor([1.0, 3.0, 3.0, -2.0], dtype=torch.float64), torch.tensor([0.5] * 4, dtype=torch.float64)]
+    taus = [10.0 ** e for e in range(-3, 7)]
+    return max(softmax_temperature_residual(z, tau) for z in cases for tau in taus)
+
+
+@check("dit.claim_softmax_one_hot_limit", area=AREA, kind="claim", tol=0.0,
+       case="logits of length 2..6 drawn from {0, 1, 2}, tau = 1e-3",
+       reference="seed 001 ('as tau -> 0+ the softmax converges to a one-hot distribution'); THEORY.md item 42",
+       expected_verdict="refuted")
+def _claim_one_hot():
+    """Claim (seed): as tau -> 0+ softmax(z/tau) converges to a one-hot vector. True only for a unique maximum; ties
+    give the uniform law over the argmax set."""
+    strat = st.lists(st.integers(0, 2), min_size=2, max_size=6)
+
+    def holds(zs):
+        p = torch.softmax(torch.tensor(zs, dtype=torch.float64) / 1e-3, dim=0)
+        return float(p.max()) > 0.99
+
+    def describe(zs):
+        p = torch.softmax(torch.tensor(zs, dtype=torch.float64) / 1e-3, dim=0)
+        return f"z={zs}: p = {[round(float(v), 3) for v in p]} (ties split the mass)"
+
+    return claim_verdict(strat, holds, describe)
+
+
+# ---------------------------------------------------------------------------------------------
+# 45. RMSNorm and LayerNorm
+
+@check("dit.rms_layer_norm_scale_properties", area=AREA, kind="exact", tol=1e-12,
+       case="x in R^64 (float64), c in {-7, -0.3, 0.01, 2, 50}, b in {-3, 0.5, 10}, eps in {0, 1e-6, 1e-2}",
+       reference="THEORY.md item 45; Zhang & Sennrich 2019")
+@torch.no_grad()
+def _norm_properties():
+    """RMSNorm (models.RMSNorm, g = 1): with eps = 0, RMSNorm(c x) = sign(c) RMSNorm(x) and the output has RMS 1; with
+    eps > 0, RMSNorm(c x) = sign(c) RMSNorm(x) / sqrt(1 + eps/(c^2 ms(x))) exactly (deviation <= eps/(2 c^2 ms x));
+    it agrees with torch.nn.RMSNorm. LayerNorm (eps = 0) is invariant to x -> c x + b 1 for c > 0; RMSNorm is not
+    shift-invariant. Residual: max relative error of the identities."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 64, generator=g, dtype=torch.float64) + 0.3
+    ms = x.square().mean(-1, keepdim=True)
+    worst, shift_dev = 0.0, 0.0
+    for eps in (0.0, 1e-6, 1e-2):
+        rms = RMSNorm(64, eps=eps).double()
+        ref = torch.nn.RMSNorm(64, eps=eps).double() if eps > 0 else None
+        y = rms(x)
+        if eps == 0:
+            worst = max(worst, float((y.square().mean(-1) - 1).abs().max()))
+        if ref is not None:
+            worst = max(worst, float((y - ref(x)).abs().max()))
+        for c in (-7.0, -0.3, 0.01, 2.0, 50.0):
+            predicted = math.copysign(1.0, c) * (x / ms.sqrt()) / torch.sqrt(1 + eps / (c * c * ms))
+            worst = max(worst, float(((rms(c * x) - predicted).abs() / predicted.abs().clamp_min(1e-300)).max()))
+            if c > 0:
+                for b in (-3.0, 0.5, 10.0):
+                    ln = F.layer_norm(c * x + b, (64,), eps=0.0)
+                    worst = max(worst, float((ln - F.layer_norm(x, (64,), eps=0.0)).abs().max()))
+                    shift_dev = max(shift_dev, float((rms(x + b) - rms(x)).abs().max()))
+    if shift_dev < 1e-3:  # RMSNorm must NOT be shift-invariant
+        worst = max(worst, 1.0)
+    return Outcome(worst, f"RMSNorm(x + b) - RMSNorm(x) up to {shift_dev:.3g} (not shift-invariant)")
