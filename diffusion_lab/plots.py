@@ -181,3 +181,371 @@ def convergence_orders(rows: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def ablation_vs_nfe(rows: list[dict], path: str, title: str = "") -> None:
+    """EDM-style ablation: one column per ``target``; top row the flow-map error, bottom row the sliced W2 (with the
+    Monte-Carlo floor ``mc_floor``) against NFE; colour = ``grid``, solid = Euler, dashed = Heun."""
+    plt = _mpl()
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    grids = list(dict.fromkeys(r["grid"] for r in rows))
+    colours = {g: plt.cm.tab10(i % 10) for i, g in enumerate(grids)}
+    fig, axes = plt.subplots(2, len(targets), figsize=(5.5 * len(targets), 7.5), squeeze=False)
+    for j, tname in enumerate(targets):
+        rt = [r for r in rows if r["target"] == tname]
+        for gname in grids:
+            for solver, ls in (("euler", "-"), ("heun", "--")):
+                rs = sorted((r for r in rt if r["grid"] == gname and r["solver"] == solver), key=lambda r: r["nfe"])
+                if not rs:
+                    continue
+                nfe = [r["nfe"] for r in rs]
+                lab = f"{solver}, {gname}"
+                axes[0, j].loglog(nfe, [r["flow_error"] for r in rs], "o" + ls, color=colours[gname], ms=3, label=lab)
+                axes[1, j].loglog(nfe, [r["sw2"] for r in rs], "o" + ls, color=colours[gname], ms=3, label=lab)
+        axes[1, j].axhline(rt[0]["mc_floor"], color="gray", ls=":", label="Monte-Carlo floor")
+        axes[0, j].set(xlabel="NFE", ylabel="mean ||xbar - Phi(xbar_T)||", title=f"{tname}: flow-map error")
+        axes[1, j].set(xlabel="NFE", ylabel="sliced W2", title=f"{tname}: sliced W2 to exact samples")
+        for ax in axes[:, j]:
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0, -1].legend(fontsize=6, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def loss_curve(history: list[dict], path: str, title: str = "") -> None:
+    """Training loss (log scale) against step, from the trainer's log records (step, loss, lr)."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], "-", lw=1.2)
+    ax.set(xlabel="step", ylabel="loss (mean over log interval)", yscale="log", title=title or "training loss")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def image_grid(rows: list, path: str, row_titles: list | None = None, col_titles: list | None = None,
+               title: str = "", vmin: float = -1.0, vmax: float = 1.0) -> None:
+    """A grid of single-channel images: ``rows`` is a list of (n_cols, 1, H, W) (or (n_cols, H, W)) arrays/tensors,
+    one per row, shown in grey on [vmin, vmax] with optional row and column titles."""
+    plt = _mpl()
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(0.75 * n_cols + 1.2, 0.75 * n_rows + 0.6), squeeze=False)
+    for i, imgs in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            if j < len(imgs):
+                im = imgs[j]
+                im = im.detach().cpu().numpy() if hasattr(im, "detach") else im
+                ax.imshow(im.reshape(im.shape[-2], im.shape[-1]), cmap="gray", vmin=vmin, vmax=vmax)
+            if j == 0 and row_titles:
+                ax.set_ylabel(str(row_titles[i]), fontsize=7, rotation=0, ha="right", va="center")
+            if i == 0 and col_titles and j < len(col_titles):
+                ax.set_title(str(col_titles[j]), fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def eta_sweep(rows: list[dict], path: str, floor: float | None = None, title: str = "") -> None:
+    """DDIM eta sweep: ``sw2_mean`` (+- 2 ``sw2_se``) against ``steps``, one line per ``eta``, with the Monte-Carlo
+    floor; right panel the paired difference to eta = 0 (``minus_eta0_mean`` +- 2 ``minus_eta0_se``)."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for eta in dict.fromkeys(r["eta"] for r in rows):
+        rs = sorted((r for r in rows if r["eta"] == eta), key=lambda r: r["steps"])
+        s = [r["steps"] for r in rs]
+        axes[0].errorbar(s, [r["sw2_mean"] for r in rs], yerr=[2 * r["sw2_se"] for r in rs], fmt="o-", capsize=3,
+                         label=f"eta = {eta:g}")
+        axes[1].errorbar(s, [r["minus_eta0_mean"] for r in rs], yerr=[2 * r["minus_eta0_se"] for r in rs], fmt="o-",
+                         capsize=3, label=f"eta = {eta:g}")
+    if floor is not None:
+        axes[0].axhline(floor, color="gray", ls=":", label="Monte-Carlo floor")
+    axes[0].set(xscale="log", yscale="log", xlabel="steps S", ylabel="sliced W2", title="error vs steps")
+    axes[1].axhline(0.0, color="k", lw=0.8)
+    axes[1].set(xscale="log", xlabel="steps S", ylabel="sliced W2 minus eta=0 (paired)",
+                title="difference to deterministic DDIM")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def vdm_invariance(rows: list[dict], curves: dict, path: str) -> None:
+    """VDM invariance: log-SNR against normalised time and the t-uniform estimator's mean integrand per schedule
+    (``curves[name]`` with ``u``, ``log_snr``, ``integrand``), and per row of ``rows`` the closed form, quadrature and
+    Monte-Carlo mean (+- 2 SE) of L_inf, with the estimator's standard deviation."""
+    import numpy as np
+
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name, c in curves.items():
+        axes[0].plot(c["u"], c["log_snr"], label=name)
+        axes[1].semilogy(c["u"], c["integrand"], label=name)
+    axes[0].set(xlabel="(t - t_min)/(t_max - t_min)", ylabel="log SNR", title="matched end points")
+    axes[1].set(xlabel="(t - t_min)/(t_max - t_min)", ylabel="(t1 - t0) (-SNR'/2) E||x - x_hat||^2",
+                title="integrand (area = L_inf for every schedule)")
+    x = np.arange(len(rows))
+    axes[2].axhline(rows[0]["closed_form"], color="k", lw=1, label="closed form")
+    axes[2].plot(x - 0.1, [r["quadrature"] for r in rows], "s", label="quadrature")
+    axes[2].errorbar(x + 0.1, [r["mc_mean"] for r in rows], yerr=[2 * r["mc_se"] for r in rows], fmt="o", capsize=3,
+                     label="Monte Carlo +- 2 SE")
+    for i, r in enumerate(rows):
+        axes[2].annotate(f"SD {r['mc_sd']:.3g}", (i, r["mc_mean"]), textcoords="offset points", xytext=(0, 18),
+                         ha="center", fontsize=7)
+    axes[2].set_xticks(x)
+    axes[2].set_xticklabels([r["schedule"] for r in rows], rotation=15, fontsize=7)
+    axes[2].set(ylabel="L_inf", title="same loss, different estimator SD")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def same_marginals(paths: dict, rows: list[dict], path_rows: list[dict], path: str, title: str = "",
+                   max_paths: int = 12) -> None:
+    """Top: sample paths (``paths[gamma]``: (steps + 1, m, 2) array) per gamma from the same x_T. Bottom left: TV of each
+    view's marginal to the closed form against t (``rows``: gamma, t, view, tv_to_closed_form, mc_floor) with the
+    Monte-Carlo floor; bottom right: the coupling statistics of ``path_rows`` against gamma. The first ``max_paths``
+    paths are drawn."""
+    plt = _mpl()
+    gammas = list(paths)
+    fig = plt.figure(figsize=(3.2 * len(gammas), 6.6))
+    for i, gamma in enumerate(gammas):
+        ax = fig.add_subplot(2, len(gammas), i + 1)
+        tr = paths[gamma][:, :max_paths]
+        for j in range(tr.shape[1]):
+            ax.plot(tr[:, j, 0], tr[:, j, 1], lw=0.5, alpha=0.6, color=plt.cm.hsv(j / tr.shape[1]))
+        ax.scatter(tr[0, :, 0], tr[0, :, 1], s=4, color="k", zorder=3)
+        ax.scatter(tr[-1, :, 0], tr[-1, :, 1], s=6, marker="x", color="k", zorder=3)
+        ax.set(xlim=(-3.5, 3.5), ylim=(-3.5, 3.5), title=f"gamma = {gamma:g}")
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax = fig.add_subplot(2, 2, 3)
+    for view, ls in (("EM samples", "o-"), ("Fokker-Planck grid", "s--")):
+        for k, gamma in enumerate(gammas):
+            rs = sorted((r for r in rows if r["view"] == view and r["gamma"] == gamma), key=lambda r: r["t"])
+            if rs:
+                ax.plot([r["t"] for r in rs], [r["tv_to_closed_form"] for r in rs], ls, color=plt.cm.viridis(k / len(gammas)),
+                        ms=4, label=f"{view}, gamma = {gamma:g}")
+    fl = sorted({(r["t"], r["mc_floor"]) for r in rows})
+    ax.plot([a for a, _ in fl], [b for _, b in fl], "k:", label="Monte-Carlo floor")
+    ax.set(xscale="log", xlabel="t", ylabel="TV to closed-form p_t", title="marginals agree")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    ax = fig.add_subplot(2, 2, 4)
+    g = [p["gamma"] for p in path_rows]
+    ax.plot(g, [p["corr_xT_xtmin"] for p in path_rows], "o-", label="corr(x_T, x_tmin)")
+    ax.plot(g, [p["same_mode_as_ode"] for p in path_rows], "s-", label="same final mode as gamma = 0")
+    ax.set(xlabel="gamma", ylabel="fraction / correlation", title="paths differ", ylim=(0, 1.05))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
+    """EM discretisation error: KL and W2 against N (one line per d; solid = ``family`` 'aniso', dashed = others), with
+    reference slopes -2 and -1, and KL against d at each N with a slope-1 reference."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    dims = sorted({r["d"] for r in rows})
+    steps = sorted({r["N"] for r in rows})
+    for fam in fams:
+        ls = "-" if fam == "aniso" else "--"
+        for k, d in enumerate(dims):
+            rs = sorted((r for r in rows if r["family"] == fam and r["d"] == d), key=lambda r: r["N"])
+            col = plt.cm.viridis(k / max(len(dims) - 1, 1))
+            lab = f"{fam}, d = {d}"
+            axes[0].loglog([r["N"] for r in rs], [r["kl"] for r in rs], "o" + ls, color=col, ms=3, label=lab)
+            axes[1].loglog([r["N"] for r in rs], [r["w2"] for r in rs], "o" + ls, color=col, ms=3, label=lab)
+        for k, n in enumerate(steps):
+            rs = sorted((r for r in rows if r["family"] == fam and r["N"] == n), key=lambda r: r["d"])
+            axes[2].loglog([r["d"] for r in rs], [r["kl"] for r in rs], "o" + ls, ms=3,
+                           color=plt.cm.plasma(k / max(len(steps) - 1, 1)), label=f"{fam}, N = {n}")
+    top = max(r["kl"] for r in rows)
+    n0, n1 = steps[0], steps[-1]
+    axes[0].loglog([n0, n1], [top, top * (n0 / n1) ** 2], "k:", lw=1, label="slope -2")
+    topw = max(r["w2"] for r in rows)
+    axes[1].loglog([n0, n1], [topw, topw * (n0 / n1)], "k:", lw=1, label="slope -1")
+    kl_lo = min(r["kl"] for r in rows if r["d"] == dims[0])
+    axes[2].loglog([dims[0], dims[-1]], [kl_lo, kl_lo * dims[-1] / dims[0]], "k:", lw=1, label="slope 1")
+    axes[0].set(xlabel="steps N", ylabel="KL(EM output || p_tmin)", title="KL vs N")
+    axes[1].set(xlabel="steps N", ylabel="W2(EM output, p_tmin)", title="W2 vs N")
+    axes[2].set(xlabel="dimension d", ylabel="KL", title="KL vs d")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=5, ncol=2)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- issue 9: DiT design-space experiments (dit_norms, dit_prepost_ln, dit_attention_cost, dit_patch_detect) ---
+
+def dit_norms(rows: list[dict], path: str) -> None:
+    """RMSNorm vs LayerNorm: speed-up t_LN / t_RMS - 1 (median, [min, max] bars) per width / training step."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    ops = [r for r in rows if r["part"] == "norm_op"]
+    for (mode, impl), mk in zip([(m, i) for m in ("forward", "forward+backward")
+                                 for i in ("rmsnorm", "rmsnorm_torch")], "osd^"):
+        rs = sorted((r for r in ops if r["mode"] == mode and r["rms_impl"] == impl), key=lambda r: r["width"])
+        if not rs:
+            continue
+        w = [r["width"] for r in rs]
+        med = [r["speedup_median"] for r in rs]
+        err = [[m - r["speedup_min"] for m, r in zip(med, rs)], [r["speedup_max"] - m for m, r in zip(med, rs)]]
+        axes[0].errorbar(w, med, yerr=err, marker=mk, capsize=2, label=f"{impl}, {mode}")
+    axes[0].axhspan(0.07, 0.64, color="g", alpha=0.15, label="seed claim 7%-64%")
+    axes[0].axhline(0, color="k", lw=0.8)
+    axes[0].set(xscale="log", xlabel="width d", ylabel="t_LN / t_RMS - 1", title="normalisation alone (CPU, 1 thread)")
+    axes[0].legend(fontsize=6)
+    steps = [r for r in rows if r["part"] == "train_step"]
+    if steps:
+        x = range(len(steps))
+        med = [r["speedup_median"] for r in steps]
+        err = [[m - r["speedup_min"] for m, r in zip(med, steps)], [r["speedup_max"] - m for m, r in zip(med, steps)]]
+        axes[1].errorbar(list(x), med, yerr=err, fmt="o", capsize=3)
+        axes[1].set_xticks(list(x), [r["case"] for r in steps], fontsize=7)
+    axes[1].axhspan(0.07, 0.64, color="g", alpha=0.15)
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set(ylabel="t_LN / t_RMS - 1", title="whole AdamW training step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dit_prepost_ln(rows: list[dict], path: str) -> None:
+    """Pre-LN vs Post-LN: stream RMS across depth at init, block gradient norms at init, training loss curves."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    init = [r for r in rows if r["phase"] == "init"]
+    depths = sorted({r["depth"] for r in init})
+    for k, d in enumerate(depths):
+        col = plt.cm.viridis(k / max(len(depths) - 1, 1))
+        for pl, ls in (("pre", "-"), ("post", "--")):
+            rs = sorted((r for r in init if r["depth"] == d and r["placement"] == pl), key=lambda r: r["layer"])
+            axes[0].plot([r["layer"] for r in rs], [r["stream_rms"] for r in rs], ls, color=col, marker=".",
+                         label=f"{pl}-LN, L={d}")
+            axes[1].semilogy([r["layer"] for r in rs[1:]], [r["block_grad_norm"] for r in rs[1:]], ls, color=col,
+                             marker=".", label=f"{pl}-LN, L={d}")
+    axes[0].set(xlabel="layer l", ylabel="token RMS of residual stream", title="forward norm at init")
+    axes[1].set(xlabel="block l", ylabel="||grad of block params||", title="gradient norms at init")
+    tr = [r for r in rows if r["phase"] == "train"]
+    for (lr, pl), ls in zip([(lr, pl) for lr in sorted({r["lr"] for r in tr}, reverse=True) for pl in ("pre", "post")],
+                            ["-", "--", "-", "--"]):
+        rs = sorted((r for r in tr if r["lr"] == lr and r["placement"] == pl), key=lambda r: r["step"])
+        axes[2].semilogy([r["step"] for r in rs], [r["loss"] for r in rs], ls, marker=".",
+                         label=f"{pl}-LN lr={lr:g}")
+    axes[2].set(xlabel="AdamW step (no warm-up)", ylabel="eps-MSE", title="training loss")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dit_attention_cost(rows: list[dict], path: str) -> None:
+    """Attention MACs vs L against 4LD^2 + 2L^2D; stored activations with/without checkpointing, math vs fused."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    base = sorted((r for r in rows if r["backend"] == "math" and not r["checkpointing"]), key=lambda r: r["L"])
+    L = [r["L"] for r in base]
+    axes[0].loglog(L, [r["macs_attention_formula"] for r in base], "k-", label="4LD^2 + 2L^2D")
+    axes[0].loglog(L, [r["macs_attention_measured"] for r in base], "o", label="flop counter / 2 (math SDPA)")
+    axes[0].loglog(L, [r["macs_counted_fused"] for r in base], "x", label="counted with fused kernel")
+    axes[0].set(xlabel="L = HW / p^2", ylabel="MACs per attention layer", title="attention MACs")
+    for backend, ck, mk in (("math", False, "o-"), ("math", True, "s-"), ("fused", False, "^--")):
+        rs = sorted((r for r in rows if r["backend"] == backend and r["checkpointing"] == ck), key=lambda r: r["L"])
+        axes[1].loglog([r["L"] for r in rs], [r["stored_bytes"] / 2 ** 20 for r in rs], mk,
+                       label=f"{backend}, {'checkpointing' if ck else 'no checkpointing'}")
+    axes[1].loglog(L, [r["softmax_matrix_bytes"] / 2 ** 20 for r in base], "k:", label="softmax matrices (N h L^2)")
+    axes[1].set(xlabel="L", ylabel="stored activations (MiB)", title="activation memory for backward")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dit_patch_detect(rows: list[dict], path: str) -> None:
+    """Detection rate vs s / s_min (MC against the Phi-curves) and s_min vs p on log-log axes."""
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    mc = [r for r in rows if r["detector"] == "average+matched"]
+    ps = sorted({r["p"] for r in mc})
+    for k, p in enumerate(ps):
+        col = plt.cm.viridis(k / max(len(ps) - 1, 1))
+        rs = sorted((r for r in mc if r["p"] == p), key=lambda r: r["s"])
+        axes[0].plot([r["s_over_s_min"] for r in rs], [r["rate_avg_mc"] for r in rs], "o", color=col, ms=3,
+                     label=f"average, p={p}")
+        axes[0].plot([r["s_over_s_min"] for r in rs], [r["rate_avg_theory"] for r in rs], "-", color=col, lw=1)
+    axes[0].axhline(0.5, color="k", lw=0.5)
+    axes[0].set(xlabel="s / s_min", ylabel="detection rate", title="patch averaging: MC vs Phi-curve")
+    axes[0].legend(fontsize=6)
+    smin_mc = []
+    for p in ps:
+        rs = sorted((r for r in mc if r["p"] == p), key=lambda r: r["s"])
+        r0 = min(rs, key=lambda r: abs(r["s_over_s_min"] - 1))
+        smin_mc.append(r0["s"] / r0["s_over_s_min"])
+    axes[1].loglog(ps, smin_mc, "o-", label="averaging: sqrt(gamma sigma p / Delta I) (slope 1/2)")
+    lr = sorted((r for r in rows if r["detector"] == "logistic regression"), key=lambda r: r["p"])
+    if lr:
+        ax2 = axes[1].twinx()
+        ax2.plot([r["p"] for r in lr], [r["rate_logreg"] for r in lr], "s--", color="C2",
+                 label=f"logistic regression rate at s={lr[0]['s']:g}")
+        ax2.plot([r["p"] for r in lr], [r["rate_avg_theory"] for r in lr], "x:", color="C3",
+                 label="averaging rate at the same s")
+        ax2.set(ylabel="detection rate", ylim=(0, 1))
+        ax2.legend(fontsize=6, loc="lower right")
+    axes[1].set(xlabel="patch size p", ylabel="s_min (pixels)", title="s_min vs p")
+    axes[1].legend(fontsize=6, loc="upper left")
+    axes[1].grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def dit_conditioning(rows: list[dict], path: str) -> None:
+    """Conditioning variants: Frechet distance, accuracy and held-out loss per variant (one dot per seed, mean bar)."""
+    plt = _mpl()
+    order = ["adaLN-Zero", "adaLN", "cross-attention", "in-context"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, key, lab in zip(axes, ("frechet", "accuracy", "heldout_loss"),
+                            ("classifier-space Frechet distance", "class accuracy (CFG)", "held-out loss")):
+        for i, c in enumerate(order):
+            v = [r[key] for r in rows if r["conditioning"] == c]
+            ax.plot([i] * len(v), v, "o", alpha=0.6, color=f"C{i}")
+            if v:
+                ax.hlines(sum(v) / len(v), i - 0.3, i + 0.3, color=f"C{i}")
+        ax.set_xticks(range(len(order)), order, fontsize=7, rotation=15)
+        ax.set(title=lab)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
