@@ -10,6 +10,11 @@ import time
 
 
 def parser(description: str, default_out: str) -> argparse.ArgumentParser:
+    """The shared options. Also pins torch to one intra-op thread: the experiments run small tensors, where OpenMP
+    wake-ups under load cost more than a second thread gains (measured: ~10 ms per op)."""
+    import torch
+
+    torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for CI)")

@@ -43,7 +43,7 @@ def slope(ns, errs) -> float:
 
 
 def run(quick: bool = False, seed: int = 0):
-    ns = [8, 16, 32, 64] if quick else [8, 16, 32, 64, 128, 256]
+    ns = [16, 32, 64, 128] if quick else [8, 16, 32, 64, 128, 256]
     n_samples = 128 if quick else 512
     methods = ["ddim", "heun", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m"] if quick else list(METHODS)
     sch = S.VPLinear()

@@ -32,8 +32,8 @@ CONFIGS = {
 def run(quick: bool = False, seed: int = 0):
     tg, sch = ring8(), S.VPLinear()
     f = tg.field(sch)
-    n = 1000 if quick else 4000
-    budgets = [20, 100] if quick else [20, 50, 100, 200]
+    n = 800 if quick else 4000
+    budgets = [20, 50] if quick else [20, 50, 100, 200]
     seeds = [seed, seed + 1] if quick else [seed + k for k in range(4)]
     law = tg.marginal(sch, sch.t_min)
     floor, floor_se = sliced_w2_floor(law.sample, n, seed=seed + 999)
