@@ -357,8 +357,8 @@ class Objective:
 class LearnedModel:
     """model(x, t, y=None) -> the network's prediction (``field_prediction``: the net's kind, or x0 for ``edm``).
 
-    Evaluated without an autograd graph unless gradients are enabled and x requires grad (so divergences by
-    autograd, e.g. for likelihoods, still work). x is cast to the network's dtype and the output back to x's.
+    Evaluated in eval mode (no label dropout; the net's mode is restored afterwards) and without an autograd graph
+    unless gradients are enabled and x requires grad (so divergences by autograd, e.g. for likelihoods, still work). x is cast to the network's dtype and the output back to x's.
     ``labels`` (int, (batch,) tensor or None) is used when ``y`` is not given."""
 
     def __init__(self, net: nn.Module, schedule: Schedule, prediction: str = "eps", sigma_data: float = 1.0,
@@ -399,9 +399,14 @@ class LearnedModel:
         dev = next(iter(self.net.parameters())).device if any(True for _ in self.net.parameters()) else x.device
         xd = x.to(dev)
         grad = torch.is_grad_enabled() and x.requires_grad
-        with torch.set_grad_enabled(grad):
-            _, pred = apply_net(self.net, self.schedule, self.prediction, xd, as_tensor(t, like=xd), y,
-                                self.sigma_data, self.autocast_dtype)
+        was_training = self.net.training
+        self.net.eval()  # a field is evaluated, never trained: no label dropout (or other train-mode noise) here
+        try:
+            with torch.set_grad_enabled(grad):
+                _, pred = apply_net(self.net, self.schedule, self.prediction, xd, as_tensor(t, like=xd), y,
+                                    self.sigma_data, self.autocast_dtype)
+        finally:
+            self.net.train(was_training)
         return pred.to(device=x.device, dtype=x.dtype)
 
 
