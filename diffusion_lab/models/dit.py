@@ -20,8 +20,24 @@ channels on 4-channel latents), the time input is the real noise-level feature `
 (``count_parameters`` counts it as DiT's ``parameters()`` does), ``num_classes = 0`` builds an unconditional model, the
 grid may be rectangular, and CFG is not in the model (a generic guidance wrapper does it on all channels).
 
-Config fields ``conditioning``, ``norm`` and ``norm_placement`` name the design space of the paper's Table/Fig. 3 and
-of issue 9; only ("adaLN-Zero", "layernorm", "pre") is implemented here, the others raise ``NotImplementedError``.
+Design space (paper Fig. 3 / Table 1, issue 9), config fields ``conditioning``, ``norm`` and ``norm_placement``:
+
+    adaLN-Zero (default)  as above: 6d modulation per block, gates a zero-initialised, final adaLN (2d)
+    adaLN                 (b1, s1, b2, s2) = Linear(SiLU(c)) (4d outputs), no gates: z <- z + Attn(LN(z)(1+s1)+b1);
+                          the modulation keeps the default xavier init (only the final Linear is zero)
+    in-context            t_emb and y_emb appended as extra tokens [t, y, patches] (no position embedding, like
+                          ViT's cls token), plain ViT blocks z <- z + Attn(LN z), z <- z + MLP(LN z) with affine
+                          norms; the condition tokens are dropped after the last block; final layer LN + Linear
+                          (no modulation)
+    cross-attention       plain ViT blocks with an extra multi-head cross-attention between self-attention and MLP,
+                          z <- z + XAttn(LN z, [t_emb, y_emb]) (queries from the T image tokens, keys/values from the
+                          length-2 condition sequence); affine norms; final layer LN + Linear (no modulation)
+    norm                  "layernorm" (nn.LayerNorm) or "rmsnorm" (norms.RMSNorm), same eps and affine setting
+    norm_placement        "pre": z <- z + F(Norm z) (as above); "post" (Vaswani et al. 2017): z <- Norm(z + F(z)),
+                          with adaLN modulation applied to the un-normalised z, F(z) = a Attn(z (1 + s) + b)
+
+Every variant keeps the zero-initialised final Linear, so the output is 0 at init; only adaLN-Zero + pre makes every
+block the identity. Parameter counts and MACs of each variant: ``flops.dit_param_formula`` / ``flops.dit_flops``.
 """
 from __future__ import annotations
 
@@ -48,7 +64,8 @@ __all__ = [
 CONDITIONINGS = ("adaLN-Zero", "adaLN", "cross-attention", "in-context")  # paper Fig. 3 / Table 1
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
-IMPLEMENTED = {"conditioning": ("adaLN-Zero",), "norm": ("layernorm",), "norm_placement": ("pre",)}
+IMPLEMENTED = {"conditioning": CONDITIONINGS, "norm": NORM_TYPES, "norm_placement": NORM_PLACEMENTS}
+MODULATION_CHUNKS = {"adaLN-Zero": 6, "adaLN": 4, "cross-attention": 0, "in-context": 0}  # per-block d-outputs
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
                    "fp16": torch.float16, "float16": torch.float16}
 
@@ -70,9 +87,9 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 1000                  # 0 -> unconditional (no label embedder)
     class_dropout_prob: float = 0.1          # CFG label dropout; > 0 adds the null class (row num_classes)
-    conditioning: str = "adaLN-Zero"         # one of CONDITIONINGS (implemented: adaLN-Zero)
-    norm: str = "layernorm"                  # one of NORM_TYPES (implemented: layernorm)
-    norm_placement: str = "pre"              # one of NORM_PLACEMENTS (implemented: pre)
+    conditioning: str = "adaLN-Zero"         # one of CONDITIONINGS
+    norm: str = "layernorm"                  # one of NORM_TYPES
+    norm_placement: str = "pre"              # one of NORM_PLACEMENTS
     norm_eps: float = 1e-6
     qkv_bias: bool = True
     frequency_embedding_size: int = 256      # sinusoidal features fed to the timestep MLP
@@ -131,6 +148,16 @@ class DiTConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def num_cond_tokens(self) -> int:
+        """Length of the condition sequence [t_emb, y_emb] (1 if unconditional) for in-context / cross-attention."""
+        return 1 + int(self.num_classes > 0)
+
+    @property
+    def norm_affine(self) -> bool:
+        """Norms carry affine parameters in the variants without adaLN (plain ViT blocks)."""
+        return MODULATION_CHUNKS[self.conditioning] == 0
 
     def replace(self, **overrides) -> "DiTConfig":
         return dataclasses.replace(self, **overrides)
@@ -238,6 +265,30 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, d))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention softmax(Q K^T / sqrt(d_h)) V with Q = x W_q (N, T, d) and K, V from a context
+    sequence (N, S, d) (the DiT paper's cross-attention block, S = 2 condition tokens)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        s = ctx.shape[1]
+        q = self.q(x).reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, h, T, dh)
+        kv = self.kv(ctx).reshape(n, s, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, N, h, S, dh)
+        k, v = kv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+
+
 class Mlp(nn.Module):
     """Linear(d, h) -> GELU(tanh) -> Linear(h, d) (timm ``Mlp`` as DiT uses it)."""
 
@@ -252,39 +303,76 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero transformer block (Peebles & Xie 2023, Fig. 3, right):
+    """DiT transformer block (Peebles & Xie 2023, Fig. 3); the default adaLN-Zero, pre-norm block is
 
         z <- z + a1 * Attn(modulate(LN z, b1, s1)),   z <- z + a2 * MLP(modulate(LN z, b2, s2)),
         (b1, s1, a1, b2, s2, a2) = Linear(SiLU(c)).
+
+    ``config.conditioning`` / ``norm`` / ``norm_placement`` select the variants of the module docstring. The second
+    argument of ``forward`` is c (N, d) for the adaLN variants, the condition sequence (N, S, d) for
+    cross-attention, and ignored (None) for in-context, whose condition tokens are part of z.
     """
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         d = config.hidden_size
-        self.norm1 = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=False)
+        self.conditioning = config.conditioning
+        self.post_norm = config.norm_placement == "post"
+        affine = config.norm_affine
+        self.norm1 = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=affine)
         self.attn = Attention(d, config.num_heads, qkv_bias=config.qkv_bias)
-        self.norm2 = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=False)
+        self.norm2 = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=affine)
         self.mlp = Mlp(d, config.mlp_hidden)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, bias=True))
+        if self.conditioning == "cross-attention":
+            self.norm_cross = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=affine)
+            self.cross_attn = CrossAttention(d, config.num_heads, qkv_bias=config.qkv_bias)
+        chunks = MODULATION_CHUNKS[self.conditioning]
+        if chunks:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, chunks * d, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+    def _residual(self, x: torch.Tensor, norm: nn.Module, branch) -> torch.Tensor:
+        """Pre-norm x + branch(Norm x), or post-norm Norm(x + branch(x))."""
+        if self.post_norm:
+            return norm(x + branch(x))
+        return x + branch(norm(x))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.conditioning == "adaLN-Zero":
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+            if not self.post_norm:  # the reference code, verbatim
+                x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+                x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+                return x
+            x = self._residual(x, self.norm1,
+                               lambda h: gate_msa.unsqueeze(1) * self.attn(modulate(h, shift_msa, scale_msa)))
+            return self._residual(x, self.norm2,
+                                  lambda h: gate_mlp.unsqueeze(1) * self.mlp(modulate(h, shift_mlp, scale_mlp)))
+        if self.conditioning == "adaLN":
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            x = self._residual(x, self.norm1, lambda h: self.attn(modulate(h, shift_msa, scale_msa)))
+            return self._residual(x, self.norm2, lambda h: self.mlp(modulate(h, shift_mlp, scale_mlp)))
+        x = self._residual(x, self.norm1, self.attn)
+        if self.conditioning == "cross-attention":
+            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(h, c))
+        return self._residual(x, self.norm2, self.mlp)
 
 
 class FinalLayer(nn.Module):
-    """out = Linear(modulate(LN z, b, s)), (b, s) = Linear(SiLU(c)): (N, T, d) -> (N, T, p*p*out_channels)."""
+    """out = Linear(modulate(LN z, b, s)), (b, s) = Linear(SiLU(c)): (N, T, d) -> (N, T, p*p*out_channels).
+    For in-context and cross-attention conditioning (no adaLN anywhere): out = Linear(LN z), LN affine."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         d, p = config.hidden_size, config.patch_size
-        self.norm_final = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=False)
+        self.norm_final = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=config.norm_affine)
         self.linear = nn.Linear(d, p * p * config.out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d, bias=True))
+        self.modulated = not config.norm_affine
+        if self.modulated:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d, bias=True))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.modulated:
+            return self.linear(self.norm_final(x))
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -342,11 +430,12 @@ class DiT(nn.Module):
         self.t_embedder.reset_parameters(0.02)
         if self.y_embedder is not None:
             self.y_embedder.reset_parameters(0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        if self.config.conditioning == "adaLN-Zero":  # adaLN keeps xavier modulations: no zero gates to open
+            for block in self.blocks:
+                nn.init.zeros_(block.adaLN_modulation[-1].weight)
+                nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+            nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -381,12 +470,46 @@ class DiT(nn.Module):
             raise ValueError(f"labels must have shape {tuple(c_noise.shape)}, got {tuple(y.shape)}")
         return c + self.y_embedder(y.long(), force_drop_ids=force_drop_ids)
 
+    def embed_condition_tokens(self, c_noise: torch.Tensor, y: torch.Tensor | None = None,
+                               force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition sequence [t_emb, y_emb]: (N, S, d), S = 2 (1 if unconditional), for in-context and
+        cross-attention conditioning; ``y=None`` means the null class as in ``embed_condition``."""
+        t = self.t_embedder(c_noise)
+        if self.y_embedder is None:
+            if y is not None:
+                raise ValueError("this DiT is unconditional (num_classes=0) but labels y were given")
+            return t.unsqueeze(1)
+        if y is None:
+            if not self.y_embedder.has_null:
+                raise ValueError("labels y are required: this DiT has no null class (class_dropout_prob=0)")
+            y = torch.full((c_noise.shape[0],), self.y_embedder.null_id, dtype=torch.long, device=c_noise.device)
+        elif y.shape != c_noise.shape:
+            raise ValueError(f"labels must have shape {tuple(c_noise.shape)}, got {tuple(y.shape)}")
+        return torch.stack([t, self.y_embedder(y.long(), force_drop_ids=force_drop_ids)], dim=1)
+
+    def condition(self, c_noise: torch.Tensor, y: torch.Tensor | None = None,
+                  force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """What ``forward_tokens`` takes: c (N, d) for the adaLN variants, the sequence (N, S, d) otherwise."""
+        if self.config.norm_affine:
+            return self.embed_condition_tokens(c_noise, y, force_drop_ids)
+        return self.embed_condition(c_noise, y, force_drop_ids)
+
     def forward_tokens(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + position embedding + blocks + final layer: (N, C, H, W), (N, d) -> (N, T, p*p*C_out)."""
+        """Patch embedding + position embedding + blocks + final layer: (N, C, H, W), c -> (N, T, p*p*C_out), with c
+        from ``condition``: (N, d) for adaLN(-Zero), the condition sequence (N, S, d) for in-context /
+        cross-attention."""
         z = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, d)
+        block_c = c
+        n_extra = 0
+        if self.config.conditioning == "in-context":
+            n_extra = c.shape[1]
+            z = torch.cat([c, z], dim=1)  # (N, S + T, d)
+            block_c = None
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            z = checkpoint(block, z, c, use_reentrant=False) if use_ckpt else block(z, c)
+            z = checkpoint(block, z, block_c, use_reentrant=False) if use_ckpt else block(z, block_c)
+        if n_extra:
+            z = z[:, n_extra:]  # drop the condition tokens before the final layer
         return self.final_layer(z, c)  # (N, T, p*p*C_out)
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, y: torch.Tensor | None = None,
@@ -406,7 +529,7 @@ class DiT(nn.Module):
             raise ValueError(f"c_noise must be a scalar or have shape ({n},), got {tuple(c_noise.shape)}")
         wdtype = self.x_embedder.weight.dtype
         with autocast_context(x.device.type, self.autocast_dtype):
-            c = self.embed_condition(c_noise.to(wdtype), y, force_drop_ids)
+            c = self.condition(c_noise.to(wdtype), y, force_drop_ids)
             out = self.forward_tokens(x.to(wdtype), c)
             out = self.unpatchify(out)
         return out.to(x.dtype)

@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .dit import DiTConfig
+from .dit import MODULATION_CHUNKS, DiTConfig
 
 __all__ = ["attention_macs", "dit_flops", "dit_flops_breakdown", "dit_param_formula", "count_parameters",
-           "PAPER_GFLOPS", "PAPER_PARAMS_XL2"]
+           "PAPER_GFLOPS", "PAPER_PARAMS_XL2", "PAPER_CONDITIONING_XL2"]
 
 # Peebles & Xie 2023, Table 4 (Gflops = GMACs of one 256x256 image = 32x32x4 latent, learn_sigma: 8 output channels)
 PAPER_GFLOPS = {
@@ -36,6 +36,9 @@ PAPER_GFLOPS = {
     "DiT-XL/8": 7.39, "DiT-XL/4": 29.05, "DiT-XL/2": 118.64,
 }
 PAPER_PARAMS_XL2 = 675_129_632  # DiT-XL/2 (out_channels 8, 1000 classes), fast-DiT's logged count
+# Peebles & Xie 2023, Table/Fig. 3 conditioning ablation, DiT-XL/2: (params in M, Gflops)
+PAPER_CONDITIONING_XL2 = {"in-context": (449, 119.37), "cross-attention": (598, 137.62), "adaLN": (600, 118.56),
+                          "adaLN-Zero": (675, 118.64)}
 
 
 def attention_macs(num_tokens: int, dim: int) -> int:
@@ -45,19 +48,29 @@ def attention_macs(num_tokens: int, dim: int) -> int:
 
 
 def dit_flops_breakdown(config: DiTConfig) -> dict[str, int]:
-    """Forward MACs of one sample by part (see the module docstring)."""
+    """Forward MACs of one sample by part (see the module docstring), for every conditioning variant.
+
+    With S condition tokens (``config.num_cond_tokens``, 2 for a class-conditional model):
+    in-context runs every block on T + S tokens and has no modulation; cross-attention adds per block
+    Q and output projections on T tokens (2 T d^2), K and V on S tokens (2 S d^2) and Q K^T, A V (2 T S d), and has
+    no modulation; adaLN has a 4 d^2 modulation. Only adaLN(-Zero) has the final 2 d^2 modulation.
+    Norm type and placement do not change the count.
+    """
     config.check_implemented()
     t, d, h, p = config.num_patches, config.hidden_size, config.mlp_hidden, config.patch_size
+    cond, s = config.conditioning, config.num_cond_tokens
+    tb = t + s if cond == "in-context" else t  # tokens inside the blocks
     per_block = {
-        "attention": attention_macs(t, d),
-        "mlp": 2 * t * d * h,
-        "modulation": 6 * d * d,
+        "attention": attention_macs(tb, d),
+        "mlp": 2 * tb * d * h,
+        "modulation": MODULATION_CHUNKS[cond] * d * d,
+        "cross_attention": (2 * t * d * d + 2 * s * d * d + 2 * t * s * d) if cond == "cross-attention" else 0,
     }
     out = {
         "patch_embed": t * p * p * config.in_channels * d,
         "timestep_embed": config.frequency_embedding_size * d + d * d,
         **{f"blocks.{k}": config.depth * v for k, v in per_block.items()},
-        "final_layer": 2 * d * d + t * d * p * p * config.out_channels,
+        "final_layer": (0 if config.norm_affine else 2 * d * d) + t * d * p * p * config.out_channels,
     }
     out["total"] = sum(out.values())
     return out
@@ -69,18 +82,26 @@ def dit_flops(config: DiTConfig) -> int:
 
 
 def dit_param_formula(config: DiTConfig, include_pos_embed: bool = True) -> dict[str, int]:
-    """Parameter count by part from the closed form depth (18 d^2 + 15 d) + embedders (module docstring)."""
+    """Parameter count by part from the closed form depth (18 d^2 + 15 d) + embedders (module docstring), for every
+    variant: adaLN has a (4 d^2 + 4 d) modulation per block, in-context and cross-attention none, cross-attention
+    adds 4 d^2 + 4 d per block (Q, KV, output projection); without adaLN the norms are affine (2d per LayerNorm, d per
+    RMSNorm: 2 per block, 3 with cross-attention, plus the final one) and the final layer has no modulation."""
     config.check_implemented()
     d, h, p, t = config.hidden_size, config.mlp_hidden, config.patch_size, config.num_patches
-    block = (4 * d * d + 4 * d) + (2 * d * h + h + d) + (6 * d * d + 6 * d)
+    chunks = MODULATION_CHUNKS[config.conditioning]
+    cross = config.conditioning == "cross-attention"
+    norm_params = (2 * d if config.norm == "layernorm" else d) if config.norm_affine else 0
+    block = ((4 * d * d + 4 * d) + (2 * d * h + h + d) + (chunks * d * d + chunks * d)
+             + ((4 * d * d + 4 * d) if cross else 0) + (3 if cross else 2) * norm_params)
     n_labels = config.num_classes + int(config.class_dropout_prob > 0) if config.num_classes > 0 else 0
+    final_mod = 0 if config.norm_affine else 2 * d * d + 2 * d
     out = {
         "blocks": config.depth * block,
         "patch_embed": p * p * config.in_channels * d + d,
         "timestep_embed": config.frequency_embedding_size * d + d + d * d + d,
         "label_embed": n_labels * d,
         "pos_embed": t * d if include_pos_embed else 0,
-        "final_layer": 2 * d * d + 2 * d + d * p * p * config.out_channels + p * p * config.out_channels,
+        "final_layer": final_mod + norm_params + d * p * p * config.out_channels + p * p * config.out_channels,
     }
     out["total"] = sum(out.values())
     return out
