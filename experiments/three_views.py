@@ -23,14 +23,14 @@ from . import _common
 def run(quick: bool = False, seed: int = 0):
     tg, sch = ring8(), S.VPLinear()
     field = tg.field(sch)
-    n_cells = 64 if quick else 128
+    n_cells = 64 if quick else 96
     grid = fp.Grid.box(-4.0, 4.0, n_cells, 2)
-    n = 20_000 if quick else 100_000
+    n = 20_000 if quick else 50_000
     times = [0.05, 0.2, 0.5] if quick else [0.02, 0.1, 0.3, 0.6]
-    steps = 100 if quick else 400
+    steps = 100 if quick else 200
     g = torch.Generator().manual_seed(seed)
     x_T = tg.marginal(sch, sch.t_max).sample(n, g)
-    forward = fp.solve_forward(sch, tg, grid, [sch.t_min, *times], steps=200 if quick else 400, target=tg)
+    forward = fp.solve_forward(sch, tg, grid, [sch.t_min, *times], steps=200, target=tg)
     rows, panels = [], []
     for t in times:
         exact = fp.exact_density(tg, sch, grid, t)
@@ -39,7 +39,7 @@ def run(quick: bool = False, seed: int = 0):
         ode = sample(field, x_T, "heun", grid=time_grid(sch, steps // 2, "logsnr", t_min=t)).x
         # Langevin at fixed t from the prior N(0, I): h = 0.05 lambda_min-scale steps, run to equilibrium of the
         # local dynamics; the multimodal p_t at small t is where it mixes badly
-        lang = L.ula(field, torch.randn(n, 2, dtype=torch.float64, generator=g), t, 0.02, 50 if quick else 300,
+        lang = L.ula(field, torch.randn(n, 2, dtype=torch.float64, generator=g), t, 0.02, 50 if quick else 150,
                      generator=g).x
         views["(c) reverse SDE samples"] = fp.density_from_samples(sde.numpy(), grid)
         views["(d) PF-ODE samples"] = fp.density_from_samples(ode.numpy(), grid)
@@ -50,7 +50,7 @@ def run(quick: bool = False, seed: int = 0):
             rows.append({"t": t, "view": name, "tv_to_closed_form": d, "mc_floor": floor})
             panels.append({"row": name, "t": t, "density": dens, "note": f"TV {d:.3f}" if name[1] != "a" else ""})
     # generation on the grid: reverse SDE from the exact prior back to t_min, against the data side p_{t_min}
-    gen = fp.solve_reverse(field, tg, grid, [sch.t_max, 0.5, 0.1, sch.t_min], steps=100 if quick else 300, target=tg)
+    gen = fp.solve_reverse(field, tg, grid, [sch.t_max, 0.5, 0.1, sch.t_min], steps=100 if quick else 200, target=tg)
     exact_min = fp.exact_density(tg, sch, grid, sch.t_min)
     tv_gen = fp.tv(gen.density(sch.t_min), exact_min, grid)
     rows.append({"t": sch.t_min, "view": "generation on the grid (reverse SDE FP)", "tv_to_closed_form": tv_gen,
