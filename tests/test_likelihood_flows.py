@@ -124,3 +124,14 @@ def test_classifier_guidance_exact_and_learned():
     assert float((learned.x > 0).double().mean()) > 0.85  # unguided: 0.5
     with pytest.raises(ValueError, match="gamma must be a finite number >= 0, got -1"):
         classifier_guidance(f, clf, 1, -1.0)
+
+
+def test_likelihood_cli_from_checkpoint(tmp_path):
+    cli = [sys.executable, "-m", "diffusion_lab.cli"]
+    p = subprocess.run(cli + ["train", "--data", "ring8", "--steps", "30", "--batch", "128", "--out", str(tmp_path),
+                              "--no-plot"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    p = subprocess.run(cli + ["likelihood", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--n", "8",
+                              "--rtol", "1e-4"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "checkpoint" in p.stdout and "bits/dim" in p.stdout and "closed form" in p.stdout
