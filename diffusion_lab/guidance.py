@@ -78,7 +78,8 @@ def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Ten
     return (1.0 + w) * cond - w * uncond
 
 
-def _label_tensor(y, n: int, device) -> torch.Tensor:
+def label_tensor(y, n: int, device) -> torch.Tensor:
+    """An int or a (batch,) tensor of class labels as a (n,) long tensor; ValueError on a wrong shape."""
     if isinstance(y, int):
         return torch.full((n,), y, dtype=torch.long, device=device)
     y = torch.as_tensor(y, device=device).long()
@@ -104,7 +105,7 @@ class CFGModel:
 
     def __call__(self, x, t):
         n = x.shape[0]
-        y = _label_tensor(self.labels, n, x.device)
+        y = label_tensor(self.labels, n, x.device)
         null = torch.full((n,), self.null_label, dtype=torch.long, device=x.device)
         if self.batched:
             tt = torch.cat([t, t]) if t.ndim == 1 else t

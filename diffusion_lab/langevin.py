@@ -27,6 +27,7 @@ import torch
 from ._tensor import as_tensor
 from .field import VelocityField
 from .samplers.base import get_method, register, sample, step_iter
+from .samplers.sde import _noise_source as _noise
 from .targets import ExactModel, Gaussian, GaussianMixture
 
 __all__ = ["LangevinResult", "ula", "mala", "annealed_langevin", "kinetic_langevin", "geometric_levels",
@@ -92,16 +93,6 @@ def _check_steps_all(name: str, field: VelocityField, ts, hs) -> None:
         n_bad = sum(1 for t_i, h_i in zip(ts, hs) if _exact_target(field) is not None
                     and h_i >= stability_bound(_exact_target(field), field.schedule, t_i))
         warnings.warn(f"{worst} (first of {n_bad} level(s) above the bound)", RuntimeWarning, stacklevel=3)
-
-
-def _noise(name: str, noise, n: int, x: torch.Tensor, generator):
-    if noise is None:
-        return lambda i: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n, *x.shape):
-        got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-        raise ValueError(f"{name}: noise must be a tensor of shape {(n, *x.shape)}, got {got}")
-    noise = noise.to(dtype=x.dtype, device=x.device)
-    return lambda i: noise[i]
 
 
 def _check_finite(name: str, x: torch.Tensor, step: int, h) -> None:

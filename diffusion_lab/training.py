@@ -70,6 +70,7 @@ from torch import nn
 from . import param
 from ._tensor import as_tensor, bcast
 from .field import VelocityField
+from .guidance import label_tensor
 from .schedules import Schedule, get_schedule
 
 __all__ = [
@@ -235,16 +236,8 @@ def sample_t(n: int, schedule: Schedule, sampler: str = "uniform", *, generator:
 # network <-> prediction
 
 def _labels_for(y, n: int, device):
-    if y is None:
-        return None
-    if isinstance(y, int):
-        return torch.full((n,), y, dtype=torch.long, device=device)
-    y = torch.as_tensor(y, device=device).long()
-    if y.ndim == 0:
-        return y.expand(n)
-    if y.shape != (n,):
-        raise ValueError(f"labels must be an int or a (batch,) tensor with batch={n}; got shape {tuple(y.shape)}")
-    return y
+    """None, or the labels as a (n,) long tensor (see guidance.label_tensor)."""
+    return None if y is None else label_tensor(y, n, device)
 
 
 def _param_dtype(net: nn.Module, default=torch.float32):

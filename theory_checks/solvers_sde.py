@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 
+from diffusion_lab.metrics import gaussian_w2  # noqa: F401  (re-exported for the tests)
+
 from diffusion_lab import schedules as S
 from diffusion_lab import targets as T
 from diffusion_lab.samplers import get_method, sample, time_grid
@@ -82,19 +84,6 @@ def em_gaussian_law_closed_form(target: T.Gaussian, schedule, grid, gamma: float
         m = A @ m + k * (Pt @ (a * mu))
         C = A @ C @ A.T + gamma * gamma * g2 * h * eye
     return m, 0.5 * (C + C.T)
-
-
-def _sqrtm_psd(C):
-    w, V = torch.linalg.eigh(0.5 * (C + C.T))
-    return (V * w.clamp_min(0).sqrt()) @ V.T
-
-
-def gaussian_w2(m1, C1, m2, C2) -> float:
-    """W2(N(m1, C1), N(m2, C2))^2 = |m1 - m2|^2 + tr(C1 + C2 - 2 (C2^{1/2} C1 C2^{1/2})^{1/2})."""
-    r2 = _sqrtm_psd(C2)
-    cross = _sqrtm_psd(r2 @ C1 @ r2)
-    w2 = float(((m1 - m2) ** 2).sum() + torch.trace(C1 + C2 - 2.0 * cross))
-    return math.sqrt(max(w2, 0.0))
 
 
 def _exact_marginal(target: T.Gaussian, schedule, t):
