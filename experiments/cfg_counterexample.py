@@ -44,8 +44,8 @@ def powered_density(target, c: int, gamma: float, grid: "fp.Grid") -> np.ndarray
 def run(quick: bool = False, seed: int = 0):
     tg, sch, c = two_class_1d(2.0, 1.0), S.VPLinear(), 1
     grid = fp.Grid.box(-8.0, 8.0, 400 if quick else 800, 1)
-    n = 40_000 if quick else 200_000
-    steps = 100 if quick else 400
+    n = 40_000 if quick else 100_000
+    steps = 100 if quick else 200
     ws = [0.0, 1.0, 3.0] if quick else [0.0, 0.5, 1.0, 3.0, 6.0]
     cond, uncond = tg.conditional(c).field(sch), tg.field(sch)
     g = torch.Generator().manual_seed(seed)
