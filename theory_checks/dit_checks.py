@@ -478,3 +478,26 @@ def _norm_properties():
     if shift_dev < 1e-3:  # RMSNorm must NOT be shift-invariant
         worst = max(worst, 1.0)
     return Outcome(worst, f"RMSNorm(x + b) - RMSNorm(x) up to {shift_dev:.3g} (not shift-invariant)")
+
+
+def attention_rollout_residual(depth: int = 12, n_tokens: int = 16, d: int = 32, seed: int = 0) -> float:
+    """Attention rollout R = prod_l (A_l + I)/2 (Abnar & Zuidema 2020) of row-stochastic attention maps A_l stays
+    row-stochastic: every row of R sums to 1 and R >= 0. A_l are the real softmax maps of a DiT block's attention
+    (random weights) on random tokens; residual = max |row sum - 1| (plus any negative entry)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, d, dtype=torch.float64, generator=g)
+    R = torch.eye(n_tokens, dtype=torch.float64)
+    for _ in range(depth):
+        wq, wk = (torch.randn(d, d, dtype=torch.float64, generator=g) / math.sqrt(d) for _ in range(2))
+        A = torch.softmax((x @ wq) @ (x @ wk).T / math.sqrt(d), dim=-1)
+        R = 0.5 * (A + torch.eye(n_tokens, dtype=torch.float64)) @ R
+        x = x + A @ x / math.sqrt(depth)
+    return float((R.sum(1) - 1).abs().max() + (-R).clamp_min(0).max())
+
+
+@check("dit.attention_rollout_row_stochastic", area=AREA, kind="exact", tol=1e-12,
+       case="12 layers of softmax attention on 16 random tokens (d = 32), rollout with the residual (A + I)/2",
+       reference="issue 9; Abnar & Zuidema 2020")
+def _rollout():
+    """Attention rollout, a product of row-stochastic matrices, stays row-stochastic (rows sum to 1, entries >= 0)."""
+    return max(attention_rollout_residual(seed=s) for s in range(3))
