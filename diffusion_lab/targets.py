@@ -46,6 +46,21 @@ __all__ = [
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def _apply(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(M_k v_{b,k}) for per-component matrices M (K, d, d) or per-sample ones (B, K, d, d), v (B, K, d)."""
+    if M.ndim == 3:  # one time for the whole batch
+        B, K, d = v.shape
+        if K * d <= 64:  # one (B, Kd) @ (Kd, Kd) block-diagonal product: ~3x faster than K small products
+            return (v.reshape(B, K * d) @ torch.block_diag(*M.transpose(-1, -2))).reshape(B, K, d)
+        return (v.transpose(0, 1) @ M.transpose(-1, -2)).transpose(0, 1)
+    return (M @ v[..., None])[..., 0]
+
+
+def _mix(r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_k r[b, k] v[b, k, :] as a batched matrix product (much faster than a broadcast-and-sum for small K, d)."""
+    return torch.bmm(r[:, None, :], v).squeeze(1)
+
+
 class GaussianMixture:
     """Gaussian mixture sum_k pi_k N(mu_k, Sigma_k) in R^d (full covariances), held in float64.
 
@@ -148,11 +163,8 @@ class GaussianMixture:
         xd = x.to(torch.float64)
         means_t, prec, logdet, gain = self._moments_t(alpha, sigma)
         diff = xd[:, None, :] - means_t  # (B, K, d)
-        if prec.ndim == 3:
-            prec_diff = torch.einsum("kij,bkj->bki", prec, diff)
-        else:
-            prec_diff = torch.einsum("bkij,bkj->bki", prec, diff)
-        maha = (diff * prec_diff).sum(-1)
+        prec_diff = _apply(prec, diff)
+        maha = torch.einsum("bkd,bkd->bk", diff, prec_diff)  # einsum: ~5x faster than (a*b).sum(-1) for small d
         log_comp = torch.log(self.weights) - 0.5 * (maha + logdet + self.dim * _LOG_2PI)
         log_p = torch.logsumexp(log_comp, dim=-1)
         return {
@@ -175,19 +187,15 @@ class GaussianMixture:
     def score(self, x, t, schedule: Schedule):
         """grad_x log p_t(x) = -sum_k r_k C_k^{-1} (x - alpha mu_k)."""
         c = self._component_terms(x, *self._at(schedule, t, x))
-        return -(c["log_r"].exp()[..., None] * c["prec_diff"]).sum(1).to(x.dtype)
+        return -_mix(c["log_r"].exp(), c["prec_diff"]).to(x.dtype)
 
     def _posterior_means(self, c):
-        if c["gain"].ndim == 3:
-            m = self.means + torch.einsum("kij,bkj->bki", c["gain"], c["diff"])
-        else:
-            m = self.means + torch.einsum("bkij,bkj->bki", c["gain"], c["diff"])
-        return m
+        return self.means + _apply(c["gain"], c["diff"])
 
     def denoiser(self, x, t, schedule: Schedule):
         """E[x_0 | x_t = x] = sum_k r_k m_k(x)."""
         c = self._component_terms(x, *self._at(schedule, t, x))
-        return (c["log_r"].exp()[..., None] * self._posterior_means(c)).sum(1).to(x.dtype)
+        return _mix(c["log_r"].exp(), self._posterior_means(c)).to(x.dtype)
 
     def posterior_cov(self, x, t, schedule: Schedule):
         """Cov[x_0 | x_t = x] = sum_k r_k (P_k + m_k m_k^T) - m m^T, shape (batch, d, d)."""
@@ -200,7 +208,7 @@ class GaussianMixture:
         P = self.covs - c["gain"] @ (a[..., None, None, None] * self.covs)
         if P.ndim == 3:
             P = P.expand(x.shape[0], *P.shape)
-        m = (r[..., None] * mk).sum(1)
+        m = _mix(r, mk)
         second = torch.einsum("bk,bkij->bij", r, P + mk[..., :, None] * mk[..., None, :])
         return (second - m[:, :, None] * m[:, None, :]).to(x.dtype)
 
@@ -304,11 +312,11 @@ class ExactModel:
         score form -sigma s, which keeps full precision as sigma -> 0."""
         tg, sch = self.target, self.schedule
         c = tg._component_terms(x, sch.alpha(t), sch.sigma(t))
-        r = c["log_r"].exp()[..., None]
-        x0 = (r * tg._posterior_means(c)).sum(1)
+        r = c["log_r"].exp()
+        x0 = _mix(r, tg._posterior_means(c))
         sig = sch.sigma(t.to(torch.float64))
         sig = sig.reshape(sig.shape + (1,) * (x.ndim - sig.ndim))
-        eps = sig * (r * c["prec_diff"]).sum(1)
+        eps = sig * _mix(r, c["prec_diff"])
         return x0.to(x.dtype), eps.to(x.dtype)
 
     def __call__(self, x, t):
