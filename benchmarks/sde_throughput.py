@@ -27,9 +27,11 @@ import time
 
 import torch
 
-from diffusion_lab import schedules as S
-from diffusion_lab import targets as T
-from diffusion_lab.samplers import sample, time_grid
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run from a plain checkout too
+
+from diffusion_lab import schedules as S  # noqa: E402
+from diffusion_lab import targets as T  # noqa: E402
+from diffusion_lab.samplers import sample, time_grid  # noqa: E402
 from diffusion_lab.samplers.sde import brownian_increments, make_brownian
 
 
