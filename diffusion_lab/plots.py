@@ -13,6 +13,15 @@ def _mpl():
     return plt
 
 
+def _save(fig, path: str, dpi: int = 100) -> None:
+    """Lay out, write and close a figure (every figure function ends here)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | None = None) -> None:
     """Two log-log panels: terminal error vs the exact flow map (deterministic samplers, with reference
     slopes -1, -2, -3) and sliced W2 to the target law (all samplers, with the Monte-Carlo floor)."""
@@ -45,9 +54,7 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
     axes[1].legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def langevin_bias(rows: list[dict], path: str) -> None:
@@ -64,9 +71,7 @@ def langevin_bias(rows: list[dict], path: str) -> None:
     ax.set(xlabel="step size h", ylabel="variance bias", title="ULA vs MALA on N(0, 1)")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def sample_panels(samples: dict, path: str, titles: dict | None = None, lim: float | None = None) -> None:
@@ -79,9 +84,7 @@ def sample_panels(samples: dict, path: str, titles: dict | None = None, lim: flo
         if lim:
             ax.set(xlim=(-lim, lim), ylim=(-lim, lim))
         ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = None, floor: float | None = None,
@@ -98,9 +101,7 @@ def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = N
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=key, title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: str = "") -> None:
@@ -127,9 +128,7 @@ def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: 
                 ax.set_ylabel(r, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def density_curves(x, curves: dict, path: str, xlim=None, title: str = "") -> None:
@@ -146,9 +145,7 @@ def density_curves(x, curves: dict, path: str, xlim=None, title: str = "") -> No
     axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def convergence_orders(rows: list[dict], path: str) -> None:
@@ -178,9 +175,7 @@ def convergence_orders(rows: list[dict], path: str) -> None:
     axes[1].legend(fontsize=7)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def ablation_vs_nfe(rows: list[dict], path: str, title: str = "") -> None:
@@ -210,9 +205,7 @@ def ablation_vs_nfe(rows: list[dict], path: str, title: str = "") -> None:
     axes[0, -1].legend(fontsize=6, ncol=2)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def loss_curve(history: list[dict], path: str, title: str = "") -> None:
@@ -222,9 +215,7 @@ def loss_curve(history: list[dict], path: str, title: str = "") -> None:
     ax.plot([r["step"] for r in history], [r["loss"] for r in history], "-", lw=1.2)
     ax.set(xlabel="step", ylabel="loss (mean over log interval)", yscale="log", title=title or "training loss")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def image_grid(rows: list, path: str, row_titles: list | None = None, col_titles: list | None = None,
@@ -251,9 +242,7 @@ def image_grid(rows: list, path: str, row_titles: list | None = None, col_titles
                 ax.set_title(str(col_titles[j]), fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, dpi=110)
 
 
 def eta_sweep(rows: list[dict], path: str, floor: float | None = None, title: str = "") -> None:
@@ -279,9 +268,7 @@ def eta_sweep(rows: list[dict], path: str, floor: float | None = None, title: st
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def vdm_invariance(rows: list[dict], curves: dict, path: str) -> None:
@@ -312,9 +299,7 @@ def vdm_invariance(rows: list[dict], curves: dict, path: str) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def same_marginals(paths: dict, rows: list[dict], path_rows: list[dict], path: str, title: str = "",
@@ -358,9 +343,7 @@ def same_marginals(paths: dict, rows: list[dict], path_rows: list[dict], path: s
     ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
@@ -398,9 +381,7 @@ def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
         ax.legend(fontsize=5, ncol=2)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 # --- issue 9: DiT design-space experiments (dit_norms, dit_prepost_ln, dit_attention_cost, dit_patch_detect) ---
@@ -433,9 +414,7 @@ def dit_norms(rows: list[dict], path: str) -> None:
     axes[1].axhspan(0.07, 0.64, color="g", alpha=0.15)
     axes[1].axhline(0, color="k", lw=0.8)
     axes[1].set(ylabel="t_LN / t_RMS - 1", title="whole AdamW training step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def dit_prepost_ln(rows: list[dict], path: str) -> None:
@@ -464,9 +443,7 @@ def dit_prepost_ln(rows: list[dict], path: str) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def dit_attention_cost(rows: list[dict], path: str) -> None:
@@ -488,9 +465,7 @@ def dit_attention_cost(rows: list[dict], path: str) -> None:
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def dit_patch_detect(rows: list[dict], path: str) -> None:
@@ -526,9 +501,7 @@ def dit_patch_detect(rows: list[dict], path: str) -> None:
     axes[1].set(xlabel="patch size p", ylabel="s_min (pixels)", title="s_min vs p")
     axes[1].legend(fontsize=6, loc="upper left")
     axes[1].grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
 
 
 def dit_conditioning(rows: list[dict], path: str) -> None:
@@ -546,6 +519,4 @@ def dit_conditioning(rows: list[dict], path: str) -> None:
         ax.set_xticks(range(len(order)), order, fontsize=7, rotation=15)
         ax.set(title=lab)
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path, dpi=100)
