@@ -243,50 +243,56 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class Attention(nn.Module):
+class _Heads(nn.Module):
+    """Shared head bookkeeping of the attention modules: d = h * d_h, and the output projection of the merged heads."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, h, T, d_h) attention output -> proj of the concatenated heads, (N, T, d)."""
+        n, _, t, _ = x.shape
+        return self.proj(x.transpose(1, 2).reshape(n, t, self.num_heads * self.head_dim))
+
+
+class Attention(_Heads):
     """Multi-head self-attention softmax(Q K^T / sqrt(d_h)) V (Vaswani et al. 2017) through
     ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU). No mask, no position term:
     permutation-equivariant in the tokens (THEORY.md item 41)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
+        n, t, _ = x.shape
         qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, N, h, T, dh)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)  # (N, h, T, dh)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+        return self._merge(F.scaled_dot_product_attention(q, k, v))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Heads):
     """Multi-head cross-attention softmax(Q K^T / sqrt(d_h)) V with Q = x W_q (N, T, d) and K, V from a context
     sequence (N, S, d) (the DiT paper's cross-attention block, S = 2 condition tokens)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
+        n, t, _ = x.shape
         s = ctx.shape[1]
         q = self.q(x).reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)  # (N, h, T, dh)
         kv = self.kv(ctx).reshape(n, s, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, N, h, S, dh)
         k, v = kv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(n, t, d))
+        return self._merge(F.scaled_dot_product_attention(q, k, v))
 
 
 class Mlp(nn.Module):
