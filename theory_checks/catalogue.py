@@ -132,7 +132,7 @@ def catalogue() -> Catalogue:
     """All registered checks (importing the area modules registers them)."""
     from . import (  # noqa: F401
         claims, dit_checks, fokker_planck_checks, kernels, langevin_checks, likelihood_checks, parameterisation, pde, solvers,
-        solvers_sde, training_checks,
+        solvers_multistep, solvers_sde, solvers_stochastic, training_checks,
     )
 
     return Catalogue(list(REGISTRY))

@@ -79,7 +79,7 @@ def register(name: str, *, family: str, order: float, stochastic: bool, nfe_per_
 
 
 def _load_all():
-    from . import exponential, ode, sde  # noqa: F401  (registration side effects)
+    from . import exponential, multistep, ode, sde, stochastic  # noqa: F401  (registration side effects)
     from .. import langevin  # noqa: F401  (predictor-corrector and annealed Langevin)
 
 

@@ -1,0 +1,1 @@
+"""Sampler order checks (placeholder)."""
