@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["sqrtm_psd", "gaussian_w2", "affine_pushforward", "sliced_w2", "sliced_w2_floor", "mean_error"]
+__all__ = ["sqrtm_psd", "gaussian_w2", "affine_pushforward", "sampler_gaussian_law", "sliced_w2", "sliced_w2_floor",
+           "mean_error"]
 
 
 def sqrtm_psd(c: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,34 @@ def affine_pushforward(run: Callable[[torch.Tensor], torch.Tensor], mean: torch.
     b = out[0]
     A = (out[1:] - b).T  # column j = S(m + e_j) - S(m)
     return b, A @ cov @ A.T
+
+
+def sampler_gaussian_law(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], mean: torch.Tensor,
+                         cov: torch.Tensor, n_draws: int):
+    r"""Exact law N(b, A C A^T + B B^T) of a sampler's output when the start is x_T ~ N(mean, cov = C).
+
+    With an exact Gaussian score every step of a sampler (deterministic or stochastic) is affine in the state
+    and in the standard normals it draws, so its output is S(x_T, z_1..z_K) = b + A x_T + B z with
+    z ~ N(0, I_{K d}) independent of x_T. ``run(x, noise)`` must run the sampler on a batch x of shape (M, d)
+    with ``noise`` of shape (K, M, d) (the K = ``n_draws`` normals it consumes, in order). One call on a
+    batch of M = 1 + d + K d rows reads off b, the columns of A (x = mean + e_j) and of B (a unit normal in
+    one coordinate of one draw), so the law is exact up to round-off: no Monte Carlo.
+    """
+    d = mean.shape[0]
+    k = int(n_draws)
+    if k < 0:
+        raise ValueError(f"n_draws must be >= 0, got {n_draws!r}")
+    m = 1 + d + k * d
+    x = mean.expand(m, d).clone()
+    x[1:d + 1] += torch.eye(d, dtype=mean.dtype)
+    noise = torch.zeros(k, m, d, dtype=mean.dtype)
+    rows = torch.arange(d + 1, m)
+    noise[rows.sub(d + 1).div(d, rounding_mode="floor"), rows, rows.sub(d + 1).remainder(d)] = 1.0
+    out = run(x, noise).reshape(m, d).to(torch.float64)
+    b = out[0]
+    A = (out[1:d + 1] - b).T
+    B = (out[d + 1:] - b).T
+    return b, A @ cov.to(torch.float64) @ A.T + B @ B.T
 
 
 def sliced_w2(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256, generator: torch.Generator | None = None) -> float:
