@@ -1,4 +1,5 @@
-r"""Classifier guidance (Dhariwal & Nichol 2021; THEORY.md item 26) with an exact or a learned noisy classifier.
+r"""Classifier guidance (Dhariwal & Nichol 2021, Sec. 4; Song et al. 2021, Sec. 5) with an exact or a learned
+noisy classifier.
 
 By Bayes, grad log p_t(x|y) = grad log p_t(x) + grad log p_t(y|x); the guided score with scale gamma is
 

@@ -1,7 +1,7 @@
 r"""The velocity field: the one object every view (sample paths, Langevin, Fokker-Planck) consumes.
 
 A ``VelocityField`` couples a schedule with a model(x, t) that predicts one of eps / x0 / v / score /
-velocity, and exposes (DESIGN.md):
+velocity, and exposes:
 
     score      s(x,t) = grad log p_t(x) = (alpha D(x,t) - x)/sigma^2 = -eps_hat/sigma
     denoiser   D(x,t) = E[x_0 | x_t = x]
@@ -147,11 +147,12 @@ class VelocityField:
         return self.predict("score", x, t)
 
     def velocity(self, x, t):
-        """PF-ODE velocity v = alpha' D + sigma' eps_hat = f x - g^2 s / 2 (THEORY.md item 11)."""
+        """PF-ODE velocity v = alpha' D + sigma' eps_hat = f x - g^2 s / 2 (Song et al. 2021, eq. 13)."""
         return self.predict("velocity", x, t)
 
     def sde_drift(self, x, t, gamma=1.0):
-        """Drift of the marginal-preserving family, f x - (1+gamma^2)/2 g^2 s (reverse time, item 22)."""
+        """Drift of the marginal-preserving family, f x - (1+gamma^2)/2 g^2 s (reverse time; Karras et al. 2022, eq. 6;
+        Huang, Lim & Courville 2021). Every gamma >= 0 gives the same marginals p_t."""
         s = self.score(x, t)
         tt = as_tensor(t, like=x)
         f = bcast(self.schedule.f(tt), x)

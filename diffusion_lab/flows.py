@@ -1,14 +1,14 @@
 r"""Flow maps of the PF-ODE: inversion (data -> prior -> data), exact maps, the semigroup, and consistency-style
-parameterisations (THEORY.md items 37-38).
+parameterisations (consistency models, Song et al. 2023).
 
 - ``encode`` / ``decode`` / ``reconstruction``: run a deterministic sampler on an increasing grid (t_min -> t_max:
   DDIM inversion with method="ddim", an accurate one with "adaptive") and back.
 - ``flow_map``: Phi_{s->t}(x) for any two times, by the reference solver (``reference.flow_map``, rtol 1e-10).
 - ``gaussian_flow_map``: the closed form for N(mu, Sigma) data, Phi_{s->t}(x) = alpha_t mu + C_t^{1/2} C_s^{-1/2}
-  (x - alpha_s mu) with C = alpha^2 Sigma + sigma^2 I (item 37; the matrices commute, so this is the symmetric
+  (x - alpha_s mu) with C = alpha^2 Sigma + sigma^2 I (the matrices commute, so this is the symmetric
   positive-definite -- optimal-transport -- map).
 - ``consistency_parameterisation``: f(x, t) = c_skip(t) x + c_out(t) F(x, t) with c_skip = sigma_d^2/((t - eps)^2 +
-  sigma_d^2), c_out = sigma_d (t - eps)/sqrt(sigma_d^2 + t^2), so f(x, eps) = x for any F (Song et al. 2023; item 38).
+  sigma_d^2), c_out = sigma_d (t - eps)/sqrt(sigma_d^2 + t^2), so f(x, eps) = x for any F (Song et al. 2023, Sec. 3).
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def flow_map(field: VelocityField, x: torch.Tensor, s: float, t: float, rtol: fl
 
 
 def gaussian_flow_map(target: Gaussian, schedule, x: torch.Tensor, s: float, t: float) -> torch.Tensor:
-    """Closed-form Phi_{s->t}(x) = alpha_t mu + C_t^{1/2} C_s^{-1/2} (x - alpha_s mu) for Gaussian data (item 37)."""
+    """Closed-form Phi_{s->t}(x) = alpha_t mu + C_t^{1/2} C_s^{-1/2} (x - alpha_s mu) for Gaussian data."""
     ps, pt = target.marginal(schedule, s), target.marginal(schedule, t)
     M = sqrtm_psd(pt.cov) @ torch.linalg.inv(sqrtm_psd(ps.cov))
     return pt.mu + (x.to(torch.float64) - ps.mu) @ M.T
@@ -74,7 +74,7 @@ def semigroup_defect(phi: Callable, x: torch.Tensor, s: float, u: float, t: floa
 
 
 def consistency_parameterisation(F: Callable, eps: float, sigma_data: float = 0.5) -> Callable:
-    """f(x, t) = c_skip(t) x + c_out(t) F(x, t); f(x, eps) = x exactly for every F (Song et al. 2023, item 38)."""
+    """f(x, t) = c_skip(t) x + c_out(t) F(x, t); f(x, eps) = x exactly for every F (Song et al. 2023, Sec. 3)."""
     if not (eps >= 0 and sigma_data > 0):
         raise ValueError(f"need eps >= 0 and sigma_data > 0, got eps={eps}, sigma_data={sigma_data}")
 

@@ -1,7 +1,7 @@
 r"""Guidance: fields built from other fields, which are again VelocityFields (so every sampler, Langevin and the
 Fokker-Planck solver take them unchanged), with their model evaluations counted.
 
-Classifier-free guidance (CFG; Ho & Salimans 2022, THEORY.md item 36). With guidance weight w (gamma = 1 + w the
+Classifier-free guidance (CFG; Ho & Salimans 2022, eq. 6). With guidance weight w (gamma = 1 + w the
 "guidance scale" of DiT/diffusers, cfg-scale = gamma),
 
     eps_tilde(x, t) = (1 + w) eps(x, t | c) - w eps(x, t | null)

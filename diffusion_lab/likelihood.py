@@ -1,4 +1,5 @@
-r"""Log-likelihood through the probability-flow ODE (instantaneous change of variables, THEORY.md item 24).
+r"""Log-likelihood through the probability-flow ODE (instantaneous change of variables, Chen et al. 2018,
+Thm 1; Song et al. 2021, Sec. 4.3).
 
 Along the PF-ODE, d log p_t(x(t))/dt = -div v(x(t), t), so
 
@@ -10,7 +11,7 @@ It is integrated in xbar = x/alpha against sigmabar = sigma/alpha = e^{-lambda},
     log p_{t0}(x) = log p_{t1}(x1) + d log(alpha_1/alpha_0) + int_{sigmabar_0}^{sigmabar_1} alpha div_x eps_hat dsigmabar.
 
 The divergence is exact (one backward pass per coordinate: small d) or Hutchinson's estimate
-eps^T (d eps_hat/dx) eps with K probes held fixed along the path (FFJORD), Rademacher or Gaussian (item 25); the
+eps^T (d eps_hat/dx) eps with K probes held fixed along the path (FFJORD), Rademacher or Gaussian (Hutchinson 1989); the
 K estimates give a standard error. Results in nats and bits per dimension.
 """
 from __future__ import annotations
@@ -153,7 +154,7 @@ def log_likelihood(field: VelocityField, x: torch.Tensor, *, divergence: str = "
 
 def hutchinson_moments_exact(A: torch.Tensor) -> tuple[float, float]:
     """Mean and variance of z^T A z over all 2^d Rademacher vectors z (exact enumeration, small d); theory:
-    mean = tr A, variance = 2 (||A_s||_F^2 - sum_i A_ii^2) with A_s = (A + A^T)/2 (item 25)."""
+    mean = tr A, variance = 2 (||A_s||_F^2 - sum_i A_ii^2) with A_s = (A + A^T)/2 (Hutchinson 1989)."""
     d = A.shape[0]
     if d > 16:
         raise ValueError(f"exact enumeration needs d <= 16, got d={d}")

@@ -1,6 +1,6 @@
 r"""Conversions among the five prediction types of a diffusion model, for any schedule.
 
-With x = alpha x0 + sigma eps (THEORY.md items 9-11):
+With x = alpha x0 + sigma eps (Tweedie / Efron 2011; Salimans & Ho 2022; Song et al. 2021):
 
     eps    = (x - alpha x0) / sigma                 x0 = (x - sigma eps) / alpha
     score  = -eps / sigma = (alpha x0 - x)/sigma^2   (Tweedie: x0 = (x + sigma^2 score)/alpha)

@@ -384,7 +384,7 @@ def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
     _save(fig, path, dpi=100)
 
 
-# --- issue 9: DiT design-space experiments (dit_norms, dit_prepost_ln, dit_attention_cost, dit_patch_detect) ---
+# --- DiT design-space experiments (dit_norms, dit_prepost_ln, dit_attention_cost, dit_patch_detect) ---
 
 def dit_norms(rows: list[dict], path: str) -> None:
     """RMSNorm vs LayerNorm: speed-up t_LN / t_RMS - 1 (median, [min, max] bars) per width / training step."""
@@ -400,7 +400,7 @@ def dit_norms(rows: list[dict], path: str) -> None:
         med = [r["speedup_median"] for r in rs]
         err = [[m - r["speedup_min"] for m, r in zip(med, rs)], [r["speedup_max"] - m for m, r in zip(med, rs)]]
         axes[0].errorbar(w, med, yerr=err, marker=mk, capsize=2, label=f"{impl}, {mode}")
-    axes[0].axhspan(0.07, 0.64, color="g", alpha=0.15, label="seed claim 7%-64%")
+    axes[0].axhspan(0.07, 0.64, color="g", alpha=0.15, label="claimed 7%-64% (Zhang & Sennrich 2019)")
     axes[0].axhline(0, color="k", lw=0.8)
     axes[0].set(xscale="log", xlabel="width d", ylabel="t_LN / t_RMS - 1", title="normalisation alone (CPU, 1 thread)")
     axes[0].legend(fontsize=6)

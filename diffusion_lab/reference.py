@@ -6,8 +6,8 @@ r"""Exact references for sampler errors.
   integrates d xbar/d sigmabar = eps_hat in xbar = x/alpha, sigmabar = sigma/alpha (Karras et al. 2022), where the
   ODE no longer depends on the schedule, so a schedule with kinks in t (DDPMDiscrete's piecewise-linear
   log alpha) costs no more than a smooth one.
-- ``quantile_flow_map``: for a 1-D mixture the PF-ODE map is the monotone map F_t^{-1} o F_s (THEORY.md item 23,
-  oracle O3), computed from the closed-form CDF with no ODE solve at all.
+- ``quantile_flow_map``: for a 1-D mixture the PF-ODE map is the monotone map F_t^{-1} o F_s (a 1-D flow
+  keeps the order of points and carries p_s to p_t), computed from the closed-form CDF with no ODE solve at all.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def mixture_cdf_sf(target: GaussianMixture, schedule: Schedule, t: float, y: tor
 
 def quantile_flow_map(target: GaussianMixture, schedule: Schedule, x: torch.Tensor, s: float, t: float,
                       tol: float = 1e-14, max_iter: int = 200) -> torch.Tensor:
-    """Phi_{s->t}(x) = F_t^{-1}(F_s(x)) for a 1-D mixture (oracle O3), x of shape (batch, 1), float64.
+    """Phi_{s->t}(x) = F_t^{-1}(F_s(x)) for a 1-D mixture (F_t: closed-form CDF of p_t), x of shape (batch, 1), float64.
 
     Solved by safeguarded Newton on the CDF (or on the survival function in the upper tail, where 1 - F
     would lose digits), to |step| <= tol (1 + |y|)."""

@@ -99,7 +99,8 @@ class Schedule:
         return self.dalpha(t) / self.alpha(t)
 
     def g2(self, t):
-        """Squared diffusion g(t)^2 = 2 sigma sigma' - 2 f sigma^2 (THEORY.md item 6)."""
+        """Squared diffusion g(t)^2 = 2 sigma sigma' - 2 f sigma^2 (the variance ODE d sigma^2/dt = 2 f sigma^2 + g^2
+        of the linear SDE dx = f x dt + g dw)."""
         s = self.sigma(t)
         return 2.0 * s * self.dsigma(t) - 2.0 * self.f(t) * s * s
 
@@ -337,7 +338,7 @@ class VE(Schedule):
     r"""Variance-exploding SDE (score_sde VESDE): alpha = 1, sigma(t) = sigma_min (sigma_max/sigma_min)^t,
     f = 0, g^2 = d sigma^2/dt = 2 sigma(t)^2 ln(sigma_max/sigma_min).
 
-    Variance convention (THEORY.md item 3): the kernel from clean data is N(x_0, sigma(t)^2 I), score_sde's
+    Variance convention: the kernel from clean data is N(x_0, sigma(t)^2 I), score_sde's
     ``marginal_prob`` convention, so sigma(0) = sigma_min > 0: the SDE started at t = 0 must start from the
     data convolved with N(0, sigma_min^2), not from the data itself.
     """

@@ -5,23 +5,23 @@ Objectives (data at t = 0, noise at t_max, x_t = alpha x_0 + sigma eps, as every
 A network F sees the scaled input c_in x_t and the noise level c_noise(t) = -lambda(t)/4 (``c_noise``), plus an
 optional class label y, and its output is one prediction type (``NET_PREDICTIONS``):
 
-    eps, x0, v, score   the targets eps, x_0, alpha eps - sigma x_0, -eps/sigma        (THEORY.md items 9, 10)
+    eps, x0, v, score   the targets eps, x_0, alpha eps - sigma x_0, -eps/sigma        (v: Salimans & Ho 2022)
     velocity            u = alpha' x_0 + sigma' eps: conditional flow matching; on RectifiedFlow u = eps - x_0
-    edm                 F with D = c_skip x + c_out F (EDM preconditioning, item 4), target (x_0 - c_skip x)/c_out
+    edm                 F with D = c_skip x + c_out F (Karras et al. 2022, Table 1), target (x_0 - c_skip x)/c_out
 
-The loss is the weighted denoising score matching (DSM) regression (Vincent 2011; item 14)
+The loss is the weighted denoising score matching (DSM) regression (Vincent 2011)
 
     L = E_{t ~ p(t), x_0, eps} [ w(t) * mean_dims (F - target)^2 ],
 
 where p(t) is the time sampler and w(t) the weighting. All these losses are one loss: at fixed (x, t) every
 prediction is an affine function of eps_hat with the same offset as its target, pred - target = kappa(t)
 (eps_hat - eps), so the loss in prediction space ``kind`` with weight w equals the eps-loss with weight
-w kappa_kind^2 (``eps_weight``; THEORY.md items 17, 49):
+w kappa_kind^2 (``eps_weight``; Kingma & Gao 2023):
 
     kappa^2:  eps 1,  x0 sigma^2/alpha^2 = e^{-2 lambda},  score 1/sigma^2,  v ((alpha^2 + sigma^2)/alpha)^2,
               velocity (sigma lambda')^2,  edm (sigma^2 + alpha^2 sigma_d^2)/(alpha sigma_d)^2.
 
-So a uniform eps-loss is the score loss weighted by sigma^2 (item 49), the x0-loss is the eps-loss weighted by
+So a uniform eps-loss is the score loss weighted by sigma^2, the x0-loss is the eps-loss weighted by
 1/SNR, and, in Kingma & Gao's (2023, arXiv:2303.00848) form L_w = 1/2 E_t[w(lambda_KG) (-d lambda_KG/dt)
 ||eps - eps_hat||^2] with lambda_KG = 2 lambda the log-SNR, a (time sampler p, eps-weight W) pair has
 Kingma-Gao weight w(lambda_KG) = 2 p(t) W(t) / (-d lambda_KG/dt). The ELBO (VDM) is w = 1, i.e. W = -lambda'(t) / p(t).
@@ -31,9 +31,9 @@ x_0 + (sigma/alpha) n; on EDM alpha = 1 and these are Karras's formulas), with S
 
     c_in = 1/sqrt(S),  c_skip = alpha sigma_d^2 / S,  c_out = sigma sigma_d / sqrt(S),  c_noise = -lambda/4 = log(sigma/alpha)/4,
 
-so Var(c_in x) = 1 and Var((x_0 - c_skip x)/c_out) = 1 when Var x_0 = sigma_d^2 (item 4). Every prediction type uses
-the same input scaling c_in (on VP with sigma_d = 1, c_in = 1); EDM's loss weight lambda(sigma) = 1/c_out^2 on
-||D - x_0||^2 is exactly the unweighted loss on F.
+so Var(c_in x) = 1 and Var((x_0 - c_skip x)/c_out) = 1 when Var x_0 = sigma_d^2 (Karras et al. 2022, App. B.6).
+Every prediction type uses the same input scaling c_in (on VP with sigma_d = 1, c_in = 1); EDM's loss weight
+lambda(sigma) = 1/c_out^2 on ||D - x_0||^2 is exactly the unweighted loss on F.
 
 Time samplers: ``uniform`` in [t_min, t_max]; ``lognormal`` in the EDM noise level sigma/alpha = e^{-lambda}
 (log sigma ~ N(P_mean, P_std^2), EDM's P_mean = -1.2, P_std = 1.2), mapped to t = t_from_lam(-log sigma) and
@@ -153,7 +153,8 @@ def prediction_target(kind: str, x0, eps, x, schedule: Schedule, t, sigma_data: 
 def eps_weight(kind: str, schedule: Schedule, t, sigma_data: float = 1.0):
     r"""kappa_kind(t)^2 with pred - target = kappa (eps_hat - eps) at fixed (x, t): the squared error of a
     ``kind`` prediction is kappa^2 times that of the eps it implies, so a loss with weight w in ``kind`` space is
-    the eps-loss with weight w kappa^2 (THEORY.md item 49 generalised; the table is in the module docstring)."""
+    the eps-loss with weight w kappa^2 (for ``score``: ||s + eps/sigma||^2 = ||eps_hat - eps||^2/sigma^2; the
+    table is in the module docstring)."""
     _check_prediction(kind, schedule)
     t = as_tensor(t)
     a, s = schedule.alpha(t), schedule.sigma(t)
@@ -178,8 +179,8 @@ def loss_weight(weighting, schedule: Schedule, t, sigma_data: float = 1.0):
 
         uniform      1 (the "simple" loss of that parameterisation: Ho et al. 2020 for eps)
         snr          alpha^2/sigma^2 = e^{2 lambda} (an x0-loss weighted by SNR is the uniform eps-loss)
-        sigma2       sigma^2 (a score loss weighted by sigma^2 is the uniform eps-loss, item 49)
-        likelihood   g(t)^2 (with score prediction: Song, Durkan, Murray & Ermon 2021's likelihood weighting, item 18)
+        sigma2       sigma^2 (a score loss weighted by sigma^2 is the uniform eps-loss)
+        likelihood   g(t)^2 (with score prediction: Song, Durkan, Murray & Ermon 2021, Thm 1)
         edm          (sigma^2 + alpha^2 sigma_d^2)/(sigma sigma_d)^2 = 1/c_out^2 (EDM's lambda(sigma) on ||D - x_0||^2)
 
     or a callable (schedule, t) -> weights of t's shape."""

@@ -1,4 +1,5 @@
-r"""Fokker-Planck view: evolve the density of one velocity field on a grid (THEORY.md section 2).
+r"""Fokker-Planck view: evolve the density of one velocity field on a grid (finite volumes with
+Chang & Cooper 1970 / Scharfetter & Gummel 1969 fluxes).
 
 - ``Grid``: uniform cell-centred tensor grids in 1-3 D (cell averages, zero-flux or periodic boxes).
 - ``operators``: conservative finite-volume L for dp/dt = -div(b p) + D lap p with Scharfetter-Gummel /

@@ -1,9 +1,10 @@
 r"""Densities on a ``Grid``: exact noised mixture marginals, distances, and densities from samples.
 
 Conventions. A grid density holds cell averages. ``exact_density`` returns the cell averages of the exact
-p_t = sum_k pi_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I) (THEORY.md item 15) by tensor Gauss-Legendre
-quadrature with 3 nodes per axis (error O(dx^6 |d^6 p|), far below the O(dx^2) of the solvers), or the point
-values p_t(x_j) at the cell centres with ``kind="point"``. Distances are quadratures over the cells:
+p_t = sum_k pi_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I) (each Gaussian component noised in closed form)
+by tensor Gauss-Legendre quadrature with 3 nodes per axis (error O(dx^6 |d^6 p|), far below the O(dx^2) of the
+solvers), or the point values p_t(x_j) at the cell centres with ``kind="point"``. Distances are quadratures over
+the cells:
 
     L1(p, q) = sum_j |p_j - q_j| |cell|,   TV = L1 / 2,   KL(p || q) = sum_{p_j > 0} p_j log(p_j / q_j) |cell|
 

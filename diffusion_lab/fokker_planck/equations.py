@@ -1,11 +1,11 @@
-r"""The three density equations of one velocity field (DESIGN.md; THEORY.md items 19-22 and section 2):
+r"""The three density equations of one velocity field (Song et al. 2021; Anderson 1982):
 
-forward (noising) Fokker-Planck, t increasing            dp/dt = -div(f(t) x p) + g^2(t)/2 lap p          (item 19)
-PF-ODE continuity, t increasing or decreasing             dp/dt = -div(v p),  v = f x - g^2/2 s            (item 21)
+forward (noising) Fokker-Planck, t increasing            dp/dt = -div(f(t) x p) + g^2(t)/2 lap p
+PF-ODE continuity, t increasing or decreasing             dp/dt = -div(v p),  v = f x - g^2/2 s
 generation, tau = t_start - t increasing (t decreasing)    dq/dtau = -div(b q) + gamma^2 g^2/2 lap q,
-                                                            b(x, t) = -f(t) x + (1 + gamma^2)/2 g^2(t) s(x, t)   (item 22)
+                                                            b(x, t) = -f(t) x + (1 + gamma^2)/2 g^2(t) s(x, t)
 
-Derivation of the last one (THEORY.md section 2 (v)): q(tau) = p_{T - tau} solves
+Derivation of the last one: q(tau) = p_{T - tau} solves
 dq/dtau = div(f x q) - g^2/2 lap q; writing lap q = div(q grad log q) = div(s q) with the score s of p_t,
 -g^2/2 lap q = -(1 + gamma^2)/2 g^2 div(s q) + gamma^2 g^2/2 lap q, which is the equation above. gamma = 1 is the
 reverse SDE (Anderson 1982: drift -f x + g^2 s, diffusion g^2/2 in tau), gamma = 0 the reverse PF-ODE
@@ -259,7 +259,8 @@ def solve(grid: Grid, p0, times, coeffs, *, equation: str = "custom", method: st
 
 def solve_forward(field_or_schedule, p0, grid: Grid, times, *, method: str = "trbdf2", steps: int | None = 100,
                   dt: float | None = None, bc: str = "zero_flux", scheme: str = "sg", target=None) -> FPSolution:
-    r"""Forward (noising) Fokker-Planck dp/dt = -div(f(t) x p) + g^2(t)/2 lap p (THEORY.md item 19) from
+    r"""Forward (noising) Fokker-Planck dp/dt = -div(f(t) x p) + g^2(t)/2 lap p (the Fokker-Planck equation of
+    dx = f x dt + g dw) from
     p(times[0]) = p0 (array, or a Gaussian-mixture target: its exact p_{times[0]}) to increasing ``times``.
 
     Needs only the schedule (no NFE). ``target`` (default: p0 when p0 is a target) adds L1/TV/KL against the
@@ -282,9 +283,9 @@ def solve_forward(field_or_schedule, p0, grid: Grid, times, *, method: str = "tr
 def solve_continuity(field: VelocityField, p0, grid: Grid, times, *, method: str = "trbdf2",
                      steps: int | None = 100, dt: float | None = None, bc: str = "zero_flux", target=None,
                      batch: int = 1 << 16) -> FPSolution:
-    r"""PF-ODE continuity equation dp/dt = -div(v p), v = field.velocity = f x - g^2/2 s (THEORY.md item 21), pure
-    advection discretised by upwinding (the "sg" fluxes with D = 0; first order in space, positive). ``times``
-    increasing runs the noising direction, decreasing the generation direction (dq/dtau = div(v q)). v is
+    r"""PF-ODE continuity equation dp/dt = -div(v p), v = field.velocity = f x - g^2/2 s (Song et al. 2021,
+    eq. 13), pure advection discretised by upwinding (the "sg" fluxes with D = 0; first order in space, positive).
+    ``times`` increasing runs the noising direction, decreasing the generation direction (dq/dtau = div(v q)). v is
     evaluated on the faces in batches of ``batch`` points (NFE counted)."""
     if not isinstance(field, VelocityField):
         raise TypeError(f"solve_continuity needs a VelocityField, got {type(field).__name__}")
@@ -312,7 +313,8 @@ def solve_reverse(field: VelocityField, p_start, grid: Grid, times, *, gamma: fl
                   steps: int | None = 100, dt: float | None = None, bc: str = "zero_flux", target=None,
                   batch: int = 1 << 16) -> FPSolution:
     r"""Generation direction: from p(times[0]) = p_start back to decreasing ``times`` (the prior at t_max to the data
-    side) with the reverse SDE family in tau = times[0] - t (module docstring; THEORY.md section 2 (v), items 20, 22):
+    side) with the reverse SDE family in tau = times[0] - t (module docstring; Anderson 1982;
+    Karras et al. 2022, eq. 6):
 
         dq/dtau = -div((-f x + (1+gamma^2)/2 g^2 s) q) + gamma^2 g^2/2 lap q.
 

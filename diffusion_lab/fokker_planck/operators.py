@@ -15,7 +15,8 @@ Face flux (per axis a, face j+1/2 between cells j and j+1, w = b_{j+1/2} dx / D 
     Bern(w) = w / (e^w - 1),
 
 i.e. J = (D/dx)[Bern(-w) p_j - Bern(w) p_{j+1}]. In Chang-Cooper's form d_t f = d_x F with F = -J, B = -b,
-C = D it reads F = (D/dx)[Bern(-w') f_{j+1} - Bern(w') f_j] with w' = -w (THEORY.md section 2, CC == SG).
+C = D it reads F = (D/dx)[Bern(-w') f_{j+1} - Bern(w') f_j] with w' = -w: the Chang-Cooper and
+Scharfetter-Gummel fluxes are the same algebraic expression.
 A, C >= 0 for every w, so L has non-negative off-diagonals and zero column sums: mass is conserved exactly
 and (I - dt L)^{-1} >= 0 (backward Euler is positive for every dt). Zero flux gives p_{j+1}/p_j = e^{w}
 exactly; for the OU/VP drift b = -x (D = 1) this is exp(-dx x_{j+1/2}) = N(x_{j+1}; 0, 1)/N(x_j; 0, 1): the
@@ -56,7 +57,8 @@ def bernoulli(w) -> np.ndarray:
 
 def check_peclet(b, D: float, dx: float, axis: int = 0, limit: float = 2.0) -> None:
     """Raise ValueError if the cell Peclet number |w| = |b| dx / D exceeds ``limit`` (central differences lose
-    positivity and oscillate beyond 2; FiPy's criterion, THEORY.md section 2)."""
+    positivity and oscillate beyond 2; the positivity criterion in FiPy's documentation on
+    convection schemes)."""
     bmax = float(np.max(np.abs(b))) if np.size(b) else 0.0
     if bmax == 0.0:
         return

@@ -12,7 +12,8 @@ Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv 2212.09
 LN has no affine parameters (eps 1e-6), attention is multi-head with qkv bias through
 ``torch.nn.functional.scaled_dot_product_attention``, the MLP is d -> 4d -> d with tanh-GELU. Every Linear is
 xavier-uniform with zero bias; the last layer of each block's modulation, the final modulation and the final Linear
-are zero, so at init every block is exactly the identity and the network output is exactly 0 (THEORY.md item 44).
+are zero, so at init every block is exactly the identity and the network output is exactly 0 (Peebles & Xie 2023,
+Sec. 3.2).
 
 Differences from the reference code: no ``learn_sigma`` (``out_channels`` is free; the paper's 8 = eps + variance
 channels on 4-channel latents), the time input is the real noise-level feature ``c_noise`` (see
@@ -20,7 +21,7 @@ channels on 4-channel latents), the time input is the real noise-level feature `
 (``count_parameters`` counts it as DiT's ``parameters()`` does), ``num_classes = 0`` builds an unconditional model, the
 grid may be rectangular, and CFG is not in the model (a generic guidance wrapper does it on all channels).
 
-Design space (paper Fig. 3 / Table 1, issue 9), config fields ``conditioning``, ``norm`` and ``norm_placement``:
+Design space (paper Fig. 3 / Table 1), config fields ``conditioning``, ``norm`` and ``norm_placement``:
 
     adaLN-Zero (default)  as above: 6d modulation per block, gates a zero-initialised, final adaLN (2d)
     adaLN                 (b1, s1, b2, s2) = Linear(SiLU(c)) (4d outputs), no gates: z <- z + Attn(LN(z)(1+s1)+b1);
@@ -166,8 +167,8 @@ class DiTConfig:
         for field, ok in IMPLEMENTED.items():
             if getattr(self, field) not in ok:
                 raise NotImplementedError(
-                    f"{field}={getattr(self, field)!r} is part of the DiT design space but not implemented yet "
-                    f"(issue 9); implemented: {ok}")
+                    f"{field}={getattr(self, field)!r} is part of the DiT design space (Peebles & Xie "
+                    f"2023, Fig. 3) but not implemented yet; implemented: {ok}")
 
 
 _PAPER_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -262,7 +263,7 @@ class _Heads(nn.Module):
 class Attention(_Heads):
     """Multi-head self-attention softmax(Q K^T / sqrt(d_h)) V (Vaswani et al. 2017) through
     ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU). No mask, no position term:
-    permutation-equivariant in the tokens (THEORY.md item 41)."""
+    permutation-equivariant in the tokens: Attn(P X) = P Attn(X) for every permutation P."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__(dim, num_heads)

@@ -6,7 +6,7 @@ patch p, C in / C' out channels and F timestep frequencies, every matmul of the 
 
     patch embedding      T p^2 C d
     timestep MLP         F d + d^2                         (per sample, not per token)
-    block (x depth)      attention 4 T d^2 + 2 T^2 d       (seed notes' 4LD^2 + 2L^2D: Q,K,V,out proj; QK^T and AV)
+    block (x depth)      attention 4 T d^2 + 2 T^2 d       (Q, K, V, out projections; Q K^T and A V)
                          MLP 2 T d h   (= 8 T d^2 for r = 4)
                          adaLN-Zero modulation 6 d^2        (per sample)
     final layer          2 d^2 + T d p^2 C'
@@ -43,7 +43,7 @@ PAPER_CONDITIONING_XL2 = {"in-context": (449, 119.37), "cross-attention": (598, 
 
 def attention_macs(num_tokens: int, dim: int) -> int:
     """MACs of one multi-head self-attention layer: 4 L D^2 (Q, K, V and output projections) + 2 L^2 D (Q K^T and
-    A V, summed over heads) (seed notes 001; THEORY.md item 43)."""
+    A V, summed over heads)."""
     return 4 * num_tokens * dim * dim + 2 * num_tokens * num_tokens * dim
 
 

@@ -3,8 +3,8 @@ r"""Normalisation layers over the last (feature) dimension.
 LayerNorm (Ba et al. 2016):  y = gamma * (x - mean x) / sqrt(var x + eps) + beta
 RMSNorm (Zhang & Sennrich 2019):  y = g * x / sqrt(mean x^2 + eps)
 
-Properties checked in theory_checks/dit_checks.py (THEORY.md item 45): with eps = 0, RMSNorm(c x) = sign(c) RMSNorm(x)
-and its output has RMS 1 for g = 1; it is not shift-invariant, whereas LayerNorm is invariant to x -> c x + b 1 (c > 0).
+Properties checked in theory_checks/dit_checks.py: with eps = 0, RMSNorm(c x) = sign(c) RMSNorm(x) and its output
+has RMS 1 for g = 1; it is not shift-invariant, whereas LayerNorm is invariant to x -> c x + b 1 (c > 0).
 """
 from __future__ import annotations
 
