@@ -1,5 +1,5 @@
-"""Area H: claims from the seed notes (shared/seeds/001_*.txt) and the true statements behind them
-(THEORY.md items 41, 46, 47).
+"""Area H: published claims about Transformer layers (permutation symmetry of self-attention, norm growth under
+Post-LN, low-pass residual Laplacian layers) and the true statements behind them.
 
 A claim is a universal statement "for all parameters, P holds". Hypothesis (``hypothesis.find``) searches
 for parameters where P fails; a found counterexample makes the verdict "refuted" and is reported. The
@@ -30,7 +30,7 @@ def claim_verdict(strategy, holds, describe) -> Outcome:
 
 
 # ---------------------------------------------------------------------------------------------
-# 41. self-attention and permutations
+# self-attention and permutations
 
 def attention(x, wq, wk, wv):
     """Single-head self-attention softmax(X Wq (X Wk)^T / sqrt(d)) X Wv, no mask, no position embedding."""
@@ -48,7 +48,8 @@ def _attention_case(seed: int, n: int, d: int = 4):
 
 
 def permutation_equivariance_residual(seed: int, n: int) -> float:
-    """Attn(P X) = P Attn(X) for every permutation P (item 41): max abs error."""
+    """Attn(P X) = P Attn(X) for every permutation P (Vaswani et al. 2017; no mask, no position
+    embedding): max abs error."""
     x, w, perm = _attention_case(seed, n)
     return float((attention(x[perm], *w) - attention(x, *w)[perm]).abs().max())
 
@@ -58,9 +59,9 @@ _perm_params = st.tuples(st.integers(0, 10_000), st.integers(2, 6))
 
 @check("H.claim_attention_permutation_invariant", area="claims", kind="claim", tol=0.0,
        case="single-head attention, d=4, n in 2..6 tokens, random weights and permutation",
-       reference="seed 001 ('permutation invariance'); THEORY.md item 41", expected_verdict="refuted")
+       reference="published claim of 'permutation invariance'; Vaswani et al. 2017", expected_verdict="refuted")
 def _claim_invariance():
-    """Claim (seed): self-attention is permutation INVARIANT, Attn(P X) = Attn(X)."""
+    """Claim (published): self-attention is permutation INVARIANT, Attn(P X) = Attn(X)."""
 
     def holds(p):
         x, w, perm = _attention_case(*p)
@@ -72,14 +73,15 @@ def _claim_invariance():
 
 
 @check("H.attention_permutation_equivariant", area="claims", kind="exact", tol=1e-12,
-       case="single-head attention, d=4, n in 2..6, 20 random cases", reference="THEORY.md item 41")
+       case="single-head attention, d=4, n in 2..6, 20 random cases",
+       reference="Vaswani et al. 2017 (why Transformers add position encodings)")
 def _equivariance():
     """Self-attention is permutation EQUIVARIANT: Attn(P X) = P Attn(X) (no mask, no position embedding)."""
     return max(permutation_equivariance_residual(seed, 2 + seed % 5) for seed in range(20))
 
 
 # ---------------------------------------------------------------------------------------------
-# 46. norm growth in residual stacks
+# norm growth in residual stacks
 
 def layer_norm(x, eps: float = 0.0):
     mu = x.mean(-1, keepdim=True)
@@ -116,10 +118,10 @@ _stack_params = st.tuples(st.integers(2, 24), st.integers(4, 32), st.floats(0.05
 
 @check("H.claim_post_ln_exponential_growth", area="claims", kind="claim", tol=0.0,
        case="residual stacks with linear sub-layers of gain g, depth 2..24, width 4..32",
-       reference="seed 001 (Post-LN 'exponential growth'); THEORY.md item 46; Xiong et al. 2020",
+       reference="published claim of Post-LN 'exponential growth'; Xiong et al. 2020",
        expected_verdict="refuted")
 def _claim_post_ln():
-    """Claim (seed): Post-LN activation norms grow with depth (exponentially, like (1+g)^L ||x_0||)."""
+    """Claim (published): Post-LN activation norms grow with depth (exponentially, like (1+g)^L ||x_0||)."""
 
     def holds(p):
         depth, d, gain, seed = p
@@ -134,7 +136,7 @@ def _claim_post_ln():
 
 
 @check("H.norm_bounds_residual_stacks", area="claims", kind="exact", tol=1e-10,
-       case="depth 1..16, d=16, g in {0.1, 0.5, 1}", reference="THEORY.md item 46")
+       case="depth 1..16, d=16, g in {0.1, 0.5, 1}", reference="Xiong et al. 2020 (Pre-LN vs Post-LN)")
 def _norm_bounds():
     """Post-LN output norm = sqrt(d) at every layer; Pre-LN obeys the arithmetic bound ||x_L|| <= ||x_0|| + L g sqrt(d);
     an un-normalised stack obeys ||x_L|| <= (1+g)^L ||x_0||, with equality for F_l = g I."""
@@ -157,7 +159,7 @@ def _norm_bounds():
 
 
 # ---------------------------------------------------------------------------------------------
-# 47. the Laplacian residual layer
+# the Laplacian residual layer
 
 def laplacian_layer_gain(alpha: float, k: int, n: int) -> float:
     """Measured gain of x -> x + alpha Lap_h x on cos(2 pi k j / n), periodic grid of n points."""
@@ -178,10 +180,10 @@ _lap_params = st.tuples(st.floats(1e-3, 0.25), st.integers(1, 4), st.integers(16
 
 @check("H.claim_laplacian_residual_amplifies", area="claims", kind="claim", tol=0.0,
        case="x + alpha Lap x on periodic cosines, alpha in (0, 1/4], low frequencies k/n <= 1/4",
-       reference="seed 001 ('preserves or even amplifies low-frequency information'); THEORY.md item 47",
+       reference="published claim: 'preserves or even amplifies low-frequency information'",
        expected_verdict="refuted")
 def _claim_laplacian():
-    """Claim (seed): the residual Laplacian layer preserves or amplifies low-frequency modes, |G(omega)| >= 1."""
+    """Claim (published): the residual Laplacian layer preserves or amplifies low-frequency modes, |G(omega)| >= 1."""
     return claim_verdict(
         _lap_params, lambda p: laplacian_layer_gain(*p) >= 1.0,
         lambda p: (f"alpha={p[0]:.3g}, k={p[1]}, n={p[2]}: gain {laplacian_layer_gain(*p):.6f} < 1 "
@@ -190,7 +192,8 @@ def _claim_laplacian():
 
 
 @check("H.laplacian_gain", area="claims", kind="exact", tol=1e-13,
-       case="alpha in {0.05, 0.25, 0.5}, every mode k of n=64", reference="THEORY.md item 47")
+       case="alpha in {0.05, 0.25, 0.5}, every mode k of n=64",
+       reference="von Neumann analysis of the explicit heat-equation step")
 def _laplacian_gain():
     """x + alpha Lap_h x has Fourier gain G(omega) = 1 - 4 alpha sin^2(omega/2): G(0) = 1, decreasing in |omega|,
     |G| <= 1 iff alpha <= 1/2 (the explicit heat-equation CFL bound)."""

@@ -1,9 +1,9 @@
-"""Area "dit": identities of the DiT backbone in diffusion_lab.models (THEORY.md items 41-45).
+"""Area "dit": identities of the DiT backbone in diffusion_lab.models (Peebles & Xie 2023).
 
-Item 41 (permutation equivariance) is checked here on the real adaLN-Zero block, item 42 (softmax temperature), 43
-(patchify and the 4LD^2 + 2L^2D attention count against torch's flop counter), 44 (adaLN-Zero at init), 45 (RMSNorm /
-LayerNorm scale properties), plus the paper's parameter count and Gflops table (Peebles & Xie 2023, Table 4). The
-toy single-head attention and the norm-growth stacks of items 41 and 46 live in claims.py.
+Checked here: permutation equivariance on the real adaLN-Zero block, softmax temperature limits, patchify and the
+4LD^2 + 2L^2D attention count against torch's flop counter, adaLN-Zero at init, RMSNorm / LayerNorm scale
+properties, plus the paper's parameter count and Gflops table (Peebles & Xie 2023, Table 4). The toy single-head
+attention and the norm-growth stacks of residual networks live in claims.py.
 """
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ def _randomise_modulation(block: DiTBlock, seed: int, scale: float = 0.5) -> Non
 
 
 # ---------------------------------------------------------------------------------------------
-# 44. adaLN-Zero at init
+# adaLN-Zero at init
 
 @check("dit.adaLN_zero_identity_at_init", area=AREA, kind="exact", tol=0.0,
        case="DiT-micro/2 and DiT-tiny/2 at init, float32 and float64, random x, c_noise in [-3,3], labels",
-       reference="THEORY.md item 44; Peebles & Xie 2023 Sec. 3.2; DiT initialize_weights")
+       reference="Peebles & Xie 2023 Sec. 3.2; DiT initialize_weights")
 def _adaln_zero_identity():
     """At init every adaLN-Zero block is exactly the identity, block(z, c) = z, and the DiT output is exactly 0
     (torch.equal): zero modulation gives shift = scale = gate = 0, and the final Linear is zero."""
@@ -77,7 +77,7 @@ def _adaln_zero_identity():
 
 @check("dit.adaLN_zero_gate_gradient", area=AREA, kind="exact", tol=0.0,
        case="DiT-micro/2 float64 at init, loss ||out - target||^2; one SGD step of lr 0.1",
-       reference="THEORY.md item 44; Peebles & Xie 2023 Sec. 3.2")
+       reference="Peebles & Xie 2023 Sec. 3.2")
 def _adaln_zero_gradient():
     """The gradient w.r.t. a block's gate parameters is nonzero (the block is an identity, not a dead end). Through
     the whole zero-initialised DiT, at step 0 only the final Linear has a nonzero gradient (everything upstream of
@@ -121,7 +121,7 @@ def _adaln_zero_gradient():
 
 
 # ---------------------------------------------------------------------------------------------
-# 43. patchify
+# patchify
 
 def patchify_roundtrip_residual(n: int, c: int, h: int, w: int, p: int, seed: int = 0) -> float:
     """unpatchify(patchify(x)) == x exactly and L = HW/p^2 tokens of dimension p^2 C; 0.0 if both hold, else 1."""
@@ -133,7 +133,7 @@ def patchify_roundtrip_residual(n: int, c: int, h: int, w: int, p: int, seed: in
 
 @check("dit.patchify_roundtrip", area=AREA, kind="exact", tol=1e-12,
        case="(H, W, p, C) in {(8,8,2,1), (8,12,4,3), (32,32,2,4), (32,32,8,4), (6,10,2,2)}; DiT-micro/2 embedding",
-       reference="THEORY.md item 43; DiT unpatchify")
+       reference="Dosovitskiy et al. 2021 (ViT patch tokens); DiT unpatchify")
 def _patchify():
     """p | H, W => L = HW/p^2 tokens of dimension p^2 C and unpatchify(patchify(x)) = x (torch.equal); the Conv2d
     patch embedding equals a Linear map of the patchified tokens, W' = conv weight permuted to DiT's (p, q, c) token
@@ -151,7 +151,8 @@ def _patchify():
 
 
 @check("dit.pos_embed_row_norm", area=AREA, kind="exact", tol=1e-12,
-       case="d in {32, 128, 1152}, grids 4x4, 16x16, 3x5", reference="MAE get_2d_sincos_pos_embed; dit_and_style.md 1.7")
+       case="d in {32, 128, 1152}, grids 4x4, 16x16, 3x5",
+       reference="MAE get_2d_sincos_pos_embed (He et al. 2022), as DiT uses it")
 def _pos_embed():
     """Each (sin, cos) pair of the fixed 2-D sin-cos embedding has norm 1, so every row has ||E_i||^2 = d/2, and the
     rows of distinct grid positions differ."""
@@ -170,7 +171,7 @@ def _pos_embed():
 
 @check("dit.parameter_count", area=AREA, kind="exact", tol=0.0,
        case="DiT-micro/2, DiT-tiny/2, DiT-S/2 (out 8) built on CPU, unconditional micro; DiT-XL/2 (out 8) on 'meta'",
-       reference="Peebles & Xie 2023 Table 4 (675M); fast-DiT logs (675,129,632); dit_and_style.md 1.1")
+       reference="Peebles & Xie 2023 Table 4 (675M); fast-DiT logs (675,129,632); DiT models.py")
 def _param_count():
     """count_parameters(model) = depth (18 d^2 + 15 d) + embedders (patch p^2 C d + d, timestep F d + d^2 + 2d,
     labels (K+1) d, fixed position embedding T d, final 2d^2 + 2d + d p^2 C' + p^2 C'), and DiT-XL/2 built like the
@@ -197,12 +198,12 @@ def _param_count():
 
 @check("dit.gflops_paper_table", area=AREA, kind="exact", tol=1e-2,
        case="the 12 paper configs, 32x32x4 latents, 8 output channels; table rounded to 0.01 Gflops",
-       reference="Peebles & Xie 2023 Table 4; dit_and_style.md 1.2")
+       reference="Peebles & Xie 2023 Table 4")
 def _gflops_table():
     """The paper's Gflops are forward multiply-accumulates of one sample: dit_flops (every matmul: patch embedding,
     timestep MLP, depth (4Td^2 + 2T^2 d + 8Td^2 + 6d^2), final layer) matches Table 4 for all 12 configs.
 
-    Residual: max relative difference to the table (tolerance 1%, the issue's; the table has 2 decimals)."""
+    Residual: max relative difference to the table (tolerance 1%; the table has 2 decimals)."""
     rows, worst = [], 0.0
     for name, paper in PAPER_GFLOPS.items():
         ours = dit_flops(get_config(name, out_channels=8)) / 1e9
@@ -214,7 +215,7 @@ def _gflops_table():
 
 @check("dit.mac_formula_vs_flop_counter", area=AREA, kind="exact", tol=0.0,
        case="DiT-micro/2, DiT-tiny/4, DiT-micro/2 unconditional on a 8x12 grid with out 3, batch 2, float32",
-       reference="THEORY.md item 43; torch.utils.flop_counter.FlopCounterMode")
+       reference="attention MACs 4LD^2 + 2L^2D; torch.utils.flop_counter.FlopCounterMode")
 def _flop_counter():
     """torch's FlopCounterMode over one forward pass counts exactly 2 x batch x dit_flops(config) FLOPs (2 per MAC;
     attention on SDPA's math backend, whose bmm calls torch counts: 4Td^2 + 2T^2 d per layer).
@@ -234,7 +235,7 @@ def _flop_counter():
 
 
 # ---------------------------------------------------------------------------------------------
-# conditioning / norm / placement variants (Peebles & Xie 2023 Fig. 3 and its ablation table; issue 9)
+# conditioning / norm / placement variants (Peebles & Xie 2023 Fig. 3 and its ablation table)
 
 _VARIANTS = [dict(conditioning=c) for c in ("adaLN-Zero", "adaLN", "cross-attention", "in-context")]
 _VARIANTS += [dict(conditioning=c, norm="rmsnorm", norm_placement="post") for c in ("adaLN-Zero", "in-context")]
@@ -243,7 +244,7 @@ _VARIANTS += [dict(conditioning=c, norm="rmsnorm", norm_placement="post") for c 
 @check("dit.conditioning_variant_params", area=AREA, kind="exact", tol=0.0,
        case="DiT-XL/2 (32x32x4 latents, out 8, 1000 classes + null) on 'meta' for the 4 conditionings; "
             "DiT-micro/2 built on CPU for 6 conditioning x norm x placement variants",
-       reference="Peebles & Xie 2023 Fig. 3 ablation (449M / 598M / 600M / 675M); dit_and_style.md 1.4")
+       reference="Peebles & Xie 2023 Fig. 3 ablation (449M / 598M / 600M / 675M)")
 def _variant_params():
     """count_parameters = dit_param_formula for every variant, and at XL/2 the counts truncated to millions are the
     paper's: in-context 449,457,440 -> 449M, cross-attention 598,286,624 -> 598M, adaLN 600,747,296 -> 600M,
@@ -280,7 +281,7 @@ def _variant_gflops():
     differences between variants match to 0.006 G.
 
     Residual: max relative difference to the table (tolerance 3e-4 = 0.035 G at 119 G: the common offset plus the
-    table's 0.005 G rounding, well below the 1% the issue allows)."""
+    table's 0.005 G rounding, well below a 1% tolerance)."""
     from diffusion_lab.models.flops import PAPER_CONDITIONING_XL2
 
     worst, parts = 0.0, []
@@ -294,7 +295,7 @@ def _variant_gflops():
 @check("dit.variant_mac_formula_vs_flop_counter", area=AREA, kind="exact", tol=0.0,
        case="DiT-micro/2 for 6 conditioning x norm x placement variants and unconditional in-context / "
             "cross-attention, batch 2, float32",
-       reference="THEORY.md item 43; torch.utils.flop_counter.FlopCounterMode")
+       reference="attention MACs 4LD^2 + 2L^2D; torch.utils.flop_counter.FlopCounterMode")
 def _variant_flop_counter():
     """torch's flop counter counts exactly 2 x batch x dit_flops(config) for every variant (in-context's T + S tokens,
     cross-attention's Q/KV/out projections and T x S attention).
@@ -315,7 +316,7 @@ def _variant_flop_counter():
 
 @check("dit.variant_zero_output_at_init", area=AREA, kind="exact", tol=0.0,
        case="DiT-micro/2, 8 conditioning x norm x placement variants, float64, random x, c_noise, labels",
-       reference="DiT initialize_weights (zero final Linear); THEORY.md item 44")
+       reference="DiT initialize_weights (zero final Linear); Peebles & Xie 2023 Sec. 3.2")
 def _variant_zero_output():
     """Every variant keeps the zero-initialised final Linear, so the output is exactly 0 at init; and each variant's
     output depends on the label once the weights move (the condition reaches the output).
@@ -337,7 +338,7 @@ def _variant_zero_output():
 
 
 # ---------------------------------------------------------------------------------------------
-# 41. permutation equivariance of the real block
+# permutation equivariance of the real block
 
 def block_permutation_residual(seed: int, tokens: int = 7) -> tuple[float, float]:
     """(max |block(P z, c) - P block(z, c)|, max |block(P (z + E), c) - P block(z + E, c)| with E permuted too
@@ -362,7 +363,7 @@ def block_permutation_residual(seed: int, tokens: int = 7) -> tuple[float, float
 
 @check("dit.block_permutation_equivariant", area=AREA, kind="exact", tol=1e-12,
        case="DiT-micro block (d=32, 2 heads), float64, random nonzero adaLN modulation, 7 tokens, 10 seeds",
-       reference="THEORY.md item 41 (the seed's 'invariance' is wrong; see H.claim_attention_permutation_invariant)")
+       reference="Vaswani et al. 2017 (the published 'invariance' claim: H.claim_attention_permutation_invariant)")
 def _block_equivariance():
     """The adaLN-Zero DiT block (multi-head SDPA attention + MLP, per-sample modulation) is permutation-equivariant
     in its tokens, block(P z, c) = P block(z, c); a position embedding added after permuting breaks it."""
@@ -373,10 +374,10 @@ def _block_equivariance():
 
 
 # ---------------------------------------------------------------------------------------------
-# 42. softmax temperature
+# softmax temperature
 
 def softmax_temperature_residual(z: torch.Tensor, tau: float) -> float:
-    """Relative violation of the bounds of item 42 for logits z (1-D, float64) at temperature tau:
+    """Relative violation of the softmax temperature bounds for logits z (1-D, float64) at temperature tau:
 
         |p_i - 1/n| <= (e^{R/tau} - 1)/n,  R = max z - min z          (-> uniform, O(R/tau))
         1 - p_max <= (n - 1) e^{-Delta/tau},  Delta = gap of the top logit to the next distinct one; with a k-fold
@@ -411,7 +412,7 @@ def softmax_temperature_residual(z: torch.Tensor, tau: float) -> float:
 
 @check("dit.softmax_temperature_limits", area=AREA, kind="exact", tol=1e-12,
        case="logits of n in {2, 5, 64}, with and without ties, tau in 10^[-3, 6]",
-       reference="THEORY.md item 42; seed 001 (temperature)")
+       reference="elementary bounds on softmax(z/tau) as tau -> 0+ and tau -> inf")
 def _softmax_temperature():
     """softmax(z/tau) -> 1/n as tau -> inf with |p - 1/n| <= (e^{R/tau} - 1)/n; as tau -> 0+ the mass off the argmax
     set is <= (n-k) e^{-Delta/tau}/k (1 - p_max <= (n-1) e^{-Delta/tau} for a unique max), ties split it equally;
@@ -425,11 +426,11 @@ def _softmax_temperature():
 
 @check("dit.claim_softmax_one_hot_limit", area=AREA, kind="claim", tol=0.0,
        case="logits of length 2..6 drawn from {0, 1, 2}, tau = 1e-3",
-       reference="seed 001 ('as tau -> 0+ the softmax converges to a one-hot distribution'); THEORY.md item 42",
+       reference="published claim: 'as tau -> 0+ the softmax converges to a one-hot distribution'",
        expected_verdict="refuted")
 def _claim_one_hot():
-    """Claim (seed): as tau -> 0+ softmax(z/tau) converges to a one-hot vector. True only for a unique maximum; ties
-    give the uniform law over the argmax set."""
+    """Claim (published): as tau -> 0+ softmax(z/tau) converges to a one-hot vector. True only for a unique maximum;
+    ties give the uniform law over the argmax set."""
     strat = st.lists(st.integers(0, 2), min_size=2, max_size=6)
 
     def holds(zs):
@@ -444,11 +445,11 @@ def _claim_one_hot():
 
 
 # ---------------------------------------------------------------------------------------------
-# 45. RMSNorm and LayerNorm
+# RMSNorm and LayerNorm
 
 @check("dit.rms_layer_norm_scale_properties", area=AREA, kind="exact", tol=1e-12,
        case="x in R^64 (float64), c in {-7, -0.3, 0.01, 2, 50}, b in {-3, 0.5, 10}, eps in {0, 1e-6, 1e-2}",
-       reference="THEORY.md item 45; Zhang & Sennrich 2019")
+       reference="Zhang & Sennrich 2019; Ba et al. 2016")
 @torch.no_grad()
 def _norm_properties():
     """RMSNorm (models.RMSNorm, g = 1): with eps = 0, RMSNorm(c x) = sign(c) RMSNorm(x) and the output has RMS 1; with
@@ -497,7 +498,7 @@ def attention_rollout_residual(depth: int = 12, n_tokens: int = 16, d: int = 32,
 
 @check("dit.attention_rollout_row_stochastic", area=AREA, kind="exact", tol=1e-12,
        case="12 layers of softmax attention on 16 random tokens (d = 32), rollout with the residual (A + I)/2",
-       reference="issue 9; Abnar & Zuidema 2020")
+       reference="Abnar & Zuidema 2020")
 def _rollout():
     """Attention rollout, a product of row-stochastic matrices, stays row-stochastic (rows sum to 1, entries >= 0)."""
     return max(attention_rollout_residual(seed=s) for s in range(3))
