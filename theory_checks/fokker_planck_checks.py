@@ -1,6 +1,6 @@
 r"""Area fokker_planck: the grid Fokker-Planck solver against its defining properties and closed forms
-(THEORY.md section 2 and items 19, 20, 22: Chang-Cooper / Scharfetter-Gummel fluxes, exact noised mixture
-marginals p_t of item 15).
+(Chang-Cooper / Scharfetter-Gummel fluxes; forward Fokker-Planck and reverse-SDE equations checked against the
+exact noised mixture marginals p_t = sum_k pi_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)).
 
 Residual functions take their parameters explicitly; the catalogue entries at the bottom run them on fixed
 cases (all of them together take a few seconds).
@@ -50,7 +50,7 @@ def positivity_residual(n: int = 48, dt: float = 0.5) -> Outcome:
 
 
 def equilibrium_residual(n: int = 96, L: float = 6.0, t: float = 0.4) -> Outcome:
-    """The discrete Gaussian equilibrium of the OU/VP drift is exact (Chang & Cooper 1970; THEORY.md section 2):
+    """The discrete Gaussian equilibrium of the OU/VP drift is exact (Chang & Cooper 1970):
     zero flux A p_j = C p_{j+1} gives p_{j+1}/p_j = Bern(-w)/Bern(w) = e^w = exp(-dx x_{j+1/2}) for b = -x, D = 1,
     the ratio of N(0, 1) at the centres; hence L(t) pi = 0 for pi_j = exp(-|x_j|^2/2) and the VP operator
     (b = f(t) x, D = g^2(t)/2 = -f(t)) at any t. Residual: max of the ratio error and ||L pi||_inf / max_j |L_jj| pi_j
@@ -71,7 +71,7 @@ def equilibrium_residual(n: int = 96, L: float = 6.0, t: float = 0.4) -> Outcome
 
 def space_order_slope(ns=(48, 96, 192, 384), t0: float = 0.05, t1: float = 0.5, L: float = 8.0) -> Outcome:
     """Second order in space: L1 error of the forward VP solution from the exact p_{t0} of the 1-D bimodal mixture
-    against the exact p_{t1} (item 15) scales as dx^2. Time is integrated exactly (method="expm": for VP,
+    against the exact p_{t1} (closed form) scales as dx^2. Time is integrated exactly (method="expm": for VP,
     L(t) = g^2(t)/2 L^{(-1)}, so p(t1) = exp((B(t1) - B(t0))/2 L^{(-1)}) p(t0)), so the error is purely spatial.
     Residual |slope - 2| of the least-squares fit of log L1 against log dx."""
     vp, tg = VPLinear(), bimodal_1d()
@@ -90,7 +90,7 @@ FORWARD_TIMES = (0.05, 0.2, 0.5, 1.0)
 
 def forward_closed_form_error(n: int = 96, L: float = 6.0, times=FORWARD_TIMES) -> Outcome:
     """The forward (noising) FP solution from the data density p_0 = ring8 (8 Gaussians of std 0.3 on the circle
-    of radius 2) reproduces the closed-form p_t = sum_k pi_k N(alpha mu_k, (alpha^2 0.09 + sigma^2) I) (item 15)
+    of radius 2) reproduces the closed-form p_t = sum_k pi_k N(alpha mu_k, (alpha^2 0.09 + sigma^2) I)
     at every requested t. Residual: max_t L1(p_grid(t), p_t) on [-6, 6]^2 with n^2 cells, exact time integration
     (expm), exact initial cell averages."""
     tg = ring8()
@@ -103,7 +103,7 @@ def forward_closed_form_error(n: int = 96, L: float = 6.0, times=FORWARD_TIMES) 
 
 def reverse_sde_error(n: int = 256, steps: int = 200, L: float = 8.0) -> Outcome:
     """The generation equation in tau = 1 - t, dq/dtau = -div((-f x + g^2 s) q) + g^2/2 lap q with the exact score
-    (reverse SDE, THEORY.md section 2 (v), item 20), started from the exact p_1 of the 1-D bimodal mixture, returns
+    (reverse SDE, Anderson 1982), started from the exact p_1 of the 1-D bimodal mixture, returns
     p_t at t = 0.5, 0.1, 0.01. Residual max_t L1 (TR-BDF2, 200 steps, 256 cells on [-8, 8])."""
     vp, tg = VPLinear(), bimodal_1d()
     sol = solve_reverse(tg.field(vp), tg, Grid.box(-L, L, n), [1.0, 0.5, 0.1, 0.01], steps=steps, target=tg)
@@ -111,28 +111,29 @@ def reverse_sde_error(n: int = 256, steps: int = 200, L: float = 8.0) -> Outcome
                    + f"; {sol.nfe} NFE")
 
 
-_REF = "Chang & Cooper 1970; Scharfetter & Gummel 1969; THEORY.md section 2"
+_REF = "Chang & Cooper 1970; Scharfetter & Gummel 1969"
 
 check("FP.mass_conservation", area="fokker_planck", kind="exact", tol=1e-12,
       case="2-D ring8 forward VP 40^2 TR-BDF2; 1-D bimodal reverse SDE and periodic PF-ODE continuity, 128 cells",
       reference=_REF)(mass_drift_residual)
 check("FP.positivity_backward_euler", area="fokker_planck", kind="exact", tol=0.0,
       case="2-D OU from a one-cell delta, 48^2, steps h = 0.5 (h max|L_jj| ~ 300)",
-      reference="Buet & Dellacherie 2010; THEORY.md section 2")(positivity_residual)
+      reference="Buet & Dellacherie 2010; Chang & Cooper 1970")(positivity_residual)
 check("FP.discrete_equilibrium", area="fokker_planck", kind="exact", tol=1e-12,
       case="b = -x, D = 1 face ratios; 2-D VP operator at t = 0.4 on [-6, 6]^2, 96^2", reference=_REF)(
     equilibrium_residual)
 check("FP.space_order", area="fokker_planck", kind="order", tol=0.15,
       case="1-D bimodal VP forward t = 0.05 -> 0.5, n = 48..384 on [-8, 8], exact in time (expm)",
-      reference="Mohammadi & Borzi 2015 (second order of CC); THEORY.md section 2")(space_order_slope)
+      reference="Mohammadi & Borzi 2015 (second order of CC)")(space_order_slope)
 # Tolerance: the measured L1 errors at n = 96 are 4.6e-3 (t = 0.05), 3.0e-3, 1.9e-4, 9.6e-4; at n = 192 they are
 # 1.2e-3, 7.4e-4, 4.8e-5, 2.4e-4, i.e. 3.9-4.0x smaller (second order), so the n = 96 values are the
 # discretisation error (at t = 1 mostly the O(dx^2) gap between the exact discrete equilibrium, a point-value
 # Gaussian, and the exact cell averages); tol = 1.5 x the largest.
 check("FP.forward_matches_closed_form", area="fokker_planck", kind="quadrature", tol=6.8e-3,
       case="ring8 (std 0.3) from t = 0 to t = 0.05, 0.2, 0.5, 1 under VP, [-6, 6]^2 with 96^2 cells, expm",
-      reference="THEORY.md items 15, 19")(forward_closed_form_error)
+      reference="Fokker-Planck equation of the VP SDE (Song et al. 2021); mixture p_t in closed form")(
+    forward_closed_form_error)
 # Tolerance: measured 7.2e-4 at 256 cells, 2.7e-3 at 128 (ratio 3.8, second order); tol = 1.5 x 7.2e-4.
 check("FP.reverse_sde_marginals", area="fokker_planck", kind="quadrature", tol=1.1e-3,
       case="1-D bimodal, exact score, p_1 -> p_0.01, 256 cells, TR-BDF2 200 steps",
-      reference="Anderson 1982; THEORY.md section 2 (v), items 20, 22")(reverse_sde_error)
+      reference="Anderson 1982; Karras et al. 2022, eq. 6")(reverse_sde_error)

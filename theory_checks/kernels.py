@@ -1,4 +1,4 @@
-"""Area A: forward kernels and schedules (THEORY.md items 1-8).
+"""Area A: forward kernels and schedules (VP, sub-VP, VE, EDM, rectified flow, discrete DDPM).
 
 Residual functions take their parameters explicitly so tests can draw them with Hypothesis; the
 catalogue entries at the bottom run them on fixed cases.
@@ -46,7 +46,8 @@ def derivative_residual(schedule: Schedule, t) -> float:
 
 
 def f_g_residual(schedule: Schedule, t) -> float:
-    """f = d log alpha/dt and g^2 = d sigma^2/dt - 2 f sigma^2 = -2 sigma^2 lambda'(t) (item 6).
+    """f = d log alpha/dt and g^2 = d sigma^2/dt - 2 f sigma^2 = -2 sigma^2 lambda'(t) (Kingma et al. 2021;
+    Lu et al. 2022, Sec. 2).
 
     The schedule's closed-form f and g^2 against autograd derivatives of log alpha, sigma^2 and lambda.
     """
@@ -67,7 +68,8 @@ def f_g_residual(schedule: Schedule, t) -> float:
 
 
 def lambda_roundtrip_residual(schedule: Schedule, t) -> float:
-    """t(lambda(t)) = t and lambda is strictly decreasing (item 7; lambda = log(alpha/sigma)).
+    """t(lambda(t)) = t and lambda is strictly decreasing (lambda = log(alpha/sigma), half the
+    log-SNR; closed-form inverse as in DPM-Solver's NoiseScheduleVP.inverse_lambda, Lu et al. 2022).
 
     Returns the max relative round-trip error, or inf if lambda is not strictly decreasing on the grid.
     """
@@ -86,7 +88,8 @@ def kernel_moment_residual(schedule: Schedule, t0: float | None = None, t1: floa
         m' = f m  (m = alpha x0),    v' = 2 f v + g^2  (v = sigma^2)
 
     integrated by DOP853 (rtol 1e-12) from t0 to t1 reproduces alpha(t1)/alpha(t0) and sigma^2(t1)
-    (items 1-5; for VE this pins the convention sigma(0) = sigma_min). Quadrature class.
+    (moment ODEs of a linear SDE, Sarkka & Solin 2019; Song et al. 2021, App. B; for VE
+    this pins the convention sigma(0) = sigma_min). Quadrature class.
     """
     t0 = schedule.t_min if t0 is None else t0
     t1 = schedule.t_max if t1 is None else t1
@@ -114,7 +117,7 @@ def kernel_moment_residual(schedule: Schedule, t0: float | None = None, t1: floa
 
 
 def ddpm_posterior_residual(schedule: S.DDPMDiscrete, i: int, x0: float, xi: float) -> float:
-    """DDPM posterior q(x_{i-1} | x_i, x0) = N(mu~, beta~) (Ho et al. 2020, eq. 6-7, item 8):
+    """DDPM posterior q(x_{i-1} | x_i, x0) = N(mu~, beta~) (Ho et al. 2020, eq. 6-7):
 
         mu~ = sqrt(abar_{i-1}) beta_i/(1-abar_i) x0 + sqrt(1-beta_i)(1-abar_{i-1})/(1-abar_i) x_i,
         beta~ = (1-abar_{i-1}) beta_i/(1-abar_i)
@@ -136,7 +139,8 @@ def ddpm_posterior_residual(schedule: S.DDPMDiscrete, i: int, x0: float, xi: flo
 
 
 def ddpm_continuum_order(ns=(50, 100, 200, 400, 800, 1600)) -> float:
-    """With beta_i = beta(t_i)/N, log abar_N + B(1) = O(1/N) (item 8): least-squares slope of log|err|
+    """With beta_i = beta(t_i)/N, log abar_N + B(1) = O(1/N) (Song et al. 2021, App. B:
+    DDPM is a discretisation of the VP SDE): least-squares slope of log|err|
     against log(1/N)."""
     errs = []
     vp = S.VPLinear()
@@ -157,28 +161,28 @@ def _per_schedule(fn):
 register_many(
     [(f"A.derivatives[{n}]", f) for n, f in _per_schedule(derivative_residual)],
     doc=derivative_residual.__doc__, area="kernels", kind="exact", tol=1e-10, case="33 t in (t_min, t_max), float64",
-    reference="THEORY.md item 6",
+    reference="Kingma et al. 2021; Lu et al. 2022, Sec. 2",
 )
 register_many(
     [(f"A.f_g_consistency[{n}]", f) for n, f in _per_schedule(f_g_residual)],
     doc=f_g_residual.__doc__, area="kernels", kind="exact", tol=1e-10, case="33 t in (t_min, t_max), float64",
-    reference="THEORY.md item 6; DESIGN.md",
+    reference="Kingma et al. 2021; Lu et al. 2022, Sec. 2",
 )
 register_many(
     [(f"A.lambda_roundtrip[{n}]", f) for n, f in _per_schedule(lambda_roundtrip_residual)],
     doc=lambda_roundtrip_residual.__doc__, area="kernels", kind="exact", tol=1e-10, case="33 t in (t_min, t_max), float64",
-    reference="THEORY.md item 7",
+    reference="Lu et al. 2022 (NoiseScheduleVP.inverse_lambda)",
 )
 register_many(
     [(f"A.kernel_moments[{n}]", (lambda s=s: kernel_moment_residual(s)))
      for n, s in DEFAULT_SCHEDULES.items()],
     doc=kernel_moment_residual.__doc__, area="kernels", kind="quadrature", tol=1e-8, case="moment ODEs over [t_min, t_max], DOP853 rtol 1e-12",
-    reference="THEORY.md items 1-5",
+    reference="Song et al. 2021, App. B; Karras et al. 2022; Liu et al. 2022",
 )
 
 
 @check("A.ddpm_posterior", area="kernels", kind="exact", tol=1e-10,
-       case="N=1000, steps i in {2, 10, 500, 1000}, x0=0.7, x_i=-1.3", reference="THEORY.md item 8; Ho et al. 2020 eq. 7")
+       case="N=1000, steps i in {2, 10, 500, 1000}, x0=0.7, x_i=-1.3", reference="Ho et al. 2020 eq. 7")
 def _ddpm_posterior():
     """DDPM posterior mean and variance equal Bayes' rule by completing the square."""
     sch = S.DDPMDiscrete()
@@ -186,7 +190,8 @@ def _ddpm_posterior():
 
 
 @check("A.ddpm_continuum_order", area="kernels", kind="order", tol=0.15,
-       case="N in {50..1600}, linear betas beta(t_i)/N", reference="THEORY.md item 8")
+       case="N in {50..1600}, linear betas beta(t_i)/N",
+       reference="Song et al. 2021, App. B (DDPM as a discretised VP SDE)")
 def _ddpm_order():
     """log abar_N + B(1) = O(1/N): measured slope vs expected order 1."""
     from .catalogue import Outcome

@@ -1,4 +1,5 @@
-"""Area F: Langevin samplers (THEORY.md items 31-35), run through the implementations themselves."""
+"""Area F: Langevin samplers (ULA, MALA, the annealed / predictor-corrector step rules), run through the
+implementations themselves."""
 from __future__ import annotations
 
 import math
@@ -35,7 +36,8 @@ def ula_affine_step(field, t, h: float, dim: int = 1, dtype=torch.float64):
 
 
 def ula_stationary_variance_residual(var_t: float, h: float, field, t) -> float:
-    """ULA x' = x + h s + sqrt(2h) z on N(m, v) has stationary variance v / (1 - h/(2v)) for h < 2v (item 32): the
+    """ULA x' = x + h s + sqrt(2h) z on N(m, v) has stationary variance v / (1 - h/(2v)) for h < 2v (the
+    fixed point of the AR(1) variance recursion): the
     fixed point B^2/(1 - A^2) of the implementation's exact variance recursion v' = A^2 v + B^2, relative error."""
     A, _, B = ula_affine_step(field, t, h)
     v_star = float(B[0, 0] ** 2 / (1 - A[0, 0] ** 2))
@@ -44,7 +46,8 @@ def ula_stationary_variance_residual(var_t: float, h: float, field, t) -> float:
 
 def ula_transition_order(var_t: float, field, t, x0: float, T: float, ks=(8, 16, 32, 64)) -> tuple[float, list]:
     """k ULA steps of size h = T/k from x0 converge to the exact Langevin transition on N(m, v),
-    N(m + (x0 - m) e^{-T/v}, v (1 - e^{-2T/v})) (item 31), at order 1 in h: slope of the moment error."""
+    N(m + (x0 - m) e^{-T/v}, v (1 - e^{-2T/v})) (the Ornstein-Uhlenbeck transition), at order 1 in h: slope of the
+    moment error."""
     A, b, B = ula_affine_step(field, t, 1.0)  # only to get the mean m = b/(1 - A) of p_t
     m = float(b[0] / (1 - A[0, 0]))
     exact_mean = m + (x0 - m) * math.exp(-T / var_t)
@@ -69,7 +72,7 @@ def _var_t(tg, schedule, t) -> float:
 
 @check("F.ula_stationary_variance", area="langevin", kind="exact", tol=1e-12,
        case="1-D Gaussian (v = 1.7 + sigma_min^2) under VE at t_min, h/v in {0.01, 0.3, 1, 1.9}",
-       reference="THEORY.md item 32")
+       reference="Roberts & Tweedie 1996 (ULA); AR(1) variance recursion")
 def _ula_var():
     """ULA's stationary variance on N(m, v) is v / (1 - h/(2v)), from the implementation's exact variance recursion."""
     tg, sch, f = gaussian_field()
@@ -78,7 +81,8 @@ def _ula_var():
 
 
 @check("F.ula_stability_bound", area="langevin", kind="exact", tol=0.0,
-       case="1-D Gaussian under VE at t_min; h = 2v (1 -+ 1e-9)", reference="THEORY.md item 32")
+       case="1-D Gaussian under VE at t_min; h = 2v (1 -+ 1e-9)",
+       reference="Roberts & Tweedie 1996 (ULA); AR(1) stability |1 - h/v| < 1")
 def _ula_stab():
     """ULA on N(m, v) is stable iff h < 2v: |A| = |1 - h/v| < 1 below the bound, and ula refuses h >= 2v."""
     tg, sch, f = gaussian_field()
@@ -94,7 +98,8 @@ def _ula_stab():
 
 
 @check("F.langevin_gaussian_transition", area="langevin", kind="order", tol=0.15,
-       case="1-D Gaussian under VE at t_min, x0 = 2.5, T = 1, k in {8..64} steps", reference="THEORY.md item 31")
+       case="1-D Gaussian under VE at t_min, x0 = 2.5, T = 1, k in {8..64} steps",
+       reference="Ornstein-Uhlenbeck transition in closed form; Roberts & Tweedie 1996")
 def _transition():
     """ULA's k-step moments converge to the exact Langevin transition N(m + (x0-m)e^{-T/v}, v(1 - e^{-2T/v})) at order 1."""
     tg, sch, f = gaussian_field()
@@ -107,7 +112,8 @@ def mala_invariance_zscores(h_ratio: float = 0.5, n_chains: int = 4000, n_steps:
                             method: str = "mala"):
     """Chains started from exact samples of p_t (2-D correlated Gaussian, VP at t = 0.05) run ``n_steps`` of
     MALA (or ULA) with h = h_ratio * lambda_min(C_t); returns (max |z| of the means and variances along the
-    eigenvectors of C_t against the truth, acceptance rate). MALA keeps p_t exactly (item 33); ULA does not (item 32)."""
+    eigenvectors of C_t against the truth, acceptance rate). MALA keeps p_t exactly (Roberts & Tweedie 1996);
+    ULA does not (its stationary variance is v / (1 - h/(2v)))."""
     from diffusion_lab.targets import gaussian_2d
 
     tg, sch = gaussian_2d(), S.VPLinear()
@@ -130,7 +136,8 @@ def mala_invariance_zscores(h_ratio: float = 0.5, n_chains: int = 4000, n_steps:
 
 
 @check("F.mala_invariance", area="langevin", kind="mc", tol=5.0,
-       case="2-D Gaussian, VP t=0.05, 4000 chains from p_t, 30 steps, h = 0.5 lambda_min", reference="THEORY.md item 33")
+       case="2-D Gaussian, VP t=0.05, 4000 chains from p_t, 30 steps, h = 0.5 lambda_min",
+       reference="Roberts & Tweedie 1996 (MALA: Metropolis-Hastings detailed balance)")
 def _mala():
     """MALA leaves p_t invariant: after 30 steps from exact samples, means and variances agree with p_t (max |z|)."""
     z, acc = mala_invariance_zscores()
@@ -138,7 +145,8 @@ def _mala():
 
 
 @check("F.ula_bias_detected", area="langevin", kind="mc", tol=0.0,
-       case="as F.mala_invariance, with ULA instead of MALA", reference="THEORY.md item 32")
+       case="as F.mala_invariance, with ULA instead of MALA",
+       reference="Roberts & Tweedie 1996 (ULA bias O(h))")
 def _ula_detect():
     """At the same step the same test resolves ULA's bias (|z| >= 5), so MALA's pass is not for want of power:
     residual = max(0, 5 - max|z|)."""
@@ -148,7 +156,8 @@ def _ula_detect():
 
 def corrector_variance_zscore(snr: float = 0.16, d: int = 64, n_chains: int = 1000, n_steps: int = 40, seed: int = 0):
     """The Langevin corrector alone at fixed t (VE, d-dim isotropic Gaussian data, chains from exact p_t, SNR rule)
-    keeps p_t up to ULA's bias: pooled variance vs v / (1 - hbar/(2v)) with hbar the mean step used (item 35).
+    keeps p_t up to ULA's bias: pooled variance vs v / (1 - hbar/(2v)) with hbar the mean step used (corrector step
+    h = 2 (r ||z|| / ||s||)^2, Song et al. 2021, predictor-corrector sampling).
     Returns (z-score against the ULA prediction, z-score against the unbiased v)."""
     sch = S.VE()
     tg = Gaussian(torch.zeros(d), 0.5)
@@ -166,7 +175,8 @@ def corrector_variance_zscore(snr: float = 0.16, d: int = 64, n_chains: int = 10
 
 
 @check("F.corrector_keeps_p_t", area="langevin", kind="mc", tol=5.0,
-       case="VE, 64-D Gaussian, t=0.3, 1000 chains from p_t, 40 corrector steps, r = 0.16", reference="THEORY.md item 35")
+       case="VE, 64-D Gaussian, t=0.3, 1000 chains from p_t, 40 corrector steps, r = 0.16",
+       reference="Song et al. 2021 (predictor-corrector sampling, Langevin corrector)")
 def _corrector():
     """The SNR-rule corrector at fixed t keeps p_t up to the ULA bias v/(1 - h/(2v)), h ~ 2 r^2 v."""
     z_pred, z_true = corrector_variance_zscore()
