@@ -10,8 +10,10 @@ has marginals p_t for every gamma(t) >= 0: gamma = 0 is the PF-ODE, gamma = 1 An
 Its noise is additive (gamma g depends on t only), so Ito = Stratonovich and Euler-Maruyama = Milstein,
 strong order 1 and weak order 1 (Kloeden & Platen; THEORY.md item 30).
 
-Conventions shared with the DDIM sampler (``exponential.py``): the option ``noise`` is a tensor of shape
-(N, *x.shape) of standard normals, noise[i] driving the step grid[i] -> grid[i+1]; without it the normals
+Conventions shared by every stochastic sampler: the option ``noise`` is a tensor of shape (K, *x.shape) of
+standard normals consumed in order, K being the number of normal draws the method makes for the grid and
+options (here K = N and noise[i] drives the step grid[i] -> grid[i+1]); the method reports K as
+``info["noise_draws"]``, and a ``noise`` of another shape raises ValueError naming K. Without it the normals
 are drawn step by step with ``torch.randn(x.shape, generator=generator)``. Coefficients are computed once
 per grid in float64 and applied to x in x's dtype.
 """
@@ -61,15 +63,18 @@ def _gamma_values(gamma_fn, t: torch.Tensor, name: str) -> torch.Tensor:
     return gam
 
 
-def _noise_source(name: str, noise, n: int, x: torch.Tensor, generator):
-    """z_i for the step grid[i] -> grid[i+1]: noise[i] if given, else a fresh torch.randn draw."""
+def _noise_source(name: str, noise, k: int, x: torch.Tensor, generator):
+    """z_j, the j-th of the K = ``k`` standard-normal draws of a sampler (j = 0..K-1, in the order it uses them):
+    noise[j] if ``noise`` is given (a tensor of shape (K, *x.shape); anything else raises ValueError naming K),
+    else a fresh ``torch.randn(x.shape, generator=generator)`` draw."""
     if noise is None:
-        return lambda i: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (n, *x.shape):
+        return lambda j: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != (k, *x.shape):
         shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
-        raise ValueError(f"{name}: noise must be a tensor of shape (N, *x.shape) = {(n, *x.shape)}, got {shape}")
+        raise ValueError(f"{name}: noise must be a tensor of shape (K, *x.shape) = {(k, *x.shape)}, K = {k} normal "
+                         f"draws for this grid and these options; got {shape}")
     noise = noise.to(dtype=x.dtype, device=x.device)
-    return lambda i: noise[i]
+    return lambda j: noise[j]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,6 +112,8 @@ def em(field, x, grid, *, gamma=1.0, noise=None, generator=None, callback=None, 
     gamma = 1 (default) is Anderson's (1982) reverse SDE, gamma = 0 the PF-ODE Euler step (no noise drawn).
     Weak order 1; strong order 1 (additive noise). Noise is added in the last step too, so x is a sample of
     (an approximation of) p_{t_min}; ``final='denoise'`` in ``sample`` removes it. NFE = N.
+    Normal draws: K = N (noise[i] drives step i; a step where gamma(t_i) = 0 leaves its draw unused), or K = 0
+    when gamma = 0 on the whole grid (then ``noise`` is ignored).
     """
     n = len(grid) - 1
     a, b, c = em_coefficients(field.schedule, grid, gamma)
@@ -122,7 +129,8 @@ def em(field, x, grid, *, gamma=1.0, noise=None, generator=None, callback=None, 
         x = x_new
         if callback is not None:
             callback(i + 1, x)
-    return x, {"gamma": gamma if not callable(gamma) else "callable", "noise": "given" if noise is not None else "drawn"}
+    return x, {"gamma": gamma if not callable(gamma) else "callable", "noise": "given" if noise is not None else "drawn",
+               "noise_draws": 0 if deterministic else n}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -167,7 +175,8 @@ def ddpm_ancestral(field, x, grid, *, noise=None, generator=None, callback=None,
     with the exact Gaussian posterior q(x_s | x_t, x_0) of ``ddpm_posterior_coefficients`` (posterior
     variance beta~, not beta: THEORY.md item 28 notes that sigma^2 = beta is not DDIM eta = 1). Equal to
     DDIM with eta = 1 and the same noise (item 28). The last step lands on t_min with posterior noise
-    C_{N-1} > 0 (Alg. 2's noise-free last step to t = 0 is ``final='denoise'``). NFE = N.
+    C_{N-1} > 0 (Alg. 2's noise-free last step to t = 0 is ``final='denoise'``). NFE = N; normal draws
+    K = N (noise[i] is z for step i).
     """
     n = len(grid) - 1
     A, B, C = ddpm_posterior_coefficients(field.schedule, grid)
@@ -181,7 +190,7 @@ def ddpm_ancestral(field, x, grid, *, noise=None, generator=None, callback=None,
         x = x_new
         if callback is not None:
             callback(i + 1, x)
-    return x, {"noise": "given" if noise is not None else "drawn"}
+    return x, {"noise": "given" if noise is not None else "drawn", "noise_draws": n}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -207,7 +216,8 @@ def edm_sde(field, x, grid, *, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noi
     defined above t_max); it removes the churn of the first step when grid[0] = t_max. The last step is
     Euler as in EDM (whose last step goes to sigma = 0); here it ends at t_min. ``noise[i]`` is z_i (used
     only at steps where churn is active). With S_churn = 0 this is ``heun`` with coords='edm' exactly.
-    NFE = 2N - 1.
+    NFE = 2N - 1. Normal draws: K = N when S_churn > 0 (noise[i] belongs to step i, unused where churn is
+    inactive; ``info["churned_steps"]`` counts the used ones), K = 0 when S_churn = 0.
     """
     for nm, v in (("S_churn", S_churn), ("S_noise", S_noise), ("S_min", S_min)):
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -245,7 +255,7 @@ def edm_sde(field, x, grid, *, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noi
         if callback is not None:
             callback(i + 1, xbar * alpha[i + 1])
     return xbar * alpha[-1], {"S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise,
-                              "churned_steps": churned}
+                              "churned_steps": churned, "noise_draws": n if S_churn > 0 else 0}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,2 +1,211 @@
-r"""Stochastic exponential-integrator and restart samplers (placeholder; methods are registered here)."""
+r"""Stochastic samplers built on the exponential integrators and on EDM's Heun: Euler ancestral, SDE-DPM-Solver++
+(2M, 3M), SA-Solver and Restart sampling.
+
+Two coordinate systems are used, both valid for every schedule (alpha_t, sigma_t):
+
+* lambda = log(alpha/sigma) (half log-SNR). The reverse SDE of the forward process, with its noise scaled by
+  eta >= 0 relative to the PF-ODE (Lu et al. 2022b, sec. 4 and App. B; Xue et al. 2023, eq. 7), has for data
+  prediction D = x0_hat the exactly integrable linear part
+
+      x_t = (sigma_t/sigma_s) e^{-eta h} x_s + (1 + eta) alpha_t int_0^h e^{-(1+eta)(h-u)} D(lambda_s + u) du
+            + sigma_t sqrt(1 - e^{-2 eta h}) z,        h = lambda_t - lambda_s > 0,
+
+  and the methods differ in the polynomial (in lambda) that replaces D in the integral. eta = 0 is the PF-ODE
+  (DPM-Solver++), eta = 1 the reverse SDE of Anderson (1982). SA-Solver writes eta = tau^2.
+* xbar = x/alpha against sigmabar = sigma/alpha = e^{-lambda}, where the PF-ODE is d xbar/d sigmabar = eps_hat
+  (Karras et al. 2022 eq. 4 with s = alpha) and the forward process is a pure variance-exploding one,
+  xbar_t = x_0 + sigmabar_t z. k-diffusion's samplers work in these coordinates (its model is the denoiser of
+  xbar at noise level sigmabar); Euler ancestral and Restart are written in them here.
+
+Noise convention (shared with ``sde.py``): the option ``noise`` is a tensor of shape (K, *x.shape) of standard
+normals consumed in order, K (the number of normal draws of the method for this grid and these options) is
+stated in each docstring and reported as ``info["noise_draws"]``; a ``noise`` of another shape raises ValueError
+naming K. Without ``noise`` each draw is ``torch.randn(x.shape, generator=generator)``. Coefficients are float64
+python floats applied to x in x's dtype; the model is called only through the field.
+"""
 from __future__ import annotations
+
+import json
+import math
+from typing import Callable
+
+import torch
+
+from .base import register, step_iter
+from .sde import _noise_source
+
+__all__ = ["ancestral_step", "exp_poly_integrals", "sa_solver_weights", "restart_plan", "DEFAULT_RESTART"]
+
+
+def _tables(field, grid):
+    """alpha, sigma, lambda at the grid times as lists of python floats (float64)."""
+    sch = field.schedule
+    g = grid.to(torch.float64)
+    return sch.alpha(g).tolist(), sch.sigma(g).tolist(), sch.lam(g).tolist()
+
+
+def _check_unit(name: str, **vals):
+    for k, v in vals.items():
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+            raise ValueError(f"{name}: {k} must be a finite number >= 0, got {k}={v!r}")
+
+
+def _info(noise, k: int, **extra) -> dict:
+    return {**extra, "noise": "given" if noise is not None else "drawn", "noise_draws": k}
+
+
+# ------------------------------------------------------------------------------------------------
+# Euler ancestral (k-diffusion sample_euler_ancestral)
+
+
+def ancestral_step(s_from: float, s_to: float, eta: float = 1.0) -> tuple[float, float]:
+    r"""(sigma_down, sigma_up) of an ancestral step from noise level s_from to s_to < s_from in the
+    variance-exploding coordinates (k-diffusion ``get_ancestral_step``):
+
+        sigma_up = min(s_to, eta sqrt(s_to^2 (s_from^2 - s_to^2)/s_from^2)),  sigma_down = sqrt(s_to^2 - sigma_up^2).
+
+    With eta = 1, sigma_up^2 is the variance of the exact posterior xbar_{s_to} | xbar_{s_from}, x_0 of
+    xbar_s = x_0 + s z, and an Euler step to sigma_down followed by sigma_up z is DDPM's ancestral step with
+    x0_hat in place of x_0 (Ho et al. 2020 Alg. 2); eta = 0 gives (s_to, 0), the deterministic Euler step."""
+    if not eta:
+        return s_to, 0.0
+    up = min(s_to, eta * math.sqrt(s_to * s_to * (s_from * s_from - s_to * s_to) / (s_from * s_from)))
+    return math.sqrt(max(s_to * s_to - up * up, 0.0)), up
+
+
+@register("euler_ancestral", family="stochastic", order=1, stochastic=True, nfe_per_step=1,
+          description="Euler ancestral in (x/alpha, sigma/alpha) (k-diffusion sample_euler_ancestral), eta in [0, 1]")
+def euler_ancestral(field, x, grid, *, eta=1.0, s_noise=1.0, noise=None, generator=None, callback=None,
+                    progress=False):
+    r"""Ancestral sampling with Euler steps (k-diffusion ``sample_euler_ancestral``) in xbar = x/alpha,
+    sigmabar = sigma/alpha: with (sigma_down, sigma_up) = ``ancestral_step``(sigmabar_i, sigmabar_{i+1}, eta),
+
+        xbar' = xbar_i + (sigma_down - sigmabar_i) eps_hat(x_i, t_i),     xbar_{i+1} = xbar' + s_noise sigma_up z_i,
+
+    i.e. x_{i+1} = (alpha_{i+1}/alpha_i) x_i + alpha_{i+1} (sigma_down - sigmabar_i) eps_hat + alpha_{i+1}
+    s_noise sigma_up z_i. eta = 0 is Euler in (xbar, sigmabar), which is DDIM; eta = 1 samples the exact
+    posterior of the variance-exploding process with x0_hat for x_0, which is DDIM with eta = 1 (= DDPM
+    ancestral sampling). eta in [0, 1]; s_noise >= 0 scales the added noise (1: the method; k-diffusion's
+    option). Weak order 1. NFE = N; normal draws K = N for eta > 0 (z_i in step i), K = 0 for eta = 0.
+    """
+    _check_unit("euler_ancestral", eta=eta, s_noise=s_noise)
+    if eta > 1:
+        raise ValueError(f"euler_ancestral: eta must be in [0, 1], got eta={eta!r}")
+    alpha, sigma, _ = _tables(field, grid)
+    sbar = [s / a for s, a in zip(sigma, alpha)]
+    n = len(grid) - 1
+    steps = [ancestral_step(sbar[i], sbar[i + 1], eta) for i in range(n)]
+    k = sum(1 for _, up in steps if up > 0.0)
+    z = _noise_source("euler_ancestral", noise, k, x, generator) if k else None
+    j = 0
+    for i in step_iter(n, progress, "euler_ancestral"):
+        eps = field.eps(x, grid[i])
+        down, up = steps[i]
+        a1 = alpha[i + 1]
+        x_new = x.mul(a1 / alpha[i])
+        x_new.add_(eps, alpha=a1 * (down - sbar[i]))
+        if up > 0.0:
+            x_new.add_(z(j), alpha=a1 * s_noise * up)
+            j += 1
+        x = x_new
+        if callback is not None:
+            callback(i + 1, x)
+    return x, _info(noise, k, eta=eta, s_noise=s_noise)
+
+
+# ------------------------------------------------------------------------------------------------
+# SDE-DPM-Solver++ (2M, 3M): k-diffusion sample_dpmpp_2m_sde / sample_dpmpp_3m_sde,
+# diffusers DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
+
+
+def _dpmpp_sde_multistep(field, x, grid, order, eta, s_noise, solver_type, d2_scale, noise, generator, callback,
+                         progress, name):
+    _check_unit(name, eta=eta, s_noise=s_noise)
+    alpha, sigma, lam = _tables(field, grid)
+    n = len(grid) - 1
+    k = n if eta > 0 else 0
+    z = _noise_source(name, noise, k, x, generator) if k else None
+    hist, hs = [], []  # D_i, D_{i-1}, ... and h_{i-1}, h_{i-2} (newest first)
+    for i in step_iter(n, progress, name):
+        D = field.x0_eps(x, grid[i])[0]
+        h = lam[i + 1] - lam[i]
+        a = (1.0 + eta) * h  # h_eta of k-diffusion's 3M, h + eta h of its 2M
+        a_t = alpha[i + 1]
+        one_m = -math.expm1(-a)  # 1 - e^{-(1+eta) h}
+        x_new = x.mul((sigma[i + 1] / sigma[i]) * math.exp(-eta * h))
+        x_new.add_(D, alpha=a_t * one_m)
+        phi_2 = one_m / (-a) + 1.0  # 1 - (1 - e^{-a})/a
+        if order == 2 and hist:
+            r = hs[0] / h
+            coef = 0.5 * one_m if solver_type == "midpoint" else phi_2
+            x_new.add_(D - hist[0], alpha=a_t * coef / r)
+        elif order == 3 and len(hist) >= 2:
+            r0, r1 = hs[0] / h, hs[1] / h
+            d1_0 = (D - hist[0]) / r0
+            d1_1 = (hist[0] - hist[1]) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+            d2 = (d1_0 - d1_1) * (d2_scale / (r0 + r1))
+            phi_3 = phi_2 / a - 0.5
+            x_new.add_(d1, alpha=a_t * phi_2)
+            x_new.add_(d2, alpha=-a_t * phi_3)
+        elif order == 3 and hist:
+            x_new.add_(D - hist[0], alpha=a_t * phi_2 * h / hs[0])
+        if k:
+            x_new.add_(z(i), alpha=sigma[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h)) * s_noise)
+        x = x_new
+        hist.insert(0, D)
+        hs.insert(0, h)
+        del hist[order - 1:], hs[order - 1:]
+        if callback is not None:
+            callback(i + 1, x)
+    return x, k
+
+
+@register("dpmpp_2m_sde", family="stochastic", order=2, stochastic=True, nfe_per_step=1,
+          description="SDE-DPM-Solver++(2M) (Lu et al. 2022b; k-diffusion sample_dpmpp_2m_sde), midpoint | heun")
+def dpmpp_2m_sde(field, x, grid, *, eta=1.0, s_noise=1.0, solver_type="midpoint", noise=None, generator=None,
+                 callback=None, progress=False):
+    r"""SDE-DPM-Solver++(2M) (Lu et al. 2022b, App. B; k-diffusion ``sample_dpmpp_2m_sde``, diffusers
+    ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)``) for any (alpha, sigma):
+    with D_i = x0_hat(x_i, t_i), h_i = lambda_{i+1} - lambda_i, a = (1 + eta) h_i, r = h_{i-1}/h_i,
+
+        x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h_i} x_i + alpha_{i+1} (1 - e^{-a}) D_i
+                  + alpha_{i+1} c (D_i - D_{i-1})/r + sigma_{i+1} sqrt(1 - e^{-2 eta h_i}) s_noise z_i,
+
+    c = (1 - e^{-a})/2 for solver_type="midpoint" (k-diffusion's default) and c = 1 - (1 - e^{-a})/a (the exact
+    weight of the linear interpolant, diffusers' "heun") for solver_type="heun"; the first step has no D-difference
+    term. In xbar = x/alpha (divide by alpha_{i+1}; sigma_{i+1}/sigma_i = (alpha_{i+1}/alpha_i) e^{-h_i})
+    this is k-diffusion's update term for term. eta = 0 is the PF-ODE's DPM-Solver++(2M) (without its
+    lower-order final step); eta = 1 the reverse SDE. NFE = N; normal draws K = N for eta > 0, else 0.
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"dpmpp_2m_sde: solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    x, k = _dpmpp_sde_multistep(field, x, grid, 2, eta, s_noise, solver_type, 1.0, noise, generator, callback,
+                                progress, "dpmpp_2m_sde")
+    return x, _info(noise, k, eta=eta, s_noise=s_noise, solver_type=solver_type)
+
+
+@register("dpmpp_3m_sde", family="stochastic", order=2, stochastic=True, nfe_per_step=1,
+          description="SDE-DPM-Solver++(3M) (k-diffusion sample_dpmpp_3m_sde)")
+def dpmpp_3m_sde(field, x, grid, *, eta=1.0, s_noise=1.0, coefficients="reference", noise=None, generator=None,
+                 callback=None, progress=False):
+    r"""SDE-DPM-Solver++(3M) (k-diffusion ``sample_dpmpp_3m_sde``) for any (alpha, sigma): with D_i, h_i, a as in
+    ``dpmpp_2m_sde``, r0 = h_{i-1}/h_i, r1 = h_{i-2}/h_i, D1_0 = (D_i - D_{i-1})/r0, D1_1 = (D_{i-1} - D_{i-2})/r1,
+    phi_2 = 1 - (1 - e^{-a})/a, phi_3 = phi_2/a - 1/2,
+
+        d1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)   (= h D' + O(h^3)),     d2 = s (D1_0 - D1_1)/(r0 + r1),
+        x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h_i} x_i + alpha_{i+1} [(1 - e^{-a}) D_i + phi_2 d1 - phi_3 d2]
+                  + sigma_{i+1} sqrt(1 - e^{-2 eta h_i}) s_noise z_i;
+
+    the second step uses phi_2 (D_i - D_{i-1})/r0 only and the first none. ``coefficients="reference"``
+    (default, s = 1: k-diffusion's code, d2 = h^2 D''/2 + O(h^3)) or "taylor" (s = 2, d2 = h^2 D'' + O(h^3)):
+    the exact weight of the quadratic term is (1 + eta) int_0^h e^{-(1+eta)(h-u)} u^2/2 du = -h^2 phi_3, so only
+    "taylor" integrates the quadratic interpolant of D exactly (for eta = 0 it is ``dpmpp_3m`` with
+    coefficients="taylor" and no lower-order final steps). Registered weak order 2 (the reference
+    coefficients leave an O(h^3) local term). NFE = N; normal draws K = N for eta > 0, else 0.
+    """
+    if coefficients not in ("reference", "taylor"):
+        raise ValueError(f"dpmpp_3m_sde: coefficients must be 'reference' or 'taylor', got {coefficients!r}")
+    x, k = _dpmpp_sde_multistep(field, x, grid, 3, eta, s_noise, None, 1.0 if coefficients == "reference" else 2.0,
+                                noise, generator, callback, progress, "dpmpp_3m_sde")
+    return x, _info(noise, k, eta=eta, s_noise=s_noise, coefficients=coefficients)
