@@ -1,12 +1,12 @@
 """The catalogue: named checks of identities (and claims) with a residual and a tolerance class.
 
-A *check* computes a residual on a closed-form case and passes when residual <= tol. Tolerance classes
-(THEORY.md): ``exact`` (float64 algebra, rtol <= 1e-10), ``quadrature`` (limited by a reference
-quadrature / ODE solve), ``mc`` (|estimate - truth| <= 5 SE), ``order`` (|measured slope - p| <= 0.15).
+A *check* computes a residual on a closed-form case and passes when residual <= tol. Tolerance classes:
+``exact`` (float64 algebra, rtol <= 1e-10), ``quadrature`` (limited by a reference quadrature / ODE solve),
+``mc`` (|estimate - truth| <= 5 SE), ``order`` (|measured slope - p| <= 0.15).
 
-A *claim* is a statement taken from the seed notes; Hypothesis searches for a counterexample. Its verdict
-is "refuted" (with the counterexample) or "holds"; the catalogue entry passes when the verdict agrees
-with the expected one recorded with the claim.
+A *claim* is a published statement (quoted in the check's reference); Hypothesis searches for a
+counterexample. Its verdict is "refuted" (with the counterexample) or "holds"; the catalogue entry passes
+when the verdict agrees with the expected one recorded with the claim.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Area G: likelihood, inversion, guidance and flow maps (THEORY.md items 24-26, 37-38)."""
+"""Area G: likelihood, inversion, guidance and flow maps (change of variables, Hutchinson's
+trace estimator, classifier guidance by Bayes, PF-ODE flow maps and consistency parameterisations)."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,8 @@ CASES = (("ring8", ring8, S.VPLinear), ("gaussian_2d", gaussian_2d, S.VE), ("bim
 
 
 def loglik_exact_residual(target, schedule, n: int = 32, seed: int = 0) -> float:
-    """log p_{t_min}(x) through the PF-ODE with the exact divergence equals the closed form (item 24): max abs error."""
+    """log p_{t_min}(x) through the PF-ODE with the exact divergence equals the closed form (Chen et al. 2018, Thm 1):
+    max abs error."""
     x = target.marginal(schedule, schedule.t_min).sample(n, torch.Generator().manual_seed(seed))
     res = log_likelihood(target.field(schedule), x, rtol=1e-10, atol=1e-12)
     return float((res.log_prob - target.log_prob_t(x, schedule.t_min, schedule)).abs().max())
@@ -37,14 +39,15 @@ def loglik_hutchinson_z(target, schedule, probe: str, n: int = 64, n_probes: int
 
 @check("G.pf_ode_loglik_exact_divergence", area="likelihood", kind="quadrature", tol=1e-6,
        case="ring8/VP, gaussian_2d/VE, bimodal_1d/DDPM; 32 exact samples of p_t_min; DOP853 rtol 1e-10",
-       reference="THEORY.md item 24; Chen et al. 2018")
+       reference="Chen et al. 2018; Song et al. 2021, Sec. 4.3")
 def _loglik_exact():
     """PF-ODE log-likelihood (exact divergence) = closed-form log p_{t_min}(x), max abs error in nats."""
     return max(loglik_exact_residual(tg(), sch()) for _, tg, sch in CASES)
 
 
 @check("G.pf_ode_loglik_hutchinson", area="likelihood", kind="mc", tol=5.0,
-       case="ring8/VP and gaussian_2d/VE, 64 samples x 8 probes, Rademacher and Gaussian", reference="THEORY.md item 25")
+       case="ring8/VP and gaussian_2d/VE, 64 samples x 8 probes, Rademacher and Gaussian",
+       reference="Hutchinson 1989; Grathwohl et al. 2019 (FFJORD)")
 def _loglik_hutch():
     """Hutchinson PF-ODE log-likelihood is within 5 standard errors of the closed form (batch z-score)."""
     zs = [loglik_hutchinson_z(tg(), sch(), probe) for _, tg, sch in CASES[:2] for probe in ("rademacher", "gaussian")]
@@ -52,8 +55,8 @@ def _loglik_hutch():
 
 
 def hutchinson_enumeration_residual(d: int = 6, seed: int = 0) -> float:
-    """Over all 2^d Rademacher probes, E[z^T A z] = tr A and Var = 2(||A_s||_F^2 - sum_i A_ii^2) (item 25), with A
-    the Jacobian of the exact field's eps_hat at a point (a non-symmetric A is fine: only A_s enters)."""
+    """Over all 2^d Rademacher probes, E[z^T A z] = tr A and Var = 2(||A_s||_F^2 - sum_i A_ii^2) (Hutchinson 1989),
+    with A the Jacobian of the exact field's eps_hat at a point (a non-symmetric A is fine: only A_s enters)."""
     tg, sch = random_mixture(3, d, seed=seed), S.VPLinear()
     f = tg.field(sch)
     x = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -67,14 +70,15 @@ def hutchinson_enumeration_residual(d: int = 6, seed: int = 0) -> float:
 
 @check("G.hutchinson_rademacher_enumeration", area="likelihood", kind="exact", tol=1e-12,
        case="d = 6, A = Jacobian of eps_hat (random 3-component GMM, VP, t=0.3) + a random non-symmetric part",
-       reference="THEORY.md item 25")
+       reference="Hutchinson 1989")
 def _hutch_enum():
     """E[z^T A z] = tr A and Var[z^T A z] = 2(||A_s||_F^2 - sum A_ii^2) by exact enumeration of Rademacher z."""
     return hutchinson_enumeration_residual()
 
 
 @check("G.flow_map_gaussian_closed_form", area="likelihood", kind="quadrature", tol=1e-8,
-       case="gaussian_2d under VP, cosine, VE; (s, t) = (t_max, 0.1), (0.1, 0.7), (t_min, t_max)", reference="THEORY.md item 37")
+       case="gaussian_2d under VP, cosine, VE; (s, t) = (t_max, 0.1), (0.1, 0.7), (t_min, t_max)",
+       reference="PF-ODE flow map of Gaussian data in closed form")
 def _flow_closed():
     """The reference PF-ODE flow map equals the closed form alpha_t mu + C_t^{1/2} C_s^{-1/2}(x - alpha_s mu)."""
     tg = gaussian_2d()
@@ -89,7 +93,8 @@ def _flow_closed():
 
 
 @check("G.flow_map_semigroup_closed_form", area="likelihood", kind="exact", tol=1e-12,
-       case="gaussian_2d under VP; (s, u, t) = (0.9, 0.4, 0.05) and (0.05, 0.6, 0.95)", reference="THEORY.md item 37")
+       case="gaussian_2d under VP; (s, u, t) = (0.9, 0.4, 0.05) and (0.05, 0.6, 0.95)",
+       reference="flow-map semigroup Phi_{u->t} o Phi_{s->u} = Phi_{s->t}")
 def _semigroup_exact():
     """Phi_{u->t} o Phi_{s->u} = Phi_{s->t} and Phi_{s->s} = id for the closed-form Gaussian flow map."""
     tg, sch = gaussian_2d(), S.VPLinear()
@@ -118,7 +123,9 @@ def semigroup_order(method: str = "heun", ns=(4, 8, 16, 32), seed: int = 0, **op
 
 
 @check("G.flow_map_semigroup_order", area="likelihood", kind="order", tol=0.15,
-       case="heun (final step Euler off), bimodal_1d/VP, N in {32..256} steps per sub-interval (N = 4..32 is pre-asymptotic: 1.79)", reference="THEORY.md item 37")
+       case="heun (final step Euler off), bimodal_1d/VP, N in {32..256} steps per sub-interval "
+            "(N = 4..32 is pre-asymptotic: 1.79)",
+       reference="flow-map semigroup; Heun order 2 (Karras et al. 2022)")
 def _semigroup_order():
     """The semigroup defect ||Phi_{u->t} Phi_{s->u} - Phi_{s->t}|| of Heun's flow map shrinks at order 2."""
     slope, d = semigroup_order("heun", ns=(32, 64, 128, 256), final_euler=False)
@@ -126,7 +133,8 @@ def _semigroup_order():
 
 
 @check("G.consistency_boundary", area="likelihood", kind="exact", tol=0.0,
-       case="random F (a fixed random nonlinear map), eps = 0.002, sigma_d = 0.5, 2-D", reference="THEORY.md item 38")
+       case="random F (a fixed random nonlinear map), eps = 0.002, sigma_d = 0.5, 2-D",
+       reference="Song et al. 2023 (consistency models), Sec. 3")
 def _consistency():
     """f(x, t) = c_skip x + c_out F satisfies f(x, eps) = x exactly (bitwise) for any F."""
     W = torch.randn(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -136,7 +144,8 @@ def _consistency():
 
 
 @check("G.inversion_reconstruction", area="likelihood", kind="quadrature", tol=1e-7,
-       case="ring8/VP, 256 samples of p_t_min, adaptive DP5 rtol 1e-9 there and back", reference="THEORY.md item 37")
+       case="ring8/VP, 256 samples of p_t_min, adaptive DP5 rtol 1e-9 there and back",
+       reference="PF-ODE inversion (Song, Meng & Ermon 2021, DDIM encoding)")
 def _inversion():
     """Encoding data to the prior along the PF-ODE and decoding recovers it (accurate solve): max error."""
     tg, sch = ring8(), S.VPLinear()
@@ -146,8 +155,9 @@ def _inversion():
 
 
 def classifier_bayes_residual(schedule, t: float, seed: int = 0) -> float:
-    """grad log p_t(x|y) = grad log p_t(x) + grad log p_t(y|x) (item 26) with p_t(y|x) the exact responsibilities:
-    the conditional mixture's closed-form score against the unconditional score + autograd of log p_t(y|x)."""
+    """grad log p_t(x|y) = grad log p_t(x) + grad log p_t(y|x) (Bayes; Song et al. 2021, Sec. 5) with p_t(y|x) the
+    exact responsibilities: the conditional mixture's closed-form score against the unconditional score + autograd
+    of log p_t(y|x)."""
     tg = two_class_1d(3.0, 0.7)
     x = 2.5 * torch.randn(32, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     worst = 0.0
@@ -161,7 +171,8 @@ def classifier_bayes_residual(schedule, t: float, seed: int = 0) -> float:
 
 
 @check("G.classifier_guidance_bayes", area="likelihood", kind="exact", tol=1e-10,
-       case="two 1-D classes N(-/+1.5, 0.7^2), VP and VE at t = 0.3, 32 points", reference="THEORY.md item 26")
+       case="two 1-D classes N(-/+1.5, 0.7^2), VP and VE at t = 0.3, 32 points",
+       reference="Song et al. 2021, Sec. 5; Dhariwal & Nichol 2021")
 def _bayes():
     """Classifier guidance with the exact classifier p_t(y|x) (responsibilities) and weight 1 is the conditional score."""
     return max(classifier_bayes_residual(s, 0.3) for s in (S.VPLinear(), S.VE()))

@@ -1,4 +1,4 @@
-"""Area B: parameterisations, Tweedie and scores (THEORY.md items 9-13, 15, 49)."""
+"""Area B: parameterisations, Tweedie's formula (first and second order) and exact mixture scores."""
 from __future__ import annotations
 
 import itertools
@@ -36,7 +36,7 @@ def _maxrel(a, b) -> float:
 
 def roundtrip_residual(schedule: Schedule, t, x0, eps) -> float:
     """With x = alpha x0 + sigma eps, every prediction type computed from (x0, eps) converts into every other
-    one exactly, and convert(convert(p, a -> b), b -> a) = p (item 9; v only on VP schedules)."""
+    one exactly, and convert(convert(p, a -> b), b -> a) = p (x = alpha x0 + sigma eps; v only on VP schedules)."""
     kinds = [k for k in param.PREDICTIONS if k != "v" or schedule.variance_preserving]
     a, s, da, ds = _coeffs(schedule, t, x0)
     x = a * x0 + s * eps
@@ -51,7 +51,7 @@ def roundtrip_residual(schedule: Schedule, t, x0, eps) -> float:
 
 def v_prediction_residual(schedule: Schedule, t, x0, eps) -> float:
     """v = alpha eps - sigma x0 gives x0 = alpha x - sigma v, eps = sigma x + alpha v on VP, and with
-    alpha = cos phi, sigma = sin phi, v = dx/dphi (Salimans & Ho 2022, item 10). The flow velocity
+    alpha = cos phi, sigma = sin phi, v = dx/dphi (Salimans & Ho 2022). The flow velocity
     u = alpha' x0 + sigma' eps differs from v, yet both convert to the same x0."""
     a, s, da, ds = _coeffs(schedule, t, x0)
     x = a * x0 + s * eps
@@ -68,7 +68,7 @@ def v_prediction_residual(schedule: Schedule, t, x0, eps) -> float:
 
 def velocity_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
     """v(x,t) = E[alpha' x0 + sigma' eps | x_t = x] = alpha' x0_hat + sigma' eps_hat equals the PF-ODE drift
-    f x - g^2/2 grad log p_t (item 11); the field's velocity against the closed-form score."""
+    f x - g^2/2 grad log p_t (Song et al. 2021, eq. 13); the field's velocity against the closed-form score."""
     field = target.field(schedule)
     v = field.velocity(x, t)
     tt = torch.as_tensor(t, dtype=torch.float64)
@@ -86,7 +86,7 @@ def autograd_score(target: GaussianMixture, schedule: Schedule, x, t):
 
 def score_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
     """The closed-form mixture score sum_k r_k C_k^{-1}(alpha mu_k - x) and the exact field's score equal
-    the autograd gradient of log p_t (item 15)."""
+    the autograd gradient of log p_t (each component noised in closed form)."""
     g = autograd_score(target, schedule, x, t)
     s1 = target.score(x, t, schedule)
     s2 = target.field(schedule, prediction="x0").score(x, t)
@@ -94,7 +94,7 @@ def score_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
 
 
 def tweedie_residual(target: GaussianMixture, schedule: Schedule, x, t, converter=param.to_x0_eps) -> float:
-    """Tweedie: E[x0 | x_t] = (x_t + sigma^2 grad log p_t)/alpha (item 12). The mixture posterior mean
+    """Tweedie: E[x0 | x_t] = (x_t + sigma^2 grad log p_t)/alpha (Efron 2011). The mixture posterior mean
     sum_k r_k m_k against ``converter`` applied to the autograd score (converter is injectable so a
     test can show that a wrong sign fails)."""
     g = autograd_score(target, schedule, x, t)
@@ -104,7 +104,7 @@ def tweedie_residual(target: GaussianMixture, schedule: Schedule, x, t, converte
 
 
 def tweedie2_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
-    """Second-order Tweedie: Cov[x0 | x_t] = (sigma^2/alpha^2)(I + sigma^2 grad^2 log p_t) (item 13),
+    """Second-order Tweedie: Cov[x0 | x_t] = (sigma^2/alpha^2)(I + sigma^2 grad^2 log p_t) (Efron 2011),
     with the Hessian by autograd against the mixture posterior covariance."""
     tt = torch.as_tensor(t, dtype=torch.float64)
     a, s = float(schedule.alpha(tt)), float(schedule.sigma(tt))
@@ -119,7 +119,7 @@ def tweedie2_residual(target: GaussianMixture, schedule: Schedule, x, t) -> floa
 
 
 def score_fd_order(target: GaussianMixture, schedule: Schedule, x, t, hs=(0.2, 0.1, 0.05, 0.025)) -> float:
-    """A central difference of log p_t converges to the score at order 2 in h (item 15): fitted slope."""
+    """A central difference of log p_t converges to the score at order 2 in h: fitted slope."""
     s = target.score(x, t, schedule)
     errs = []
     for h in hs:
@@ -133,7 +133,7 @@ def score_fd_order(target: GaussianMixture, schedule: Schedule, x, t, hs=(0.2, 0
 
 
 def dsm_scaling_residual(target: GaussianMixture, schedule: Schedule, x0, eps, t) -> float:
-    """||s_theta + eps/sigma||^2 = ||eps_hat - eps||^2 / sigma^2 with s_theta = -eps_hat/sigma (item 49):
+    """||s_theta + eps/sigma||^2 = ||eps_hat - eps||^2 / sigma^2 with s_theta = -eps_hat/sigma:
     a uniform-weight eps-loss is a score loss weighted by sigma^2."""
     a, s, _, _ = _coeffs(schedule, t, x0)
     x = a * x0 + s * eps
@@ -168,12 +168,12 @@ def _roundtrip(s):
 register_many(
     [(f"B.param_roundtrip[{n}]", (lambda s=s: _roundtrip(s))) for n, s in DEFAULT_SCHEDULES.items()],
     doc=roundtrip_residual.__doc__, area="parameterisation", kind="exact", tol=1e-10, case="all ordered pairs of eps/x0/v/score/velocity, 16 (x0, eps, t) with t from t_min to t_max",
-    reference="THEORY.md item 9",
+    reference="Ho et al. 2020; Salimans & Ho 2022; Karras et al. 2022 (prediction types)",
 )
 
 
 @check("B.v_prediction[vp,cosine]", area="parameterisation", kind="exact", tol=1e-10,
-       case="VP linear and cosine, 16 (x0, eps, t)", reference="THEORY.md item 10; Salimans & Ho 2022")
+       case="VP linear and cosine, 16 (x0, eps, t)", reference="Salimans & Ho 2022")
 def _vpred():
     """v = alpha eps - sigma x0 inverts to (x0, eps) on VP, equals dx/dphi, and differs from the flow velocity."""
     _, x0, g = _case(1)
@@ -190,12 +190,12 @@ register_many(
     [(f"B.velocity_is_pf_drift[{n}]", (lambda s=s: velocity_residual(_case()[0], s, _case()[1], _mid_t(s))))
      for n, s in DEFAULT_SCHEDULES.items()],
     doc=velocity_residual.__doc__, area="parameterisation", kind="exact", tol=1e-10, case="random 3-component 3-D GMM, 16 x, mid-lambda t",
-    reference="THEORY.md item 11",
+    reference="Song et al. 2021, eq. 13; Lipman et al. 2023",
 )
 
 
 @check("B.tweedie", area="parameterisation", kind="exact", tol=1e-10,
-       case="random 3-D GMM, 16 x, every schedule at mid-lambda t", reference="THEORY.md item 12")
+       case="random 3-D GMM, 16 x, every schedule at mid-lambda t", reference="Efron 2011 (Tweedie's formula)")
 def _tweedie():
     """E[x0|x_t] = (x_t + sigma^2 grad log p_t)/alpha against the mixture posterior mean."""
     tg, x, _ = _case()
@@ -203,7 +203,8 @@ def _tweedie():
 
 
 @check("B.tweedie_second_order", area="parameterisation", kind="exact", tol=1e-10,
-       case="random 3-D GMM, 8 x, VP / VE / RF at mid-lambda t", reference="THEORY.md item 13")
+       case="random 3-D GMM, 8 x, VP / VE / RF at mid-lambda t",
+       reference="Efron 2011 (second-order Tweedie)")
 def _tweedie2():
     """Cov[x0|x_t] = (sigma^2/alpha^2)(I + sigma^2 Hess log p_t) against the mixture posterior covariance."""
     tg, x, _ = _case(n=8)
@@ -211,7 +212,7 @@ def _tweedie2():
 
 
 @check("B.score_autograd", area="parameterisation", kind="exact", tol=1e-10,
-       case="ring8, bimodal_1d, random 3-D GMM; every schedule", reference="THEORY.md item 15")
+       case="ring8, bimodal_1d, random 3-D GMM; every schedule", reference="Gaussian mixture noised in closed form")
 def _score():
     """Closed-form GMM score = autograd gradient of the closed-form log p_t (ring8, 1-D, random 3-D)."""
     res = 0.0
@@ -224,7 +225,7 @@ def _score():
 
 
 @check("B.score_fd_order", area="parameterisation", kind="order", tol=0.15,
-       case="ring8 under VP at t=0.3, h in {0.2..0.025}", reference="THEORY.md item 15")
+       case="ring8 under VP at t=0.3, h in {0.2..0.025}", reference="central differences, O(h^2)")
 def _score_fd():
     """Central differences of log p_t converge to the closed-form score at order 2 in h."""
     g = torch.Generator().manual_seed(4)
@@ -234,7 +235,7 @@ def _score_fd():
 
 
 @check("B.dsm_eps_scaling", area="parameterisation", kind="exact", tol=1e-10,
-       case="random 3-D GMM, 16 (x0, eps), VP and EDM", reference="THEORY.md item 49")
+       case="random 3-D GMM, 16 (x0, eps), VP and EDM", reference="Vincent 2011; Ho et al. 2020 (eps-loss)")
 def _dsm():
     """||s + eps/sigma||^2 = ||eps_hat - eps||^2 / sigma^2."""
     tg, x0, g = _case(2)

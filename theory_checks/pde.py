@@ -1,4 +1,5 @@
-r"""Area D: the SDE / ODE / PDE views as pointwise PDE residuals on Gaussian mixtures (items 19, 21, 22).
+r"""Area D: the SDE / ODE / PDE views as pointwise PDE residuals on Gaussian mixtures (forward
+Fokker-Planck, PF-ODE continuity equation, the marginal-preserving SDE family).
 
 All residuals are written for L = log p_t (dividing the PDE by p > 0) and evaluated with autograd in
 float64 at points x with per-point times t. Each is normalised by the sum of the absolute values of the
@@ -47,7 +48,8 @@ def _relative(*terms):
 
 
 def fokker_planck_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
-    """Forward Fokker-Planck: dp/dt = -div(f x p) + g^2/2 lap p (item 19); in L = log p,
+    """Forward Fokker-Planck: dp/dt = -div(f x p) + g^2/2 lap p (the Fokker-Planck equation of
+    dx = f x dt + g dw); in L = log p,
     dL/dt + d f + f x . grad L - g^2/2 (lap L + |grad L|^2) = 0."""
     dLdt, gL, lap = _log_density_derivatives(target, schedule, x, t)
     tt = torch.as_tensor(t, dtype=torch.float64)
@@ -58,7 +60,8 @@ def fokker_planck_residual(target: GaussianMixture, schedule: Schedule, x, t) ->
 
 
 def continuity_residual(target: GaussianMixture, schedule: Schedule, x, t, prediction: str = "x0") -> float:
-    """Continuity equation of the PF-ODE: dp/dt + div(p v) = 0 with v the field's velocity (item 21); in
+    """Continuity equation of the PF-ODE: dp/dt + div(p v) = 0 with v the field's velocity (Song et al. 2021,
+    eq. 13); in
     L = log p: dL/dt + div v + v . grad L = 0, div v by autograd through the field."""
     field = target.field(schedule, prediction=prediction)
     tt = torch.as_tensor(t, dtype=torch.float64)
@@ -69,7 +72,8 @@ def continuity_residual(target: GaussianMixture, schedule: Schedule, x, t, predi
 
 def sde_family_residual(target: GaussianMixture, schedule: Schedule, x, t, gamma: float) -> float:
     """The family dx = [f x - (1+gamma^2)/2 g^2 s] dt + gamma g dW_bar (reverse time) keeps p_t for every
-    gamma (item 22): with b the drift, dp/dt + div(b p) + gamma^2 g^2/2 lap p = 0, i.e.
+    gamma (Karras et al. 2022, eq. 6; Huang, Lim & Courville 2021): with b the drift,
+    dp/dt + div(b p) + gamma^2 g^2/2 lap p = 0, i.e.
     dL/dt + div b + b . grad L + gamma^2 g^2/2 (lap L + |grad L|^2) = 0."""
     field = target.field(schedule)
     tt = torch.as_tensor(t, dtype=torch.float64)
@@ -99,14 +103,14 @@ register_many(
      for n, s in DEFAULT_SCHEDULES.items() if n != "ddpm"],
     doc=fokker_planck_residual.__doc__, area="pde", kind="exact", tol=1e-10,
     case="random 2-component 2-D GMM, 12 (x, t) spread in log-SNR, autograd float64",
-    reference="THEORY.md item 19",
+    reference="Fokker-Planck equation of dx = f x dt + g dw (Song et al. 2021)",
 )
 register_many(
     [(f"D.continuity_pf_ode[{n}]", (lambda s=s: _on_points(continuity_residual, s, seed=1)))
      for n in ("vp", "ve", "edm", "rf") for s in [DEFAULT_SCHEDULES[n]]],
     doc=continuity_residual.__doc__, area="pde", kind="exact", tol=1e-10,
     case="random 2-D GMM, 12 (x, t); v from the field (x0 prediction), div by autograd",
-    reference="THEORY.md item 21",
+    reference="Song et al. 2021, eq. 13 (probability-flow ODE)",
 )
 register_many(
     [(f"D.sde_family[gamma={g}]", (lambda g=g: max(_on_points(sde_family_residual, DEFAULT_SCHEDULES[n], seed=2, gamma=g)
@@ -114,5 +118,5 @@ register_many(
      for g in (0.0, 0.5, 1.0, 2.0)],
     doc=sde_family_residual.__doc__, area="pde", kind="exact", tol=1e-10,
     case="random 2-D GMM, 12 (x, t), VP / sub-VP / RF; drift from the field",
-    reference="THEORY.md item 22; DESIGN.md",
+    reference="Karras et al. 2022, eq. 6; Huang, Lim & Courville 2021",
 )

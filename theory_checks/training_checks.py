@@ -1,4 +1,5 @@
-"""Area "training": objectives, EDM preconditioning and classifier-free guidance (THEORY.md items 4, 14, 36, 49),
+"""Area "training": objectives, EDM preconditioning and classifier-free guidance (Karras et al. 2022;
+Vincent 2011; Ho & Salimans 2022),
 run through diffusion_lab.training and diffusion_lab.guidance themselves.
 
 The exact network ``ExactNet`` answers the training code's call net(c_in x, c_noise, y) with a Gaussian mixture's
@@ -67,10 +68,11 @@ class ExactNet(nn.Module):
 
 
 def edm_precond_variance_residual(sigma_data: float = 0.5, n_t: int = 41) -> float:
-    """EDM preconditioning (item 4), c_in = 1/sqrt(S), c_skip = alpha sigma_d^2/S, c_out = sigma sigma_d/sqrt(S),
-    S = sigma^2 + alpha^2 sigma_d^2: with x = alpha x0 + sigma n, n independent of x0 and Var x0 = sigma_d^2 (any
-    law), Var(c_in x) = c_in^2 (alpha^2 sigma_d^2 + sigma^2) = 1 and the target (x0 - c_skip x)/c_out =
-    a x0 + b n has variance a^2 sigma_d^2 + b^2 = 1; max |Var - 1| over schedules and a t-grid."""
+    """EDM preconditioning (Karras et al. 2022, Table 1 and App. B.6), c_in = 1/sqrt(S), c_skip = alpha sigma_d^2/S,
+    c_out = sigma sigma_d/sqrt(S), S = sigma^2 + alpha^2 sigma_d^2: with x = alpha x0 + sigma n, n independent of x0
+    and Var x0 = sigma_d^2 (any law), Var(c_in x) = c_in^2 (alpha^2 sigma_d^2 + sigma^2) = 1 and the target
+    (x0 - c_skip x)/c_out = a x0 + b n has variance a^2 sigma_d^2 + b^2 = 1; max |Var - 1| over schedules and a
+    t-grid."""
     worst = 0.0
     for sch in SCHEDULES:
         t = torch.linspace(sch.t_min, sch.t_max, n_t, dtype=torch.float64)
@@ -84,8 +86,9 @@ def edm_precond_variance_residual(sigma_data: float = 0.5, n_t: int = 41) -> flo
 
 
 def edm_precond_mc_zscore(n: int = 200_000, seed: int = 0) -> float:
-    """Monte Carlo of item 4 on non-Gaussian data (ring8 rescaled to per-coordinate variance sigma_d^2 = 0.25) under
-    VP at three times: max |z| of the sample variances of c_in x and of the target against 1."""
+    """Monte Carlo of the EDM unit-variance property on non-Gaussian data (ring8 rescaled to per-coordinate
+    variance sigma_d^2 = 0.25) under VP at three times: max |z| of the sample variances of c_in x and of the target
+    against 1."""
     tg = ring8()
     g = torch.Generator().manual_seed(seed)
     x0 = tg.sample(n, g)
@@ -105,7 +108,7 @@ def edm_precond_mc_zscore(n: int = 200_000, seed: int = 0) -> float:
 
 
 @check("T.edm_precond_unit_variance", area="training", kind="exact", tol=1e-12,
-       case="VP, cosine, VE, EDM, RF, sub-VP; 41 times each; sigma_d = 0.5", reference="THEORY.md item 4; Karras et al. 2022 Table 1")
+       case="VP, cosine, VE, EDM, RF, sub-VP; 41 times each; sigma_d = 0.5", reference="Karras et al. 2022 Table 1")
 def _edm_exact():
     """EDM preconditioning for any schedule: Var(c_in x) = 1 and Var((x0 - c_skip x)/c_out) = 1 when Var x0 = sigma_d^2."""
     return edm_precond_variance_residual()
@@ -113,7 +116,7 @@ def _edm_exact():
 
 @check("T.edm_precond_unit_variance_mc", area="training", kind="mc", tol=5.0,
        case="ring8 rescaled to variance 0.25 per coordinate, VP, t in {0.05, 0.3, 0.9}, 200k samples",
-       reference="THEORY.md item 4")
+       reference="Karras et al. 2022, App. B.6")
 def _edm_mc():
     """The same on non-Gaussian data by Monte Carlo: sample variances of c_in x and of the target are 1 (max |z|)."""
     z = edm_precond_mc_zscore()
@@ -121,9 +124,10 @@ def _edm_mc():
 
 
 def dsm_optimum(d: int = 4, s2: float = 0.7, t: float = 0.3, n: int = 200_000, seed: int = 0, delta: float = 0.3):
-    """DSM at its optimum (item 14): data N(0, s2 I_d), VP at time t, score prediction through the training objective.
-    J_DSM(s) = E||s(x_t) + eps/sigma||^2 = J_ESM(s) + C with C = d/sigma^2 - d/(alpha^2 s2 + sigma^2), so the exact
-    score gives J = C, and s* + delta*1 gives J = C + d delta^2 (same samples, so the difference is nearly noise-free).
+    """DSM at its optimum (Vincent 2011): data N(0, s2 I_d), VP at time t, score prediction through the training
+    objective. J_DSM(s) = E||s(x_t) + eps/sigma||^2 = J_ESM(s) + C with C = d/sigma^2 - d/(alpha^2 s2 + sigma^2), so
+    the exact score gives J = C, and s* + delta*1 gives J = C + d delta^2 (same samples, so the difference is nearly
+    noise-free).
     Returns (z of J(s*) vs C, z of the increase vs d delta^2, J(s*), C)."""
     sch = S.VPLinear()
     tg = Gaussian(torch.zeros(d, dtype=torch.float64), s2)
@@ -146,7 +150,7 @@ def dsm_optimum(d: int = 4, s2: float = 0.7, t: float = 0.3, n: int = 200_000, s
 
 @check("T.dsm_optimum_constant", area="training", kind="mc", tol=5.0,
        case="N(0, 0.7 I_4), VP t = 0.3, score prediction, 200k samples; perturbation s* + 0.3",
-       reference="THEORY.md item 14; Vincent 2011")
+       reference="Vincent 2011")
 def _dsm():
     """With the exact score the DSM loss equals C = d/sigma^2 - E||grad log p_t||^2, and a perturbed score s* + delta
     raises it by exactly E||delta||^2 = d delta^2 (max |z| of both)."""
@@ -181,7 +185,7 @@ def loss_equivalence_residual(n: int = 512, seed: int = 1) -> float:
 
 @check("T.eps_loss_is_sigma2_score_loss", area="training", kind="exact", tol=1e-9,
        case="ring8, VP/VE/EDM/RF/cosine, 512 samples, eps_hat = exact + 0.1 sin(3x), all prediction types",
-       reference="THEORY.md items 17, 49")
+       reference="Kingma & Gao 2023 (weighted losses); Vincent 2011")
 def _loss_equiv():
     """||s_hat + eps/sigma||^2 = ||eps_hat - eps||^2/sigma^2, and in general loss_k = kappa_k^2 loss_eps at fixed (x,t)."""
     return loss_equivalence_residual()
@@ -195,7 +199,7 @@ def _class_model(sch):
 
 
 def cfg_residuals(n: int = 256, seed: int = 2) -> tuple[float, float, float]:
-    """Classifier-free guidance on exact class conditionals (ring8 components as classes, item 36):
+    """Classifier-free guidance on exact class conditionals (ring8 components as classes; Ho & Salimans 2022):
     (1) w = 0 returns the conditional field exactly (torch.equal on the guided eps in float64, batched pass);
     (2) w = -1 returns the unconditional field, and the guided score is (1+w) s(x|c) - w s(x), i.e.
         grad log p_t(x|c)^gamma p_t(x)^(1-gamma), for w in {0.5, 3};
@@ -233,7 +237,7 @@ def cfg_residuals(n: int = 256, seed: int = 2) -> tuple[float, float, float]:
 
 @check("T.cfg_identities", area="training", kind="exact", tol=1e-10,
        case="ring8 components as 8 classes, VP t = 0.4, 256 points, w in {-1, 0, 0.5, 2, 3}",
-       reference="THEORY.md item 36; Ho & Salimans 2022")
+       reference="Ho & Salimans 2022, eq. 6")
 def _cfg():
     """CFG eps~ = (1+w) eps(x|c) - w eps(x|null): w = 0 is the conditional field exactly, w = -1 the unconditional
     one, the guided score is grad log p_t(x|c)^(1+w) p_t(x)^(-w), and guiding x0 equals guiding eps."""
@@ -256,7 +260,8 @@ def cfg_nfe_residual(steps: int = 6) -> float:
 
 
 @check("T.cfg_nfe_counted_twice", area="training", kind="exact", tol=0.0,
-       case="heun, ddim, dpmpp_2m with 6 steps on a guided exact conditional field", reference="DESIGN.md (exact NFE)")
+       case="heun, ddim, dpmpp_2m with 6 steps on a guided exact conditional field",
+       reference="Ho & Salimans 2022 (two passes per guided step)")
 def _cfg_nfe():
     """One guided evaluation is a batched conditional + unconditional pass and counts as two NFE."""
     return cfg_nfe_residual()
