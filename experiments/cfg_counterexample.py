@@ -1,5 +1,5 @@
-"""Classifier-free guidance does not sample the gamma-powered law, and its ODE and SDE samplers disagree (THEORY.md
-item 36 and section 5 item 10; Bradley & Nakkiran 2024, Chidambaram et al. 2024).
+"""Classifier-free guidance does not sample the gamma-powered law, and its ODE and SDE samplers disagree
+(Ho & Salimans 2022; Bradley & Nakkiran 2024; Chidambaram et al. 2024).
 
 Two 1-D Gaussian classes N(-/+1, 1) with equal weights, class c = 1, VP schedule, exact scores. For guidance weight
 w (gamma = 1 + w) the CFG field is eps~ = (1 + w) eps(x|c) - w eps(x). Compared at t_min, on one grid:

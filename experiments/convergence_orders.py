@@ -1,9 +1,10 @@
-"""Convergence orders of PF-ODE samplers against the exact flow map (DPM-Solver Thm 3.2; THEORY.md items 23, 29, section 5
-item 3), and where the order breaks down as t_min -> 0.
+"""Convergence orders of PF-ODE samplers against the exact flow map (Lu et al. 2022, DPM-Solver
+Thm 3.2), and where the order breaks down as t_min -> 0.
 
 Target: the bimodal 1-D mixture under VP, whose exact PF-ODE flow map is the quantile map F_{t_min}^{-1} o F_{t_max}
-(oracle O3, no ODE solve). Error: mean |x_N - Phi(x_T)| over samples, against NFE, for DDIM, Euler, Heun,
-DPM-Solver-1/2/3, DPM-Solver++ 2M/3M and UniPC on log-SNR grids; slopes fitted over the largest four step counts.
+(a 1-D flow is monotone, so it maps quantiles to quantiles; no ODE solve). Error: mean |x_N - Phi(x_T)| over
+samples, against NFE, for DDIM, Euler, Heun, DPM-Solver-1/2/3, DPM-Solver++ 2M/3M and UniPC on log-SNR grids;
+slopes fitted over the largest four step counts.
 Then the same fits for t_min in {1e-2 .. 1e-5} on log-SNR and uniform-t grids: the score's Lipschitz constant
 grows like 1/sigma_t^2; DPM-Solver's theorem is in h = max delta-lambda, which a uniform-t grid lets grow without
 bound in its last step, so there the third-order method's measured order falls (a log-SNR grid keeps it).

@@ -1,5 +1,5 @@
 """DDIM's eta sweep: eta in {0, 0.2, 0.5, 1} x steps S in {10, 20, 50, 100, 1000} on an exact 2-D mixture (Song, Meng,
-Ermon 2021, Table 1 trend; THEORY.md section 5 item 5 and items 27-28).
+Ermon 2021, Table 1 trend; eta = 0 is DPM-Solver-1 (Lu et al. 2022), eta = 1 is DDPM ancestral sampling).
 
 ring8 (component std 0.3) on the VP-linear schedule with the exact eps, t in [1e-3, 1], DDIM's "linear" time
 skipping (a uniform t grid). eta = 0 is the deterministic DDIM (the PF-ODE's exponential integrator), eta = 1 is DDPM

@@ -1,5 +1,6 @@
 """Attention cost vs sequence length L = HW/p^2: measured MACs against 4LD^2 + 2L^2D, stored activations with and
-without activation checkpointing, math vs fused (flash) SDPA on CPU (THEORY.md item 43; seed notes 001).
+without activation checkpointing, math vs fused (flash) SDPA on CPU (Peebles & Xie 2023;
+Dao et al. 2022 for the fused kernel).
 
 MACs: torch's FlopCounterMode (2 FLOPs per MAC) over one forward pass with SDPA's math backend, for one attention
 layer and for a whole DiT (``flops.dit_flops``); the fused CPU kernel has no registered flop formula, so the

@@ -1,13 +1,13 @@
 """RMSNorm vs LayerNorm on CPU: the normalisation's own time, a whole DiT training step, and loss at equal steps.
 
-The seed notes claim RMSNorm (Zhang & Sennrich 2019) is "7%-64% faster" than LayerNorm with equal quality. Here:
+Zhang & Sennrich (2019) report RMSNorm "7%-64% faster" than LayerNorm with equal quality. Here:
 
   A. the normalisation alone (no affine, as in DiT), rows x width inputs, forward and forward+backward, for
      nn.LayerNorm, diffusion_lab's RMSNorm (a composite of pow / mean / rsqrt / mul) and torch's F.rms_norm;
   B. one whole AdamW training step (eps-loss, batch 64) of DiT-tiny/2 and DiT-small-digits/2 with norm = layernorm
      vs rmsnorm (same init seed);
   C. quality at equal steps: the eval eps-loss on held-out 8x8 digits after the same number of AdamW steps, with
-     the lead's ``diffusion_lab.training.Objective`` (VPCosine, eps prediction), over seeds.
+     ``diffusion_lab.training.Objective`` (VPCosine, eps prediction), over seeds.
 
 Timing: single thread, repeats interleaved (ABAB...) so that machine load hits both arms alike; each repeat gives a
 time ratio, reported as median and [min, max] over repeats. speedup = t_LN / t_RMS - 1 ("x% faster").
@@ -27,7 +27,7 @@ from diffusion_lab.models import RMSNorm, build_model, get_config
 
 from . import _common
 
-SEED_CLAIM = (0.07, 0.64)  # "7%-64% faster"
+SEED_CLAIM = (0.07, 0.64)  # "7%-64% faster" (Zhang & Sennrich 2019)
 
 
 def digits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +183,7 @@ def run(quick: bool = False, seed: int = 0) -> tuple[list[dict], dict]:
         "norm_op_speedup_range_torch_rms_norm": [min(sp_t), max(sp_t)],
         "train_step_speedup": {r["case"]: [r["speedup_median"], r["speedup_min"], r["speedup_max"]]
                                for r in step_rows},
-        "seed_claim_speedup_range": list(SEED_CLAIM),
+        "claimed_speedup_range": list(SEED_CLAIM),
         "quality_eval_loss_layernorm": ql["layernorm"],
         "quality_eval_loss_rmsnorm": ql["rmsnorm"],
         "quality_rms_minus_ln_mean": float(np.mean(diffs)),

@@ -1,6 +1,7 @@
-"""Minimal detectable object size under patch averaging, s_min = sqrt(gamma sigma p / Delta I) (THEORY.md item 48).
+"""Minimal detectable object size under patch averaging, s_min = sqrt(gamma sigma p / Delta I)
+(a published rule of thumb for ViT/DiT patch sizes; its assumptions are stated below).
 
-Model (seed notes): one p x p patch of iid N(0, sigma^2) pixel noise holding a square object of side s and contrast
+Model (as assumed): one p x p patch of iid N(0, sigma^2) pixel noise holding a square object of side s and contrast
 Delta I in its corner (rendered with area coverage, so s is real: the patch sum of the object is Delta I s^2
 exactly). A detector that sees only the patch average m = Delta I s^2 / p^2 + (sigma / p) Z flags the patch when
 m > gamma sigma / p, a false-alarm rate alpha = 1 - Phi(gamma). Its detection rate is the Phi-curve

@@ -1,6 +1,7 @@
-"""Pre-LN vs Post-LN on a real DiT: activation norms across depth and gradient norms near the output (THEORY 46).
+"""Pre-LN vs Post-LN on a real DiT: activation norms across depth and gradient norms near the output
+(Xiong et al. 2020).
 
-The seed notes claim "exponential growth for Post-LN". THEORY.md item 46: the Post-LN forward norm is pinned (every
+A published claim is "exponential growth for Post-LN". In fact the Post-LN forward norm is pinned (every
 block ends in a LayerNorm, so each token has RMS |gamma| = 1 at init), Pre-LN's residual stream grows, and
 linearly at init (Xiong et al. 2020: E||x_l||^2 grows linearly in l); Post-LN's real problem is large gradients
 near the output at init, which makes warm-up-free training with a large learning rate unstable.

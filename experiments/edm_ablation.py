@@ -1,5 +1,5 @@
 """EDM's sampler ablation in miniature: Euler vs Heun, VP / VE / EDM time discretisations and rho in {1, 3, 7} at
-matched NFE on exact 2-D mixtures (Karras et al. 2022, Fig. 2 / Table 2 shape; THEORY.md section 5 item 4).
+matched NFE on exact 2-D mixtures (Karras et al. 2022, Fig. 2 / Table 2 shape).
 
 Every configuration integrates the same PF-ODE between the same noise levels sigmabar = sigma/alpha in
 [0.002, 80] (EDM's range) from the same x_T, so all are compared on one law and one flow map. EDM's own grids map

@@ -1,6 +1,6 @@
 """Discretisation error of Euler-Maruyama for the reverse SDE against dimension d and step count N on Gaussian data, through
-the exact moment recursion, no Monte Carlo (Chen et al. 2023; Benton et al. 2024; THEORY.md section 5 item 13, items 20,
-30, oracle O4).
+the exact moment recursion, no Monte Carlo (Chen et al. 2023; Benton et al. 2024; Anderson 1982
+for the reverse SDE). With a linear drift and a Gaussian start the EM iterates stay Gaussian.
 
 Data N(mu, Sigma) in d dimensions, VP-linear schedule on [1e-3, 1], reverse SDE (gamma = 1) with the exact score,
 started from the exact p_{t_max} (so the only error is the discretisation), N uniform steps in t. The EM iterates stay

@@ -1,4 +1,4 @@
-"""ULA vs MALA bias against the step size on a Gaussian (THEORY.md items 32-33, section 5 item 2).
+"""ULA vs MALA bias against the step size on a Gaussian (Roberts & Tweedie 1996).
 
 ULA's stationary variance on N(0, v) is v / (1 - h/(2v)): its bias h v / (2v - h) ~ h/2 is O(h) (slope 1 on a
 log-log plot); MALA's is zero. Both are measured by Monte Carlo (chains started in the target, run to

@@ -1,4 +1,4 @@
-"""NCSN's two-mode experiment (Song & Ermon 2019, Fig. 3; THEORY.md section 5 item 1).
+"""NCSN's two-mode experiment (Song & Ermon 2019, Fig. 3).
 
 p = 1/5 N((-5,-5), I) + 4/5 N((5,5), I). Langevin with the exact data score, started uniformly on [-8, 8]^2,
 keeps the mode weights of its start (about 1:1): the modes are separated by a region of vanishing density the

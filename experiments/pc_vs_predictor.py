@@ -1,5 +1,5 @@
-"""Predictor-corrector vs predictor-only at twice the steps vs corrector-only, at equal NFE (score_sde Table 1
-shape; THEORY.md section 5 item 6), on an exact 2-D target (ring8, VP) with the exact score.
+"""Predictor-corrector vs predictor-only at twice the steps vs corrector-only, at equal NFE (Song et al. 2021,
+Table 1 shape), on an exact 2-D target (ring8, VP) with the exact score.
 
 PC = one reverse-diffusion (DDPM ancestral) or Euler-Maruyama predictor step + one Langevin corrector step
 (SNR rule, r = 0.16) per grid step, so N steps cost 2N NFE; predictor-only takes 2N steps; corrector-only is

@@ -1,6 +1,6 @@
 """Same marginals, different paths: the reverse SDE family dx = [f x - (1+gamma^2)/2 g^2 s] dt + gamma g dW_bar for
-gamma in {0, 0.5, 1, 2} on an exact 2-D mixture (Huang, Lim, Courville 2021; EDM eq. 6; THEORY.md item 22 and section 5
-item 8).
+gamma in {0, 0.5, 1, 2} on an exact 2-D mixture (Huang, Lim, Courville 2021;
+Karras et al. 2022, eq. 6).
 
 ring8 on the VP-linear schedule with the exact score; every gamma starts from the SAME samples x_T of p_{t_max} and is
 integrated by Euler-Maruyama on one piecewise log-SNR grid that passes through the observation times. At each observed t

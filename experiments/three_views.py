@@ -1,4 +1,4 @@
-"""Three views of one velocity field, cross-checked (issue 5; DESIGN.md): the marginal p_t of an exact 2-D target
+"""Three views of one velocity field, cross-checked: the marginal p_t of an exact 2-D target
 at several t computed (a) in closed form, (b) by the Fokker-Planck grid solver, (c) from reverse-SDE samples,
 (d) from PF-ODE samples and (e) from Langevin at fixed t, as heat maps on one grid with the TV distance of each
 to (a) and the Monte-Carlo floor (the TV of a histogram of as many exact samples); then the generation run on the

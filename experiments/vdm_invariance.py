@@ -1,5 +1,5 @@
-"""VDM schedule invariance of the continuous-time diffusion loss for Gaussian data (Kingma et al. 2021; THEORY.md item 16
-and section 5 item 7): same value for every schedule with the same SNR end points, different estimator variances.
+"""VDM schedule invariance of the continuous-time diffusion loss for Gaussian data (Kingma et al. 2021,
+continuous-time loss L_inf): same value for every schedule with the same SNR end points, different estimator variances.
 
 Data N(0, s^2 I_d), optimal denoiser x_hat(z_t) = alpha s^2 / (alpha^2 s^2 + sigma^2) z_t, SNR = alpha^2/sigma^2 =
 exp(log_snr) (VDM's full log-SNR, twice the schedules' lam). Then ||x - x_hat||^2 = v(t) chi^2_d with v = s^2/(1 + SNR s^2),
