@@ -1,6 +1,6 @@
 """A class-conditional DiT on sklearn's 8x8 digits, trained on CPU, sampled with classifier-free guidance.
 
-The digits are split into a training and a held-out set (stratified, 75/25). The DiT (models engineer's
+The digits are split into a training and a held-out set (stratified, 75/25). The DiT (the package's
 ``DiT-tiny/2``: d = 128, depth 4, patch 2 -> 16 tokens, label dropout 0.1 for the null class) is trained on the
 training split with EDM preconditioning on the VP schedule (log-normal training times), AdamW and an EMA. A classifier
 fitted in the experiment on the same training split (scikit-learn MLP, one hidden ReLU layer of 64 units) then judges

@@ -25,7 +25,7 @@ def test_check_passes(chk):
 
 def test_claims_are_refuted_with_counterexamples():
     claims = [c for c in CHECKS if c.kind == "claim"]
-    assert len(claims) == 4  # three from the seed's ViT notes (items 41, 46, 47) and the softmax one-hot limit
+    assert len(claims) == 4  # attention invariance, Post-LN growth, Laplacian amplification, softmax one-hot limit
     for c in claims:
         r = c.run()
         assert r.verdict == "refuted" and "counterexample" in r.detail

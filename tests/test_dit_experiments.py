@@ -1,4 +1,4 @@
-"""Quick-mode runs of the issue-9 DiT experiments, each headline checked against its closed form / expectation."""
+"""Quick-mode runs of the DiT design-space experiments, each headline checked against its closed form / expectation."""
 import math
 
 import pytest

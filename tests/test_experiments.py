@@ -1,8 +1,8 @@
 """Every gallery experiment in quick mode, with its headline checked against the closed form or the expected order
-(issue 8: the gallery cannot silently rot). Each test runs ``main(["--quick", "--out", tmp])`` exactly as CI would and
+(so the gallery cannot silently rot). Each test runs ``main(["--quick", "--out", tmp])`` exactly as CI would and
 also checks that the results files and the figure were written.
 
-Tolerances follow THEORY.md's classes: Q (quadrature against a closed form), MC (|estimate - truth| <= 5 SE), ORD
+Tolerances follow the catalogue's classes: Q (quadrature against a closed form), MC (|estimate - truth| <= 5 SE), ORD
 (least-squares slope within 0.15 of the order in the asymptotic range); deterministic sampler comparisons use the exact
 flow map, so their orderings carry no Monte-Carlo noise.
 """
@@ -75,10 +75,11 @@ def test_vdm_invariance_closed_form_quadrature_mc(tmp_path):
 
 
 def test_same_marginals_different_paths(tmp_path):
-    """Huang et al. 2021 / THEORY item 22: for gamma in {0, 0.5, 1, 2} the EM samples' histograms at every observed t are
-    as close to the closed-form p_t as a histogram of as many exact samples (TV <= 1.15 x the Monte-Carlo floor: the
-    histogram TV of n samples fluctuates by a few % of itself), while the coupling x_T -> x_tmin decorrelates as gamma
-    grows (ODE end modes kept only at gamma = 0; about 1/8, i.e. random among 8 modes, at gamma = 2)."""
+    """Huang et al. 2021 / EDM (Karras 2022) eq. 6: for gamma in {0, 0.5, 1, 2} the EM samples' histograms at every
+    observed t are as close to the closed-form p_t as a histogram of as many exact samples (TV <= 1.15 x the
+    Monte-Carlo floor: the histogram TV of n samples fluctuates by a few % of itself), while the coupling
+    x_T -> x_tmin decorrelates as gamma grows (ODE end modes kept only at gamma = 0; about 1/8, i.e. random among 8
+    modes, at gamma = 2)."""
     from experiments import same_marginals
 
     h = _run(same_marginals, tmp_path, "same_marginals")
@@ -119,7 +120,7 @@ def test_em_dimension_orders(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------------
 # Earlier experiments (langevin_bias, ncsn_two_mode, pc_vs_predictor, three_views, cfg_counterexample, ...):
-# the lead adds their quick-mode headline tests below this line.
+# their quick-mode headline tests follow.
 
 
 def test_convergence_orders(tmp_path):

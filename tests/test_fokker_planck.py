@@ -47,7 +47,7 @@ def test_bernoulli_extremes():
 
 def test_sg_equals_chang_cooper_flux():
     """Chang-Cooper flux F = B[(1-delta) f_{j+1} + delta f_j] + C (f_{j+1} - f_j)/dx, delta = 1/w' - 1/(e^w' - 1),
-    w' = dx B / C with B = -b: F = -J (THEORY.md section 2)."""
+    w' = dx B / C with B = -b: F = -J (the two fluxes are the same expression)."""
     rng = np.random.default_rng(0)
     b, D, dx = rng.normal(size=50) * 3, 0.7, 0.2
     pj, pj1 = rng.random(50), rng.random(50)

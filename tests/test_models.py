@@ -71,7 +71,7 @@ def test_registry_and_errors():
     with pytest.raises(ValueError, match="conditioning"):
         DiTConfig(conditioning="film")
     for field, value in (("conditioning", "in-context"), ("norm", "rmsnorm"), ("norm_placement", "post")):
-        build_model(get_config("DiT-micro/2", **{field: value}))  # the issue-9 variants build
+        build_model(get_config("DiT-micro/2", **{field: value}))  # the design-space variants build
     with pytest.raises(ValueError, match="norm_placement"):
         DiTConfig(norm_placement="sandwich")
     model = get_model("DiT-micro/2")
@@ -398,7 +398,7 @@ def test_dit_trains_a_step():
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 9: conditioning / norm / placement variants
+# conditioning / norm / placement variants (Peebles & Xie 2023, Fig. 3)
 
 _VARIANT_KW = [dict(conditioning=c, norm=n, norm_placement=pl)
                for c in ("adaLN-Zero", "adaLN", "cross-attention", "in-context")
@@ -447,7 +447,7 @@ def test_variant_structure():
 
 
 def test_post_ln_block_output_norm_pinned():
-    """Post-LN (affine, gamma = 1, beta = 0 at init): every block's output rows have RMS 1 (THEORY item 46)."""
+    """Post-LN (affine, gamma = 1, beta = 0 at init): every block's output rows have RMS 1 (Xiong et al. 2020)."""
     torch.manual_seed(0)
     model = build_model(get_config("DiT-micro/2", conditioning="in-context", norm_placement="post")).double()
     x, c_noise, y = _inputs(model, n=2, dtype=torch.float64)
