@@ -710,7 +710,7 @@ def _our_w2(field, method, grid, opts, tg):
 def run_stochastic(label, tg, args, methods_sto, log):
     schedule = schedules.DDPMDiscrete(t_min=T_ZERO)
     field = tg.field(schedule, prediction="eps")
-    x0 = tg.sample(args.samples, generator=torch.Generator().manual_seed(args.seed))
+    x0 = tg.sample(args.sde_samples, generator=torch.Generator().manual_seed(args.seed))
     z = torch.randn(x0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(args.seed + 1))
     t_s = 1.0
     x_s = float(schedule.alpha(t_s)) * x0 + float(schedule.sigma(t_s)) * z
@@ -792,7 +792,7 @@ def run_stochastic(label, tg, args, methods_sto, log):
                         raise RuntimeError(f"used {res.nfe} NFE > budget {nfe}")
                     if not torch.isfinite(res.x).all():
                         raise FloatingPointError("non-finite output")
-                    row.update(nfe=res.nfe, **mmd(res.x))
+                    row.update(nfe=res.nfe, end="D@t_last", t_end=T_MIN_OURS, **mmd(res.x))
                     if gauss:
                         w2, why = _our_w2(field, m.name, grid, opts, tg)
                         row["w2"] = w2
@@ -845,6 +845,15 @@ def summarize_sto(block, fixed):
     block["summary"] = s
 
 
+def _ratio_str(s, k) -> str:
+    """ours/best-peer MMD^2 ratio; "n/a" when the peer's MMD^2 is not resolved from 0 (within 2 SE), "<0" for a
+    negative estimate of ours (an exact-law sampler gives negative values half of the time)."""
+    ratio = s.get(f"{k}_ratio")
+    if ratio is None or not s.get(f"{k}_peer_resolved_from_zero"):
+        return "n/a"
+    return "<0" if ratio < 0 else f"{ratio:.3f}"
+
+
 def _mmd_str(r):
     return "      failed" if r.get("mmd2") is None else f"{r['mmd2']:9.2e} ± {r['se']:8.2e}"
 
@@ -863,7 +872,7 @@ def print_sto_block(block):
     ok = sorted((r for r in block["ours"] if r.get("mmd2") is not None), key=lambda r: r["mmd2"])
     for r in ok[:5]:
         w2 = f"   W2 {r['w2']:.3e}" if r.get("w2") is not None else ""
-        print(f"{'ours ' + r['method'] + '/' + r['grid']:22s} {r['steps']:5d} {r['nfe']:4d} {'x(0)':>11s} "
+        print(f"{'ours ' + r['method'] + '/' + r['grid']:22s} {r['steps']:5d} {r['nfe']:4d} {_end_str(r):>11s} "
               f"{_mmd_str(r)}{w2}")
     bad = [r for r in block["ours"] if r.get("mmd2") is None]
     if bad:
@@ -871,16 +880,14 @@ def print_sto_block(block):
                                              for r in bad[:6]) + (" ..." if len(bad) > 6 else ""))
     s = block["summary"]
     if s.get("best_peer"):
-        for k, what in (("ours_fixed", "fixed " + s["fixed_config"]), ("ours_best", "best after the fact")):
+        for k, what in (("ours_fixed", "fixed"), ("ours_best", "best after the fact")):
             r = s.get("ours_best_after_the_fact" if k == "ours_best" else "ours_fixed")
             if r is None:
                 print(f"-> ours {what}: not run")
                 continue
             res = "resolved" if s[f"{k}_resolved"] else "NOT resolved (within 2 SE)"
-            ratio = s.get(f"{k}_ratio")
             print(f"-> ours {what} {r['method']}/{r['grid']}: MMD^2 {r['mmd2']:.2e} vs best peer {s['best_peer']} "
-                  f"{s['best_peer_mmd2']:.2e}" + (f", ratio {ratio:.3f}" if ratio is not None else "")
-                  + f"; difference {res}")
+                  f"{s['best_peer_mmd2']:.2e}, ratio {_ratio_str(s, k)}; difference {res}")
     if s.get("w2"):
         w = s["w2"]
         ob = w["ours_best_after_the_fact"]
@@ -911,9 +918,8 @@ def print_sto_summary(results):
             r = s.get(name)
             if r is None:
                 return f"{'n/a':>10s} {'':7s}"
-            ratio = s.get(f"{k}_ratio")
             mark = "" if s.get(f"{k}_resolved") else "~"
-            return f"{r['mmd2']:10.2e} {(f'{ratio:.3f}' if ratio is not None else 'n/a') + mark:>7s}"
+            return f"{r['mmd2']:10.2e} {_ratio_str(s, k) + mark:>7s}"
 
         ob = s["ours_best_after_the_fact"]
         print(f"{b['target']:14s} {b['nfe']:4d} {(bd or {}).get('label', '-'):>14s} "
@@ -1012,6 +1018,8 @@ def parse_args(argv=None):
                         f'get_target(NAME, dim=D) (default "{" ".join(TARGET_NAMES)}"; --quick: "ring8 bimodal_1d")')
     p.add_argument("--suite", action="store_true", help="run every target of targets.suite()")
     p.add_argument("--samples", type=int, default=None, help="number of samples (default 2000; --quick: 500)")
+    p.add_argument("--sde-samples", type=int, default=None,
+                   help="number of samples of the stochastic table (default 5000; --quick: 2000)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of x_0 ~ p_0 (the start noise z uses seed + 1, the samplers' noise seed + 2)")
     p.add_argument("--quick", action="store_true", help="fewer samples, targets and budgets")
@@ -1044,10 +1052,11 @@ def parse_args(argv=None):
     if a.suite and a.targets:
         p.error("give --suite or --targets, not both")
     a.samples = a.samples or (500 if a.quick else 2000)
+    a.sde_samples = a.sde_samples or (2000 if a.quick else 5000)
     if any(n < 1 for n in a.nfe):
         p.error(f"--nfe: budgets must be >= 1, got {a.nfe}")
-    if a.samples < 2:
-        p.error(f"--samples must be >= 2, got {a.samples}")
+    if a.samples < 2 or a.sde_samples < 2:
+        p.error(f"--samples and --sde-samples must be >= 2, got {a.samples}, {a.sde_samples}")
     if not (a.rtol > 0 and a.atol >= 0):
         p.error(f"need --rtol > 0 and --atol >= 0, got {a.rtol}, {a.atol}")
     if a.grids and set(a.grids) - set(GRID_KINDS):
@@ -1120,7 +1129,7 @@ def main(argv=None):
             "settings": {
                 "targets": [{"label": lab, "name": getattr(tg, "name", lab), "dim": tg.dim,
                              "components": tg.n_components} for lab, tg in tlist],
-                "suite": args.suite, "nfe": args.nfe, "samples": args.samples, "seed_x0": args.seed,
+                "suite": args.suite, "nfe": args.nfe, "samples": args.samples, "sde_samples": args.sde_samples, "seed_x0": args.seed,
                 "seed_start_noise": args.seed + 1, "seed_sampler_noise": args.seed + 2,
                 "schedule": schedules.DDPMDiscrete().settings(),
                 "diffusers_common": COMMON,
