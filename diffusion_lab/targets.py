@@ -36,6 +36,13 @@ __all__ = [
     "bimodal_1d",
     "ncsn_two_mode",
     "aniso_gaussian",
+    "aniso",
+    "gaussian_mixture_family",
+    "gmm_separated",
+    "gmm_overlap",
+    "gmm_multiscale",
+    "SUITE",
+    "suite",
     "moons",
     "swiss_roll",
     "checkerboard",
@@ -56,6 +63,16 @@ def _apply(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (M @ v[..., None])[..., 0]
 
 
+def _kdot(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """(x_b . v_k) for x (B, d) and per-component vectors v (K, d) or per-sample ones (B, K, d) -> (B, K)."""
+    return x @ v.T if v.ndim == 2 else torch.einsum("bd,bkd->bk", x, v)
+
+
+def _kmix(r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_k r[b, k] v_k for v (K, d) or v (B, K, d) -> (B, d)."""
+    return r @ v if v.ndim == 2 else _mix(r, v)
+
+
 def _mix(r: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """sum_k r[b, k] v[b, k, :] as a batched matrix product (much faster than a broadcast-and-sum for small K, d)."""
     return torch.bmm(r[:, None, :], v).squeeze(1)
@@ -67,7 +84,7 @@ class GaussianMixture:
     weights (K,), means (K, d), covs (K, d, d) symmetric positive definite.
     """
 
-    def __init__(self, weights, means, covs, name: str | None = None):
+    def __init__(self, weights, means, covs, name: str | None = None, diagonal: bool = False):
         w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
         mu = torch.as_tensor(means, dtype=torch.float64)
         if mu.ndim == 1:
@@ -86,6 +103,20 @@ class GaussianMixture:
             raise ValueError(f"weights must be non-negative and sum to 1, got {w.tolist()}")
         if not torch.allclose(cov, cov.transpose(-1, -2), atol=1e-12):
             raise ValueError("covariances must be symmetric")
+        self.diagonal = bool(diagonal)
+        if self.diagonal:  # opt-in O(K d) path: every per-component matrix is a vector of variances
+            var = torch.diagonal(cov, dim1=-2, dim2=-1)
+            if not (cov == torch.diag_embed(var)).all():
+                k = int(torch.nonzero((cov != torch.diag_embed(var)).flatten(1).any(1))[0])
+                raise ValueError(f"diagonal=True but the covariance of component {k} has non-zero off-diagonal entries")
+            if not (var > 0).all():
+                k = int(torch.nonzero((var <= 0).any(1))[0])
+                raise ValueError(f"covariance of component {k} is not positive definite: variances {var[k].tolist()}")
+            self.weights, self.means, self.covs = w, mu, cov
+            self._chol = None
+            self._ev, self._U = var, None
+            self.name = name or ("gaussian" if K == 1 else f"gmm{K}")
+            return
         chol, info = torch.linalg.cholesky_ex(cov)
         if (info > 0).any():
             k = int(torch.nonzero(info)[0])
@@ -124,7 +155,10 @@ class GaussianMixture:
         return f"{type(self).__name__}(name={self.name!r}, K={self.n_components}, d={self.dim})"
 
     def settings(self) -> dict:
-        return {"name": self.name, "K": self.n_components, "d": self.dim}
+        out = {"name": self.name, "K": self.n_components, "d": self.dim}
+        if self.diagonal:
+            out["diagonal"] = True
+        return out
 
     # -- data law (t = 0) ---------------------------------------------------------------------
     def sample(self, n: int, generator: torch.Generator | None = None, dtype=torch.float64, return_labels=False):
@@ -133,7 +167,15 @@ class GaussianMixture:
             raise ValueError(f"n must be a non-negative integer, got {n!r}")
         k = torch.multinomial(self.weights, int(n), replacement=True, generator=generator)
         z = torch.randn(int(n), self.dim, dtype=torch.float64, generator=generator)
-        x = self.means[k] + torch.einsum("nij,nj->ni", self._chol[k], z)
+        if self.diagonal:
+            x = self.means[k] + self._ev[k].sqrt() * z
+        elif int(n) * self.dim * self.dim <= 1 << 26:
+            x = self.means[k] + torch.einsum("nij,nj->ni", self._chol[k], z)
+        else:  # large batches in high d: one product per component instead of n gathered d x d factors
+            x = self.means[k].clone()
+            for j in torch.unique(k).tolist():
+                sel = k == j
+                x[sel] += z[sel] @ self._chol[j].T
         x = x.to(dtype)
         return (x, k) if return_labels else x
 
@@ -149,6 +191,8 @@ class GaussianMixture:
         s = as_tensor(sigma).to(torch.float64)
         a_ = a[..., None, None]
         c = a_ * a_ * self._ev + (s * s)[..., None, None]  # (.., K, d) eigenvalues of C_k
+        if self.diagonal:  # C_k^{-1} and the gains as (.., K, d) vectors of diagonals
+            return a_ * self.means, 1.0 / c, torch.log(c).sum(-1), a_ * self._ev / c
         U = self._U
         prec = (U * (1.0 / c)[..., None, :]) @ U.transpose(-1, -2)
         logdet = torch.log(c).sum(-1)
@@ -162,6 +206,15 @@ class GaussianMixture:
             raise ValueError(f"x must have shape (batch, {self.dim}), got {tuple(x.shape)}")
         xd = x.to(torch.float64)
         means_t, prec, logdet, gain = self._moments_t(alpha, sigma)
+        if self.diagonal:
+            # |x - m_k|^2_{C_k^{-1}} = x^2 . c_k^{-1} - 2 x . (m_k / c_k) + m_k . (m_k / c_k) as (B, d) x (d, K)
+            # products: no (B, K, d) temporaries (allocating them costs more than the arithmetic at K d ~ 10^3)
+            mp = means_t * prec
+            maha = (_kdot(xd * xd, prec) - 2.0 * _kdot(xd, mp) + (means_t * mp).sum(-1)).clamp_min(0.0)
+            log_comp = torch.log(self.weights) - 0.5 * (maha + logdet + self.dim * _LOG_2PI)
+            log_p = torch.logsumexp(log_comp, dim=-1)
+            return {"x": xd, "means_t": means_t, "log_r": log_comp - log_p[:, None], "log_p": log_p, "gain": gain,
+                    "prec": prec}
         diff = xd[:, None, :] - means_t  # (B, K, d)
         prec_diff = _apply(prec, diff)
         maha = torch.einsum("bkd,bkd->bk", diff, prec_diff)  # einsum: ~5x faster than (a*b).sum(-1) for small d
@@ -187,15 +240,29 @@ class GaussianMixture:
     def score(self, x, t, schedule: Schedule):
         """grad_x log p_t(x) = -sum_k r_k C_k^{-1} (x - alpha mu_k)."""
         c = self._component_terms(x, *self._at(schedule, t, x))
-        return -_mix(c["log_r"].exp(), c["prec_diff"]).to(x.dtype)
+        return -self._mixed_prec_diff(c, c["log_r"].exp()).to(x.dtype)
 
     def _posterior_means(self, c):
+        if self.diagonal:
+            return self.means + c["gain"] * (c["x"][:, None, :] - c["means_t"])
         return self.means + _apply(c["gain"], c["diff"])
+
+    def _mixed_prec_diff(self, c, r):
+        """sum_k r_k C_k^{-1} (x - alpha mu_k), shape (B, d)."""
+        if not self.diagonal:
+            return _mix(r, c["prec_diff"])
+        return c["x"] * _kmix(r, c["prec"]) - _kmix(r, c["means_t"] * c["prec"])
+
+    def _mixed_posterior_mean(self, c, r):
+        """sum_k r_k m_k(x), m_k = mu_k + G_k (x - alpha mu_k) with the gains G_k, shape (B, d)."""
+        if not self.diagonal:
+            return _mix(r, self._posterior_means(c))
+        return _kmix(r, self.means - c["gain"] * c["means_t"]) + c["x"] * _kmix(r, c["gain"])
 
     def denoiser(self, x, t, schedule: Schedule):
         """E[x_0 | x_t = x] = sum_k r_k m_k(x)."""
         c = self._component_terms(x, *self._at(schedule, t, x))
-        return _mix(c["log_r"].exp(), self._posterior_means(c)).to(x.dtype)
+        return self._mixed_posterior_mean(c, c["log_r"].exp()).to(x.dtype)
 
     def posterior_cov(self, x, t, schedule: Schedule):
         """Cov[x_0 | x_t = x] = sum_k r_k (P_k + m_k m_k^T) - m m^T, shape (batch, d, d)."""
@@ -205,7 +272,10 @@ class GaussianMixture:
         mk = self._posterior_means(c)
         a = as_tensor(a).to(torch.float64)
         # P_k = Sigma_k - alpha Sigma_k C_k^{-1} alpha Sigma_k = Sigma_k - gain_k alpha Sigma_k
-        P = self.covs - c["gain"] @ (a[..., None, None, None] * self.covs)
+        if self.diagonal:
+            P = torch.diag_embed(self._ev - c["gain"] * (a[..., None, None] * self._ev))
+        else:
+            P = self.covs - c["gain"] @ (a[..., None, None, None] * self.covs)
         if P.ndim == 3:
             P = P.expand(x.shape[0], *P.shape)
         m = _mix(r, mk)
@@ -219,8 +289,8 @@ class GaussianMixture:
         covs = a * a * self.covs + s * s * torch.eye(self.dim, dtype=torch.float64)
         cls = Gaussian if isinstance(self, Gaussian) else GaussianMixture
         if cls is Gaussian:
-            return Gaussian(a * self.means[0], covs[0], name=f"{self.name}@t={t:g}")
-        return GaussianMixture(self.weights, a * self.means, covs, name=f"{self.name}@t={t:g}")
+            return Gaussian(a * self.means[0], covs[0], name=f"{self.name}@t={t:g}", diagonal=self.diagonal)
+        return GaussianMixture(self.weights, a * self.means, covs, name=f"{self.name}@t={t:g}", diagonal=self.diagonal)
 
     def cdf_1d(self, x):
         """CDF of a 1-D mixture (used by the quantile-map flow, THEORY.md oracle O3)."""
@@ -240,13 +310,13 @@ class GaussianMixture:
 class Gaussian(GaussianMixture):
     """N(mu, Sigma), the one-component mixture (oracle O1)."""
 
-    def __init__(self, mean, cov, name: str | None = None):
+    def __init__(self, mean, cov, name: str | None = None, diagonal: bool = False):
         mean = torch.as_tensor(mean, dtype=torch.float64).reshape(1, -1)
         cov = torch.as_tensor(cov, dtype=torch.float64)
         d = mean.shape[1]
         if cov.ndim == 0:
             cov = cov * torch.eye(d, dtype=torch.float64)
-        super().__init__([1.0], mean, cov.reshape(1, d, d), name=name or "gaussian")
+        super().__init__([1.0], mean, cov.reshape(1, d, d), name=name or "gaussian", diagonal=diagonal)
 
     @property
     def mu(self) -> torch.Tensor:
@@ -313,10 +383,10 @@ class ExactModel:
         tg, sch = self.target, self.schedule
         c = tg._component_terms(x, sch.alpha(t), sch.sigma(t))
         r = c["log_r"].exp()
-        x0 = _mix(r, tg._posterior_means(c))
+        x0 = tg._mixed_posterior_mean(c, r)
         sig = sch.sigma(t.to(torch.float64))
         sig = sig.reshape(sig.shape + (1,) * (x.ndim - sig.ndim))
-        eps = sig * _mix(r, c["prec_diff"])
+        eps = sig * tg._mixed_prec_diff(c, r)
         return x0.to(x.dtype), eps.to(x.dtype)
 
     def __call__(self, x, t):
@@ -368,12 +438,188 @@ def gaussian_2d() -> Gaussian:
     return Gaussian([1.0, -0.5], [[1.0, 0.6], [0.6, 0.5]], name="gaussian_2d")
 
 
+# ------------------------------------------------------------------------------------------------
+# Families in any dimension (the benchmark suite)
+
+
+def _check_family(name: str, dim, components=None, **positive):
+    if int(dim) != dim or dim < 1:
+        raise ValueError(f"{name}: dim must be an integer >= 1, got {dim!r}")
+    if components is not None and (int(components) != components or components < 1):
+        raise ValueError(f"{name}: components must be an integer >= 1, got {components!r}")
+    for key, val in positive.items():
+        if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
+            raise ValueError(f"{name}: {key} must be a finite number > 0, got {val!r}")
+
+
+def _rotation(d: int, g: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal d x d matrix (QR of a Gaussian matrix with the sign of diag(R) fixed)."""
+    q, r = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _spectrum(d: int, cond: float) -> torch.Tensor:
+    """d eigenvalues log-spaced from 1 down to 1/cond, rescaled to mean 1 (so the trace is d)."""
+    lam = torch.logspace(0.0, -math.log10(cond), d, dtype=torch.float64) if d > 1 else torch.ones(1, dtype=torch.float64)
+    return lam * (d / lam.sum())
+
+
+def _unit_spread(weights, means, covs):
+    """Shift the mixture mean to 0 and scale so that tr(Cov_p) = d (per-coordinate spread 1 on average)."""
+    d = means.shape[1]
+    m = weights @ means
+    centred = means - m
+    tr = float(torch.einsum("k,kii->", weights, covs) + torch.einsum("k,ki->", weights, centred * centred))
+    f = math.sqrt(d / tr)
+    return centred * f, covs * (f * f)
+
+
+def _spread_points(K: int, d: int, g: torch.Generator) -> torch.Tensor:
+    """K points in R^d spread out by farthest-point selection among 32 K standard normal candidates."""
+    cand = torch.randn(32 * K, d, dtype=torch.float64, generator=g)
+    pick = [0]
+    dist = (cand - cand[0]).norm(dim=1)
+    for _ in range(K - 1):
+        j = int(dist.argmax())
+        pick.append(j)
+        dist = torch.minimum(dist, (cand - cand[j]).norm(dim=1))
+    return cand[pick]
+
+
+def _weights(K: int, min_weight: float | None, g: torch.Generator) -> torch.Tensor:
+    """Equal weights (min_weight None), or geometric weights w_k ~ r^k, r fixed by min_k w_k = min_weight,
+    in a seeded random order."""
+    if min_weight is not None and not (0 < min_weight <= 1.0 / K):
+        raise ValueError(f"min_weight must be in (0, 1/components] = (0, {1.0 / K:g}], got {min_weight!r}")
+    if min_weight is None or K == 1 or math.isclose(K * min_weight, 1.0):
+        return torch.full((K,), 1.0 / K, dtype=torch.float64)
+    lo, hi = 1e-12, 1.0  # smallest weight r^{K-1} / sum_k r^k increases with r from 0 to 1/K
+    for _ in range(200):
+        r = 0.5 * (lo + hi)
+        w = r ** torch.arange(K, dtype=torch.float64)
+        if float(w[-1] / w.sum()) < min_weight:
+            lo = r
+        else:
+            hi = r
+    w = w / w.sum()
+    return w[torch.randperm(K, generator=g)]
+
+
+def gaussian_mixture_family(dim: int = 2, components: int = 8, *, separation: float = 2.0, width_ratio: float = 1.0,
+                            min_weight: float | None = None, cond: float = 1.0, diagonal: bool = False,
+                            seed: int = 0, name: str | None = None) -> GaussianMixture:
+    r"""A seeded random Gaussian mixture in R^dim with ``components`` = K components, scaled to unit spread.
+
+    - Component k: Sigma_k = s_k^2 Q_k diag(lambda) Q_k^T with lambda log-spaced from 1 to 1/``cond`` (mean 1,
+      permuted per component), Q_k Haar-random (identity with ``diagonal=True``: diagonal covariances, the O(K d)
+      path of GaussianMixture); widths s_k log-spaced over [1/``width_ratio``, 1] in a random order (narrow and
+      wide components).
+    - Means: K spread-out points (farthest-point selection among Gaussian candidates), scaled so that the closest
+      pair satisfies |mu_i - mu_j| = ``separation`` (r_i + r_j), r_k = s_k sqrt(max lambda) the widest standard
+      deviation of component k: separation >= 3 gives well-separated modes, <= 1 overlapping ones.
+    - Weights: equal, or geometric down to ``min_weight`` for the smallest (``_weights``).
+    - Finally the mixture is centred and scaled so that tr(Cov_p) = dim (O(1) spread per coordinate, as ring8).
+
+    Deterministic given its arguments.
+    """
+    _check_family("gaussian_mixture_family", dim, components, separation=separation, width_ratio=width_ratio,
+                  cond=cond)
+    d, K = int(dim), int(components)
+    g = torch.Generator().manual_seed(int(seed))
+    w = _weights(K, min_weight, g)
+    widths = torch.logspace(0.0, -math.log10(width_ratio), K, dtype=torch.float64)[torch.randperm(K, generator=g)]
+    lam = _spectrum(d, cond)
+    covs = torch.empty(K, d, d, dtype=torch.float64)
+    for k in range(K):
+        ev = lam[torch.randperm(d, generator=g)] * widths[k] ** 2
+        if diagonal:
+            covs[k] = torch.diag(ev)
+        else:
+            Q = _rotation(d, g)
+            c = (Q * ev) @ Q.T
+            covs[k] = 0.5 * (c + c.T)
+    means = _spread_points(K, d, g) if K > 1 else torch.zeros(1, d, dtype=torch.float64)
+    if K > 1:
+        r = widths * math.sqrt(float(lam.max()))
+        dist = torch.cdist(means, means) / (r[:, None] + r[None, :])
+        dist.fill_diagonal_(math.inf)
+        means = means * (separation / float(dist.min()))
+    means, covs = _unit_spread(w, means, covs)
+    label = name or f"gmm_d{d}_k{K}"
+    return GaussianMixture(w, means, covs, name=label, diagonal=diagonal)
+
+
+def gmm_separated(dim: int = 2, components: int = 8, *, separation: float = 4.0, diagonal: bool = False,
+                  seed: int = 0) -> GaussianMixture:
+    """Well-separated equal-weight isotropic components: |mu_i - mu_j| >= 4 (s_i + s_j)."""
+    return gaussian_mixture_family(dim, components, separation=separation, diagonal=diagonal, seed=seed,
+                                   name=f"gmm_separated_d{int(dim)}_k{int(components)}")
+
+
+def gmm_overlap(dim: int = 2, components: int = 4, *, separation: float = 0.5, cond: float = 10.0,
+                diagonal: bool = False, seed: int = 0) -> GaussianMixture:
+    """Overlapping equal-weight anisotropic components (condition number 10, random orientations):
+    closest pair at |mu_i - mu_j| = 0.5 (r_i + r_j)."""
+    return gaussian_mixture_family(dim, components, separation=separation, cond=cond, diagonal=diagonal, seed=seed,
+                                   name=f"gmm_overlap_d{int(dim)}_k{int(components)}")
+
+
+def gmm_multiscale(dim: int = 2, components: int = 8, *, width_ratio: float = 10.0, min_weight: float = 0.01,
+                   separation: float = 2.0, cond: float = 3.0, diagonal: bool = False,
+                   seed: int = 0) -> GaussianMixture:
+    """Narrow and wide components (widths over a factor 10) with geometric weights down to 0.01, moderately
+    separated (2 (r_i + r_j)) and mildly anisotropic (condition number 3)."""
+    return gaussian_mixture_family(dim, components, separation=separation, width_ratio=width_ratio,
+                                   min_weight=min_weight, cond=cond, diagonal=diagonal, seed=seed,
+                                   name=f"gmm_multiscale_d{int(dim)}_k{int(components)}")
+
+
+def aniso(dim: int = 16, cond: float = 1000.0, *, seed: int = 0) -> Gaussian:
+    """N(m, Q diag(lambda) Q^T) in R^dim: eigenvalues log-spaced from 1 to 1/cond rescaled to mean 1 (so
+    tr Sigma = dim; exact condition number ``cond``), Q Haar-random, m ~ N(0, 0.25 I); all from ``seed``."""
+    _check_family("aniso", dim, cond=cond)
+    d = int(dim)
+    g = torch.Generator().manual_seed(int(seed))
+    Q = _rotation(d, g)
+    cov = (Q * _spectrum(d, cond)) @ Q.T
+    cov = 0.5 * (cov + cov.T)
+    mean = 0.5 * torch.randn(d, dtype=torch.float64, generator=g)
+    return Gaussian(mean, cov, name=f"aniso_d{d}_cond{cond:g}")
+
+
+#: The benchmark suite: (label, keyword arguments of get_target). Dimensions 1..256, 1..64 components,
+#: separated / overlapping / multiscale mixtures and rotated Gaussians up to condition number 1e3; each entry's
+#: exact model costs at most ~0.1 s per eps call at batch 2,000 on one CPU core (see ``suite``).
+SUITE = (
+    ("multiscale_1d_k2", "gmm_multiscale", dict(dim=1, components=2, min_weight=0.02)),
+    ("aniso_2d_cond1e3", "aniso", dict(dim=2, cond=1e3)),
+    ("separated_2d_k8", "gmm_separated", dict(dim=2, components=8)),
+    ("overlap_4d_k4", "gmm_overlap", dict(dim=4, components=4)),
+    ("multiscale_8d_k16", "gmm_multiscale", dict(dim=8, components=16)),
+    ("aniso_16d_cond1e3", "aniso", dict(dim=16, cond=1e3)),
+    ("separated_32d_k64", "gmm_separated", dict(dim=32, components=64, diagonal=True)),
+    ("overlap_64d_k8", "gmm_overlap", dict(dim=64, components=8)),
+    ("aniso_256d_cond1e3", "aniso", dict(dim=256, cond=1e3)),
+    ("multiscale_256d_k16_diag", "gmm_multiscale", dict(dim=256, components=16, diagonal=True)),
+)
+
+
+def suite() -> list:
+    """The benchmark suite as a list of (label, target), built from ``SUITE`` (fixed arguments, seed 0)."""
+    return [(label, get_target(name, **kw)) for label, name, kw in SUITE]
+
+
 TARGETS: dict[str, Callable[[], GaussianMixture]] = {
     "ring8": ring8,
     "bimodal_1d": bimodal_1d,
     "ncsn_two_mode": ncsn_two_mode,
     "aniso_gaussian": aniso_gaussian,
     "gaussian_2d": gaussian_2d,
+    "aniso": aniso,
+    "gmm": gaussian_mixture_family,
+    "gmm_separated": gmm_separated,
+    "gmm_overlap": gmm_overlap,
+    "gmm_multiscale": gmm_multiscale,
 }
 
 
