@@ -74,13 +74,13 @@ class VelocityField:
             raise ValueError(
                 f"x has data shape {tuple(x.shape[1:])}, but this field expects {self.data_shape}"
             )
-        t = as_tensor(t, like=x).to(dtype=x.dtype, device=x.device)
+        t = as_tensor(t)  # python numbers -> float64: the range check must not see float32 rounding
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
             raise ValueError(
                 f"t must be a scalar or a (batch,) tensor with batch={x.shape[0]}; got shape {tuple(t.shape)}"
             )
         self.schedule.check_t(t)
-        return t
+        return t.to(dtype=x.dtype, device=x.device)
 
     def coefficients(self, t, x):
         """(alpha, sigma, alpha', sigma') at t, broadcast against x."""

@@ -307,14 +307,21 @@ def _pc_nfe(n: int, predictor: str = "em", corrector_steps: int = 1, **_) -> int
 
 
 @register("pc", family="langevin", order=1, stochastic=True, nfe_per_step=2, nfe_of_steps=_pc_nfe,
-          description="Predictor-corrector (Song et al. 2021): a predictor step then Langevin corrector steps "
-                      "with the SNR rule; NFE = N (predictor + corrector_steps)")
-def pc(field, x, grid, *, predictor="em", corrector_steps=1, snr=0.16, generator=None, callback=None,
-       progress=False, **predictor_options):
-    r"""Predictor-corrector sampling (score_sde ``get_pc_sampler``): for each step grid[i] -> grid[i+1], one
-    predictor step (any single-step method, or "none" for corrector-only annealed Langevin) then
-    ``corrector_steps`` Langevin steps at t_{i+1} with eps = 2 a (r ||z||/||s||)^2 (item 35; a = alpha_{i+1}^2 /
-    alpha_i^2 = 1 - beta_i on VP schedules, 1 otherwise; r = ``snr``)."""
+          description="Predictor-corrector (Song et al. 2021): Langevin corrector steps with the SNR rule, then a "
+                      "predictor step; NFE = N (predictor + corrector_steps)")
+def pc(field, x, grid, *, predictor="em", corrector_steps=1, snr=0.16, corrector_first=True, generator=None,
+       callback=None, progress=False, **predictor_options):
+    r"""Predictor-corrector sampling as score_sde's ``get_pc_sampler`` (Song et al. 2021, Alg. 2-3): for each
+    step grid[i] -> grid[i+1], ``corrector_steps`` Langevin steps at t_i, x' = x + e s(x, t_i) + sqrt(2 e) z with
+
+        e = 2 a (r ||z|| / ||s||)^2,   a = alpha_i^2 / alpha_{i+1}^2,
+
+    (r = ``snr``; norms per sample, averaged over the batch). a is score_sde's ``LangevinCorrector`` factor
+    ``alphas[t]`` = 1 - beta_i on VP and sub-VP schedules, and 1 on VE / EDM where alpha = 1. Then one
+    predictor step t_i -> t_{i+1} (any single-step method, or "none" for corrector-only annealed Langevin).
+    ``corrector_first=False`` runs the predictor first and the corrector at t_{i+1} (the order written in the
+    paper's Algorithm 1; the official code corrects first).
+    Random draws: the corrector's z come from ``generator`` before the predictor's noise of the same step."""
     if predictor not in PC_PREDICTORS:
         raise ValueError(f"pc: predictor must be one of {PC_PREDICTORS}, got {predictor!r}")
     if int(corrector_steps) != corrector_steps or corrector_steps < 0:
@@ -327,15 +334,24 @@ def pc(field, x, grid, *, predictor="em", corrector_steps=1, snr=0.16, generator
         predictor_options.setdefault("final_euler", False)
     n = len(grid) - 1
     steps = []
+
+    def correct(x, i, t):
+        a = alpha[i] ** 2 / alpha[i + 1] ** 2
+        x, h = langevin_corrector(field, x, t, snr, int(corrector_steps), alpha=a, generator=generator)
+        steps.extend(h)
+        return x
+
     for i in step_iter(n, progress, "pc"):
+        if corrector_first:
+            x = correct(x, i, grid[i])
         if predictor != "none":
             x = sample(field, x, predictor, grid=grid[i:i + 2], generator=generator, **predictor_options).x
-        a = alpha[i + 1] ** 2 / alpha[i] ** 2 if sch.variance_preserving else 1.0
-        x, h = langevin_corrector(field, x, grid[i + 1], snr, int(corrector_steps), alpha=a, generator=generator)
-        steps.extend(h)
+        if not corrector_first:
+            x = correct(x, i, grid[i + 1])
         if callback is not None:
             callback(i + 1, x)
-    return x, {"predictor": predictor, "corrector_steps": corrector_steps, "snr": snr, "corrector_h": steps}
+    return x, {"predictor": predictor, "corrector_steps": corrector_steps, "snr": snr,
+               "corrector_first": corrector_first, "corrector_h": steps}
 
 
 def langevin_corrector(field: VelocityField, x: torch.Tensor, t, snr: float, n_steps: int, *, alpha: float = 1.0,

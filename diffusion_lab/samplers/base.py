@@ -14,6 +14,7 @@ k-diffusion's final step to sigma = 0 is this: an Euler step to sigma = 0 lands 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass, field as dc_field
@@ -25,13 +26,14 @@ from ..field import VelocityField
 from .grids import check_grid, time_grid
 
 __all__ = ["MethodInfo", "SampleResult", "register", "available", "get_method", "sample", "steps_for_nfe",
-           "step_iter"]
+           "plan_for_nfe", "step_iter"]
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     """What a sampler is: its family, order (global; weak order for stochastic methods), whether it is
-    stochastic, its model evaluations for N steps, and the fewest steps it accepts."""
+    stochastic, its exact model evaluations ``nfe_of_steps(N, **options)`` for N steps, the fewest steps it
+    accepts, and its budget rule ``plan(nfe, **options) -> (N, options)`` (see ``plan_for_nfe``)."""
 
     name: str
     fn: Callable
@@ -39,13 +41,16 @@ class MethodInfo:
     order: float
     stochastic: bool
     nfe_per_step: float
-    nfe_of_steps: Callable[[int], int]
+    nfe_of_steps: Callable[..., int]
     min_steps: int = 1
     description: str = ""
+    plan: Callable[..., tuple[int, dict]] | None = None
+    budget_rule: str = ""
 
     def row(self) -> dict:
         return {"method": self.name, "family": self.family, "order": self.order, "stochastic": self.stochastic,
-                "nfe_per_step": self.nfe_per_step, "min_steps": self.min_steps, "description": self.description}
+                "nfe_per_step": self.nfe_per_step, "min_steps": self.min_steps, "description": self.description,
+                "budget_rule": self.budget_rule or "largest N whose NFE fits the budget"}
 
 
 _REGISTRY: dict[str, MethodInfo] = {}
@@ -62,17 +67,30 @@ def _summary(doc: str | None) -> str:
     return para
 
 
+def _accept_options(count: Callable[..., int]) -> Callable[..., int]:
+    """``count(n, **options)`` that ignores the options ``count`` does not declare (so every caller may pass a
+    method's full option set, and only the ones that change its NFE are used)."""
+    params = list(inspect.signature(count).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return count
+    names = {p.name for p in params}
+    return lambda n, **options: count(n, **{k: v for k, v in options.items() if k in names})
+
+
 def register(name: str, *, family: str, order: float, stochastic: bool, nfe_per_step: float = 1,
-             nfe_of_steps: Callable[[int], int] | None = None, min_steps: int = 1, description: str = ""):
-    """Register a sampler function under ``name``; ``nfe_of_steps(N)`` is its exact NFE for N steps
-    (default round(nfe_per_step * N); None for adaptive methods is allowed via nfe_per_step=nan)."""
+             nfe_of_steps: Callable[..., int] | None = None, min_steps: int = 1, description: str = "",
+             plan: Callable[..., tuple[int, dict]] | None = None, budget_rule: str = ""):
+    """Register a sampler function under ``name``; ``nfe_of_steps(N, **options)`` is its exact NFE for N steps
+    (default round(nfe_per_step * N); nfe_per_step=nan marks an adaptive method); ``plan(nfe, **options)``,
+    if given, is the method's own rule for spending an NFE budget (returns the step count and the options to
+    run with), described in words by ``budget_rule``."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"sampler {name!r} registered twice")
         count = nfe_of_steps or (lambda n, k=nfe_per_step: int(round(k * n)) if not math.isnan(k) else -1)
-        _REGISTRY[name] = MethodInfo(name, fn, family, order, stochastic, nfe_per_step, count, min_steps,
-                                     description or _summary(fn.__doc__))
+        _REGISTRY[name] = MethodInfo(name, fn, family, order, stochastic, nfe_per_step, _accept_options(count),
+                                     min_steps, description or _summary(fn.__doc__), plan, budget_rule)
         return fn
 
     return deco
@@ -98,13 +116,14 @@ def get_method(name: str) -> MethodInfo:
 
 
 def steps_for_nfe(method: str, nfe: int, final: str = "step", **options) -> int:
-    """The largest number of steps N whose exact NFE (plus 1 for final='denoise') is <= nfe; ``options`` reach
-    methods whose NFE depends on them (pc's predictor and corrector_steps, annealed Langevin's n_steps_each)."""
+    """The largest number of steps N whose exact NFE ``nfe_of_steps(N, **options)`` (plus 1 for
+    final='denoise') is <= nfe. Every option is passed on; those that change the count (heun's final_euler,
+    pc's predictor and corrector_steps, singlestep DPM-Solver's orders, ...) are used."""
     info = get_method(method)
     budget = nfe - (1 if final == "denoise" else 0)
-    count = lambda n: info.nfe_of_steps(n, **options) if options else info.nfe_of_steps(n)  # noqa: E731
     if math.isnan(info.nfe_per_step):
         raise ValueError(f"{method} is adaptive: it takes rtol/atol, not an NFE budget")
+    count = lambda n: info.nfe_of_steps(n, **options)  # noqa: E731
     if count(1) < 1:
         raise ValueError(f"{method} with options {options} makes no model evaluation per step; an NFE budget "
                          f"cannot set its step count")
@@ -116,6 +135,30 @@ def steps_for_nfe(method: str, nfe: int, final: str = "step", **options) -> int:
         raise ValueError(f"NFE {nfe} is below the minimum {lowest} of method {method!r} "
                          f"({info.min_steps} step(s) of {info.nfe_per_step:g} NFE)")
     return n
+
+
+def plan_for_nfe(method: str, nfe: int, final: str = "step", **options) -> tuple[int, dict]:
+    """How ``method`` spends a budget of ``nfe`` model evaluations: (steps N, options to run with).
+
+    Methods with a budget rule of their own (``MethodInfo.plan``; e.g. singlestep DPM-Solver composes its
+    per-step orders from the budget, as the official DPM-Solver-fast) use it; every other method takes the
+    largest N that fits (``steps_for_nfe``) and the options unchanged. Options the caller gives explicitly
+    are never overridden. The returned plan's exact NFE is <= nfe (checked).
+    """
+    info = get_method(method)
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    budget = int(nfe) - (1 if final == "denoise" else 0)
+    if info.plan is None:
+        return steps_for_nfe(method, int(nfe), final, **options), dict(options)
+    if budget < 1:
+        raise ValueError(f"NFE {nfe} leaves no evaluation for method {method!r} after final={final!r}")
+    n, opts = info.plan(budget, **options)
+    used = info.nfe_of_steps(n, **opts)
+    if used > budget or n < info.min_steps:
+        raise ValueError(f"method {method!r}: its budget rule gave {n} steps using {used} NFE for a budget of "
+                         f"{budget}")  # a bug in the rule, never expected
+    return n, opts
 
 
 def step_iter(n: int, progress: bool | str = False, desc: str = "sampling"):
@@ -143,11 +186,12 @@ class SampleResult:
 
 
 def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", steps: int | None = None,
-           grid=None, *, grid_kind: str = "logsnr", generator: torch.Generator | None = None,
+           grid=None, *, nfe: int | None = None, grid_kind: str = "logsnr", generator: torch.Generator | None = None,
            final: str = "step", return_trajectory: bool = False, progress: bool = False, **options) -> SampleResult:
     """Integrate ``x_init`` (samples of p_{t_max}) from grid[0] = t_max to grid[-1] = t_min with ``method``.
 
-    Give either ``steps`` (with ``grid_kind`` in uniform / logsnr / karras / quadratic) or ``grid`` (a
+    Give one of ``steps`` (with ``grid_kind`` in uniform / logsnr / karras / quadratic), ``nfe`` (a budget of
+    model evaluations, spent by the method's budget rule, ``plan_for_nfe``; the final denoiser counts) or ``grid`` (a
     descending list or tensor of times; deterministic methods also take an increasing grid, which runs the
     PF-ODE from data to noise: DDIM inversion with method="ddim", an accurate one with "adaptive"). ``final`` is "step" or "denoise" (see the module docstring).
     Method options (eta, gamma, noise, rtol, ...) pass through ``**options``.
@@ -158,8 +202,10 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     if final not in ("step", "denoise"):
         raise ValueError(f"final must be 'step' or 'denoise', got {final!r}")
     adaptive = math.isnan(info.nfe_per_step)
-    if steps is not None and grid is not None:
-        raise ValueError("give steps= or grid=, not both")
+    if sum(v is not None for v in (steps, grid, nfe)) > 1:
+        raise ValueError("give one of steps=, nfe= or grid=")
+    if nfe is not None:
+        steps, options = plan_for_nfe(method, nfe, final, **options)
     if grid is not None:
         grid = check_grid(field.schedule, grid, allow_increasing=not info.stochastic)
         if grid[-1] > grid[0] and final == "denoise":
@@ -184,8 +230,10 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
         x = field.denoiser(x, grid[-1])
     seconds = time.perf_counter() - t0
     settings = {"method": method, "steps": n, "grid_kind": grid_kind if steps is not None else "user",
+                **({"nfe_budget": int(nfe)} if nfe is not None else {}),
                 "final": final, "schedule": field.schedule.settings(), "dtype": str(x_init.dtype),
-                **{k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}}
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
+                   if isinstance(v, (int, float, str, bool, tuple, list))}}
     return SampleResult(x=x, nfe=field.nfe - nfe0, grid=grid, method=method,
                         trajectory=torch.stack(traj) if traj is not None else None, info=extra or {},
                         seconds=seconds, settings=settings)

@@ -166,40 +166,113 @@ def _dpm_solver_step(field, x, t_s, t_t, a_s, s_s, l_s, a_t, s_t, l_t, order, pr
     return x_lin + (a_t * phi_2 / r2) * (m2 - m_s)
 
 
-def _singlestep(field, x, grid, order, predict, callback, progress):
+def _check_orders(name: str, orders, n: int, max_order: int) -> list[int]:
+    if orders is None:
+        return [max_order] * n
+    out = list(orders) if not isinstance(orders, str) else None
+    if out is None or len(out) != n or any(int(k) != k or not 1 <= k <= max_order for k in out):
+        raise ValueError(f"{name}: orders must be a list of {n} integers in 1..{max_order} (one per step), "
+                         f"got orders={orders!r}")
+    return [int(k) for k in out]
+
+
+def _singlestep(field, x, grid, order, predict, callback, progress, orders=None, name=None):
     _check_predict(predict)
+    name = name or f"dpm_solver_{order}"
     alpha, sigma, lam = _tables(field, grid)
     n = len(grid) - 1
-    for i in step_iter(n, progress, f"dpm_solver_{order}"):
+    orders = _check_orders(name, orders, n, order)
+    for i in step_iter(n, progress, name):
         x = _dpm_solver_step(field, x, grid[i], grid[i + 1], alpha[i], sigma[i], lam[i],
-                             alpha[i + 1], sigma[i + 1], lam[i + 1], order, predict)
+                             alpha[i + 1], sigma[i + 1], lam[i + 1], orders[i], predict)
         if callback is not None:
             callback(i + 1, x)
-    return x, {"order": order, "predict": predict}
+    return x, {"order": order, "orders": orders, "predict": predict}
+
+
+def dpm_solver_fast_orders(nfe: int, order: int) -> list[int]:
+    r"""Per-step orders with which singlestep DPM-Solver spends exactly ``nfe`` model evaluations: the
+    "DPM-Solver-fast" recipe of Lu et al. (2022, sec. 3.4; official ``get_orders_and_timesteps_for_singlestep_solver``).
+
+    order 3: K = floor(nfe/3) + 1 steps, orders [3]*(K-2) + [2, 1] if nfe = 0 mod 3, [3]*(K-1) + [1] if nfe = 1,
+    [3]*(K-1) + [2] if nfe = 2 (e.g. nfe 3, 4, 5, 10 -> [2, 1], [3, 1], [3, 2], [3, 3, 3, 1]);
+    order 2: [2]*(nfe/2) for even nfe, [2]*floor(nfe/2) + [1] for odd nfe; order 1: [1]*nfe.
+    The low-order steps come last, where the steps in lambda are taken at the small-noise end.
+    """
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if order == 3:
+        k = nfe // 3 + 1
+        r = nfe % 3
+        orders = [3] * (k - 2) + [2, 1] if r == 0 else [3] * (k - 1) + ([1] if r == 1 else [2])
+    elif order == 2:
+        orders = [2] * (nfe // 2) + ([1] if nfe % 2 else [])
+    elif order == 1:
+        orders = [1] * nfe
+    else:
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    return orders
+
+
+def _fast_plan(order: int):
+    def plan(nfe, orders=None, **options):
+        if orders is not None:  # the caller fixed the orders: the step count follows from them
+            return len(orders), {"orders": orders, **options}
+        orders = dpm_solver_fast_orders(nfe, order)
+        return len(orders), {"orders": orders, **options}
+
+    return plan
+
+
+def _orders_nfe(order: int):
+    return lambda n, orders=None: sum(orders) if orders is not None else order * n
+
+
+_FAST_RULE = ("DPM-Solver-fast: per-step orders composed from the budget (Lu et al. 2022 sec. 3.4), "
+              "e.g. NFE 10 -> orders [3, 3, 3, 1] on 4 steps")
+_FAST_RULE_2 = "orders composed from the budget: [2] * (K/2) for even K, one first-order step last for odd K"
 
 
 @register("dpm_solver_1", family="exponential", order=1, stochastic=False, nfe_per_step=1)
 def dpm_solver_1(field, x, grid, *, predict="eps", generator=None, callback=None, progress=False):
     r"""DPM-Solver-1 (Lu et al. 2022 eq. 3.7): x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_hat(x_s, s);
     predict='x0' (DPM-Solver++ 1): x_t = (sigma_t/sigma_s) x_s - alpha_t (e^{-h} - 1) x0_hat(x_s, s).
-    Both equal DDIM(eta = 0) (THEORY.md item 27). NFE = N."""
+    Both equal DDIM(eta = 0) (Lu et al. 2022 sec. 4.1). NFE = N."""
     return _singlestep(field, x, grid, 1, predict, callback, progress)
 
 
-@register("dpm_solver_2", family="exponential", order=2, stochastic=False, nfe_per_step=2)
-def dpm_solver_2(field, x, grid, *, predict="eps", generator=None, callback=None, progress=False):
+@register("dpm_solver_2", family="exponential", order=2, stochastic=False, nfe_per_step=2,
+          nfe_of_steps=_orders_nfe(2), plan=_fast_plan(2), budget_rule=_FAST_RULE_2)
+def dpm_solver_2(field, x, grid, *, predict="eps", orders=None, generator=None, callback=None, progress=False):
     r"""Singlestep DPM-Solver-2 (Lu et al. 2022 Alg. 1, r1 = 1/2): with s1 = t(lambda_s + r1 h),
 
         u = (alpha_s1/alpha_s) x_s - sigma_s1 (e^{r1 h} - 1) eps_s,
         x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_s - sigma_t/(2 r1) (e^h - 1) (eps_hat(u, s1) - eps_s);
 
     predict='x0': DPM-Solver++(2S) (Lu et al. 2022b, official ``singlestep_dpm_solver_second_update``), the
-    same with (alpha, sigma, h, eps) -> (sigma, alpha, -h, x0). NFE = 2N."""
-    return _singlestep(field, x, grid, 2, predict, callback, progress)
+    same with (alpha, sigma, h, eps) -> (sigma, alpha, -h, x0). ``orders`` (one per step, each 1 or 2) mixes
+    in first-order steps; NFE = sum(orders), 2N by default. Given an NFE budget (``sample(..., nfe=K)``) the
+    orders follow ``dpm_solver_fast_orders(K, 2)``: an odd budget ends with one first-order step."""
+    return _singlestep(field, x, grid, 2, predict, callback, progress, orders)
 
 
-@register("dpm_solver_3", family="exponential", order=3, stochastic=False, nfe_per_step=3)
-def dpm_solver_3(field, x, grid, *, predict="eps", generator=None, callback=None, progress=False):
+@register("dpmpp_2s", family="exponential", order=2, stochastic=False, nfe_per_step=2,
+          nfe_of_steps=_orders_nfe(2), plan=_fast_plan(2), budget_rule=_FAST_RULE_2,
+          description="DPM-Solver++(2S), singlestep data prediction (Lu et al. 2022b Alg. 1); NFE = 2N")
+def dpmpp_2s(field, x, grid, *, orders=None, generator=None, callback=None, progress=False):
+    r"""Singlestep DPM-Solver++(2S) (Lu et al. 2022b Alg. 1 with r1 = 1/2; official
+    ``singlestep_dpm_solver_second_update`` with algorithm_type 'dpmsolver++'): with s1 = t(lambda_s + h/2),
+
+        u = (sigma_s1/sigma_s) x_s - alpha_s1 (e^{-h/2} - 1) D_s,
+        x_t = (sigma_t/sigma_s) x_s - alpha_t (e^{-h} - 1) D_s - alpha_t (e^{-h} - 1) (x0_hat(u, s1) - D_s),
+
+    i.e. ``dpm_solver_2`` with predict='x0'. NFE = 2N (sum(orders) with ``orders``)."""
+    return _singlestep(field, x, grid, 2, "x0", callback, progress, orders, name="dpmpp_2s")
+
+
+@register("dpm_solver_3", family="exponential", order=3, stochastic=False, nfe_per_step=3,
+          nfe_of_steps=_orders_nfe(3), plan=_fast_plan(3), budget_rule=_FAST_RULE)
+def dpm_solver_3(field, x, grid, *, predict="eps", orders=None, generator=None, callback=None, progress=False):
     r"""Singlestep DPM-Solver-3 (Lu et al. 2022 Alg. 2, r1 = 1/3, r2 = 2/3): with phi_1 = e^h - 1,
     phi_2 = phi_1/h - 1, phi_22 = (e^{r2 h} - 1)/(r2 h) - 1 and s_j = t(lambda_s + r_j h),
 
@@ -207,22 +280,28 @@ def dpm_solver_3(field, x, grid, *, predict="eps", generator=None, callback=None
         u2 = (alpha_s2/alpha_s) x_s - sigma_s2 (e^{r2 h} - 1) eps_s - (r2/r1) sigma_s2 phi_22 (eps_hat(u1, s1) - eps_s),
         x_t = (alpha_t/alpha_s) x_s - sigma_t phi_1 eps_s - (sigma_t/r2) phi_2 (eps_hat(u2, s2) - eps_s);
 
-    predict='x0': DPM-Solver++(3S) (official ``singlestep_dpm_solver_third_update``, dpmsolver++). NFE = 3N."""
-    return _singlestep(field, x, grid, 3, predict, callback, progress)
+    predict='x0': DPM-Solver++(3S) (official ``singlestep_dpm_solver_third_update``, dpmsolver++).
+    ``orders`` (one per step, each 1, 2 or 3) composes orders; NFE = sum(orders), 3N by default. Given an NFE
+    budget (``sample(..., nfe=K)``), the orders are DPM-Solver-fast's (``dpm_solver_fast_orders(K, 3)``), on
+    len(orders) steps of the requested grid kind: with grid_kind='logsnr' this is the official
+    DPM-Solver-fast (``method='singlestep'``, ``skip_type='logSNR'``) step for step."""
+    return _singlestep(field, x, grid, 3, predict, callback, progress, orders)
 
 
 # ------------------------------------------------------------------------------------------------
 # Multistep DPM-Solver++ (Lu et al. 2022b) and UniPC (Zhao et al. 2023)
 
 
-def _step_orders(n: int, order: int, lower_order_final: bool) -> list[int]:
+def _step_orders(n: int, order: int, lower_order_final: bool, final_below: int | None = 10) -> list[int]:
     """Order used in each of the n steps of a multistep method: min(order, i + 1) in step i (0-based; warm-up
-    with the history available) and, when lower_order_final and n < 10, also <= n - i (so the last step is
-    first order), as the official dpm-solver / UniPC ``sample(method='multistep')``."""
+    with the history available) and, when ``lower_order_final``, also <= n - i (so the last step is first
+    order) -- for every n if ``final_below`` is None (official UniPC ``sample`` and diffusers'
+    UniPCMultistepScheduler), only when n < ``final_below`` otherwise (official DPM-Solver ``sample``,
+    method='multistep': n < 10; diffusers' DPMSolverMultistepScheduler uses n < 15)."""
     orders = []
     for i in range(n):
         k = min(order, i + 1)
-        if lower_order_final and n < 10:
+        if lower_order_final and (final_below is None or n < final_below):
             k = min(k, n - i)
         orders.append(k)
     return orders
@@ -273,31 +352,39 @@ def dpmpp_2m(field, x, grid, *, lower_order_final=True, generator=None, callback
     return _dpmpp_multistep(field, x, grid, 2, lower_order_final, callback, progress, "dpmpp_2m")
 
 
-@register("dpmpp_3m", family="exponential", order=3, stochastic=False, nfe_per_step=1)
-def dpmpp_3m(field, x, grid, *, lower_order_final=True, coefficients="taylor", generator=None, callback=None,
+@register("dpmpp_3m", family="exponential", order=2, stochastic=False, nfe_per_step=1,
+          description="DPM-Solver++(3M) multistep, data prediction (Lu et al. 2022b); official coefficients "
+                      "(global order 2) by default, coefficients='taylor' for order 3; NFE = N")
+def dpmpp_3m(field, x, grid, *, lower_order_final=True, coefficients="reference", generator=None, callback=None,
              progress=False):
-    r"""Multistep DPM-Solver++(3M), data prediction: the exponential Adams-Bashforth step that integrates the
-    quadratic interpolant of D in lambda through (lambda_{i-2}, lambda_{i-1}, lambda_i) exactly. With
-    r0 = h_{i-1}/h_i, r1 = h_{i-2}/h_i, D1_0 = (D_i - D_{i-1})/r0, D1_1 = (D_{i-1} - D_{i-2})/r1,
-    D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1) (= h D' + O(h^3)), D2 = 2 (D1_0 - D1_1)/(r0+r1) (= h^2 D'' + O(h^3)),
-    phi_1 = e^{-h} - 1, phi_2 = phi_1/h + 1, phi_3 = phi_2/h - 1/2:
+    r"""Multistep DPM-Solver++(3M), data prediction (Lu et al. 2022b; official dpm-solver
+    ``multistep_dpm_solver_third_update``). With D_i = x0_hat(x_i, t_i), h = lambda_{i+1} - lambda_i,
+    r0 = h_{i-1}/h, r1 = h_{i-2}/h, D1_0 = (D_i - D_{i-1})/r0, D1_1 = (D_{i-1} - D_{i-2})/r1,
+    D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1) (= h D' + O(h^3)), phi_1 = e^{-h} - 1, phi_2 = phi_1/h + 1,
+    phi_3 = phi_2/h - 1/2:
 
-        x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} phi_1 D_i + alpha_{i+1} phi_2 D1 - alpha_{i+1} phi_3 D2,
+        x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} phi_1 D_i + alpha_{i+1} phi_2 D1 - alpha_{i+1} phi_3 D2.
 
-    since sigma_t int_0^h e^{lambda_i + u} D'' u^2/2 du = -alpha_t h^2 phi_3 D'' (Lu et al. 2022b's Taylor
-    expansion, as in their singlestep 'taylor' update where D2 = h^2 D'' as here). This step equals UniP-3
-    (``unipc`` with order=3, corrector=False) to round-off.
+    Two choices of D2 (option ``coefficients``):
 
-    ``coefficients="reference"`` uses D2 = (D1_0 - D1_1)/(r0+r1) = h^2 D''/2 instead, which is what the
-    official dpm-solver ``multistep_dpm_solver_third_update``, diffusers' ``multistep_dpm_solver_third_order_update``
-    and k-diffusion's ``sample_dpmpp_3m_sde`` (eta = 0) compute: its local error is O(h^3), and its measured
-    global order is 2 (tests/test_samplers_exponential.py), not 3.
+    - "reference" (default): D2 = (D1_0 - D1_1)/(r0+r1) = h^2 D''/2 + O(h^3), what the official code,
+      diffusers' ``multistep_dpm_solver_third_order_update`` and k-diffusion's ``sample_dpmpp_3m_sde``
+      (eta = 0) compute. Its local error is O(h^3): measured global order 2, not 3.
+    - "taylor": D2 = 2 (D1_0 - D1_1)/(r0+r1) = h^2 D'' + O(h^3), which integrates the quadratic interpolant of
+      D in lambda exactly (sigma_t int_0^h e^{lambda_i + u} D'' u^2/2 du = -alpha_t h^2 phi_3 D''): global
+      order 3 (measured 3.1), and the step equals UniP-3 (``unipc`` with order=3, corrector=False).
+
+    Why "reference" is the default: the choice was made by a rule fixed before measuring
+    (benchmarks/dpmpp_3m_coefficients.py: the geometric mean of error(taylor)/error(reference) over 90 cells
+    -- 5 exact targets x 3 schedules x logsnr/karras grids x NFE 5, 10, 20 -- decides). It is 1.32: the halved
+    second difference is the more accurate at the budgets samplers are used at (ring8, VP, logsnr, N = 10:
+    1.6e-2 against 6.1e-2), while "taylor" wins on Gaussians and at NFE 50 (geometric mean 0.82 there).
 
     Warm-up: steps 1 and 2 are of order 1 and 2 (as the official code); ``lower_order_final`` (N < 10) makes
     the last two steps of order 2 and 1. NFE = N. The first-order first step leaves a local error
-    O(h^2 dD/dlambda) in the global error, so the asymptotic global order is 2 unless D barely moves over the
-    first step: on VPLinear from t_max = 1 (alpha ~ 0.007) the measured order over N = 16..256 is 3.1-3.2,
-    from t_max = 0.4 it is 2.0 (tests/test_samplers_exponential.py)."""
+    O(h^2 dD/dlambda) in the global error, so even "taylor" is globally of order 2 unless D barely moves over
+    the first step: on VPLinear from t_max = 1 (alpha ~ 0.007) its measured order over N = 16..256 is
+    3.1-3.2, from t_max = 0.4 it is 2.0."""
     if coefficients not in ("taylor", "reference"):
         raise ValueError(f"dpmpp_3m: coefficients must be 'taylor' or 'reference', got {coefficients!r}")
     x, info = _dpmpp_multistep(field, x, grid, 3, lower_order_final, callback, progress, "dpmpp_3m",
@@ -333,8 +420,8 @@ def _unipc_coefficients(rks: list[float], h: float, k: int):
 @register("unipc", family="exponential", order=3, stochastic=False, nfe_per_step=1,
           description="UniPC-bh2 multistep, data prediction (Zhao et al. 2023); order option p (default 2) "
                       "+ UniC corrector -> order p + 1; NFE = N")
-def unipc(field, x, grid, *, order=2, corrector=True, lower_order_final=True, generator=None, callback=None,
-          progress=False):
+def unipc(field, x, grid, *, order=2, corrector=True, lower_order_final=True, final_rule="every_n", generator=None,
+          callback=None, progress=False):
     r"""UniPC with B(h) = e^{-h} - 1 (bh2), data prediction (Zhao et al. 2023 Alg. 2-3; official
     ``multistep_uni_pc_bh_update``). With D_i = x0_hat, r_m = (lambda_{i-m} - lambda_i)/h,
     D1_m = (D_{i-m} - D_i)/r_m (m = 1..k-1):
@@ -345,17 +432,22 @@ def unipc(field, x, grid, *, order=2, corrector=True, lower_order_final=True, ge
                                        - alpha_{i+1} B(h) [sum_m rho_c,m D1_m + rho_c,k (x0_hat(x~_{i+1}, t_{i+1}) - D_i)].
 
     The corrector's model evaluation x0_hat(x~_{i+1}, t_{i+1}) is reused as D_{i+1} by the next step, so each
-    step costs one NFE and no corrector follows the last step: NFE = N. Step orders follow warm-up and
-    ``lower_order_final`` as dpmpp_2m. Order of accuracy: ``order`` with corrector=False, ``order`` + 1 with
+    step costs one NFE and no corrector follows the last step: NFE = N. Step orders: warm-up min(order, i + 1)
+    and, with ``lower_order_final`` (default), min(order, N - i) at every N, as the official UniPC ``sample``
+    and diffusers' UniPCMultistepScheduler (``final_rule="every_n"``); ``final_rule="below_10"`` applies it
+    only for N < 10, as the official DPM-Solver does for its multistep methods (measured on ring8, karras
+    grid, N = 10: 0.18 with the official rule against 0.85 without it). Order of accuracy: ``order`` with corrector=False, ``order`` + 1 with
     the corrector (the registered order 3 is that of the defaults), except that the warm-up bounds it: the
     first step is UniP-1 + UniC-1 (local error O(h^3)), so order=3 with the corrector is globally of order 3
     (measured 3.0 from t_max = 0.4; 3.8-4.2 from t_max = 1, where D barely moves over the first step).
     """
     if order not in (1, 2, 3):
         raise ValueError(f"unipc: order must be 1, 2 or 3, got order={order!r}")
+    if final_rule not in ("every_n", "below_10"):
+        raise ValueError(f"unipc: final_rule must be 'every_n' or 'below_10', got final_rule={final_rule!r}")
     alpha, sigma, lam = _tables(field, grid)
     n = len(grid) - 1
-    orders = _step_orders(n, order, lower_order_final)
+    orders = _step_orders(n, order, lower_order_final, final_below=None if final_rule == "every_n" else 10)
     hist = [field.x0_eps(x, grid[0])[0]]  # D at grid[i], grid[i-1], ... (newest first)
     for i in step_iter(n, progress, "unipc"):
         k = orders[i]
@@ -384,4 +476,5 @@ def unipc(field, x, grid, *, order=2, corrector=True, lower_order_final=True, ge
             del hist[order:]
         if callback is not None:
             callback(i + 1, x)
-    return x, {"orders": orders, "corrector": corrector, "lower_order_final": lower_order_final, "variant": "bh2"}
+    return x, {"orders": orders, "corrector": corrector, "lower_order_final": lower_order_final,
+               "final_rule": final_rule, "variant": "bh2"}

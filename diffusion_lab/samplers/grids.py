@@ -6,7 +6,7 @@ Builders (N steps -> N + 1 points):
     logsnr      lambda_i uniform between lambda(t_max) and lambda(t_min), t_i = t(lambda_i)   (DPM-Solver 'logSNR')
     karras      sigma_i = (s_max^{1/rho} + i/N (s_min^{1/rho} - s_max^{1/rho}))^rho on sigma/alpha = e^{-lambda},
                 t_i = t(lambda = -log sigma_i)                                                    (EDM eq. 5, rho = 7)
-    quadratic   t_i = t_min + (t_max - t_min) (1 - i/N)^2                                          (DDIM / DPM-Solver 'time_quadratic')
+    quadratic   t_i = (sqrt(t_max) + i/N (sqrt(t_min) - sqrt(t_max)))^2           (DPM-Solver 'time_quadratic', official code)
     a user list, which must be strictly decreasing and inside [t_min, t_max].
 
 The karras grid is spaced in the EDM noise level sigma/alpha of the given schedule, so on the EDM schedule it
@@ -42,8 +42,8 @@ def time_grid(schedule: Schedule, n: int | None = None, kind="logsnr", *, rho: f
     hi = torch.tensor(t_hi, dtype=torch.float64)
     if kind == "uniform":
         t = hi + u * (lo - hi)
-    elif kind == "quadratic":
-        t = lo + (hi - lo) * (1.0 - u) ** 2
+    elif kind == "quadratic":  # official DPM-Solver get_time_steps('time_quadratic'): linspace in sqrt(t), squared
+        t = (hi.sqrt() + u * (lo.sqrt() - hi.sqrt())) ** 2
     elif kind == "logsnr":
         l_hi, l_lo = schedule.lam(hi), schedule.lam(lo)
         t = schedule.t_from_lam(l_hi + u * (l_lo - l_hi))

@@ -89,9 +89,11 @@ def euler(field, x, grid, *, coords="t", generator=None, callback=None, progress
     return rk_integrate(field, x, grid, "euler", coords=coords, callback=callback, progress=progress)
 
 
-@register("heun", family="ode", order=2, stochastic=False, nfe_per_step=2, nfe_of_steps=lambda n: 2 * n - 1)
+@register("heun", family="ode", order=2, stochastic=False, nfe_per_step=2,
+          nfe_of_steps=lambda n, final_euler=True: 2 * n - 1 if final_euler else 2 * n)
 def heun(field, x, grid, *, coords="t", final_euler=True, generator=None, callback=None, progress=False):
-    """Heun's second-order method (Karras et al. 2022 Alg. 1), last step Euler: NFE = 2N - 1."""
+    """Heun's second-order method (Karras et al. 2022 Alg. 1), last step Euler: NFE = 2N - 1
+    (``final_euler=False``: Heun in the last step too, NFE = 2N)."""
     return rk_integrate(field, x, grid, "heun", coords=coords, final_euler=final_euler, callback=callback,
                         progress=progress)
 
