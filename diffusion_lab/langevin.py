@@ -1,15 +1,15 @@
 r"""Langevin samplers: the second view of the velocity field.
 
 At a fixed time t the overdamped Langevin diffusion dx = s(x, t) dtau + sqrt(2) dW, s = grad log p_t, has
-stationary law p_t (THEORY.md item 31); annealed over a decreasing sequence of times it samples the data.
+stationary law p_t (Roberts & Tweedie 1996); annealed over a decreasing sequence of times it samples the data.
 
-Step-size convention (pinned, THEORY.md item 34): a step of size h is
+Step-size convention (pinned here, since papers differ by a factor 2): a step of size h is
 
     x' = x + h s(x, t) + sqrt(2 h) z,     z ~ N(0, I),
 
 the Euler-Maruyama step of the diffusion above with time step h (NCSN's code convention). The NCSN *paper*
 writes x' = x + (alpha/2) s + sqrt(alpha) z, i.e. alpha = 2h. On N(mu, v) this step is stable iff h < 2v and
-its stationary variance is v / (1 - h/(2v)) (item 32).
+its stationary variance is v / (1 - h/(2v)) (the ULA bias; Roberts & Tweedie 1996).
 
 Every sampler takes the VelocityField, counts model evaluations exactly (field.nfe), and draws noise only
 from the given ``generator`` (or a ``noise`` tensor of shape (n_steps, *x.shape)).
@@ -58,7 +58,7 @@ def _exact_target(field: VelocityField) -> GaussianMixture | None:
 
 def stability_bound(target: GaussianMixture, schedule, t) -> float:
     """2 min_k lambda_min(C_k), C_k = alpha^2 Sigma_k + sigma^2 I: the ULA step h must stay below it for each
-    Gaussian component (exact for a Gaussian: |1 - h/lambda| < 1 on every eigen-direction, item 32)."""
+    Gaussian component (exact for a Gaussian: |1 - h/lambda| < 1 on every eigen-direction)."""
     tt = as_tensor(float(t))
     a, s = float(schedule.alpha(tt)), float(schedule.sigma(tt))
     return float(2.0 * (a * a * target._ev + s * s).min())
@@ -281,7 +281,7 @@ def annealed_langevin(field: VelocityField, x0: torch.Tensor, levels, eps: float
 # predictor-corrector, registered as sample-path methods (usable in sample() and compare)
 
 def snr_step_size(score: torch.Tensor, z: torch.Tensor, snr: float, alpha: float = 1.0) -> float:
-    r"""score_sde's Langevin-corrector step (THEORY.md item 35): eps = 2 alpha (r ||z|| / ||s||)^2, norms per sample
+    r"""score_sde's Langevin-corrector step (Song et al. 2021, Alg. 4): eps = 2 alpha (r ||z|| / ||s||)^2, norms per sample
     averaged over the batch; in this module's convention the corrector step is x' = x + eps s + sqrt(2 eps) z."""
     dims = tuple(range(1, score.ndim))
     g = float(score.reshape(score.shape[0], -1).norm(dim=1).mean())

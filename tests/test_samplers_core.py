@@ -114,7 +114,7 @@ def test_references_agree_1d():
     q = quantile_flow_map(tg, s, x, s.t_max, s.t_min)
     o, nfe = flow_map(tg.field(s), x, s.t_max, s.t_min)
     assert float((q - o).abs().max()) < 1e-8 and nfe > 50
-    assert (torch.diff(q[torch.argsort(x[:, 0]), 0]) > 0).all()  # monotone map (item 23)
+    assert (torch.diff(q[torch.argsort(x[:, 0]), 0]) > 0).all()  # the 1-D flow map is monotone
 
 
 def test_gaussian_w2_and_pushforward():

@@ -108,7 +108,7 @@ def test_ddim_eta1_is_forward_posterior_general(schedule):
     assert ddim_coefficients(a_t, s_t, 0.4, 0.0) == (a_t, s_t, 0.0)
 
 
-# -- Dirac data: x0_hat is constant, so every exponential integrator is exact (item 27) ---------------------
+# -- Dirac data: x0_hat is constant, so every exponential integrator is exact ---------------------
 
 @pytest.mark.parametrize("method,options", [v for v in VARIANTS if v[0] != "ddim" or not v[1]])
 def test_exact_for_point_mass(method, options):

@@ -1,7 +1,7 @@
 """Stochastic samplers (diffusion_lab/samplers/sde.py) against closed forms, exact identities and each other.
 
-Tolerances: float64 algebra identities use rtol 1e-12 (THEORY.md class E); Monte Carlo comparisons use 5 standard
-errors against the EXACT law of the discretised sampler (oracle O4: Gaussian data make every step affine), so
+Tolerances: float64 algebra identities use rtol 1e-12 (exact class); Monte Carlo comparisons use 5 standard
+errors against the EXACT law of the discretised sampler (Gaussian data make every step affine), so
 the O(h) bias is not part of the MC tolerance; the bias itself is checked separately against p_{t_min}.
 """
 import math

@@ -1,4 +1,4 @@
-r"""Area E (stochastic): SDE solver checks (THEORY.md items 20, 22, 28, 30; oracle O4).
+r"""Area E (stochastic): SDE solver checks: reverse SDE, the marginal-preserving family, DDPM = DDIM(eta = 1), weak and strong orders.
 
 With Gaussian data N(mu, Sigma) the exact score is affine in x, so every sampler step here is an affine map
 of the state and of the step's standard normals. The output of N steps from x_0 is then
@@ -35,7 +35,7 @@ STEPS = (16, 32, 64, 128, 256)
 
 
 # ------------------------------------------------------------------------------------------------
-# Gaussian laws of sampler outputs (oracle O4)
+# Gaussian laws of sampler outputs (every step is affine for Gaussian data: exact laws)
 
 
 def sampler_gaussian_law(field, method: str, grid, m0, C0, **options):
@@ -99,7 +99,7 @@ def fitted_slope(hs, errs) -> float:
 def weak_order(method: str = "em", *, target: T.Gaussian | None = None, schedule=None, steps=STEPS,
                grid_kind: str = "uniform", closed_form: bool = False, **options):
     r"""Weak order of a sampler on Gaussian data: e(N) = W2(law of x_N, p_{t_min}) from x_{t_max} ~ p_{t_max},
-    with the law computed exactly (oracle O4, no Monte Carlo); returns (slope of log e vs log h, errors).
+    with the law computed exactly (no Monte Carlo); returns (slope of log e vs log h, errors).
 
     h = (t_max - t_min)/N. For method "em" with ``closed_form`` the moments come from
     ``em_gaussian_law_closed_form`` instead of the sampler.
@@ -128,7 +128,7 @@ def _order_outcome(slope: float, errs, p: float, steps=STEPS, what: str = "W2 er
 
 @check("E.em_weak_order", area="solvers", kind="order", tol=0.15,
        case="em, gamma=0.5, VP linear, gaussian_2d, uniform t, N in {16..256}, moments from the sampler's affine map",
-       reference="THEORY.md item 30, oracle O4; Kloeden & Platen 1992 Thm 14.5.1")
+       reference="Kloeden & Platen 1992 Thm 14.5.1")
 def _em_weak():
     """Euler-Maruyama on dx = [f x - (1+gamma^2)/2 g^2 s] dt + gamma g dW has weak order 1: the exact Gaussian
     law of its output converges to p_{t_min} in W2 like h^1."""
@@ -138,7 +138,7 @@ def _em_weak():
 
 @check("E.reverse_sde_gaussian_weak_order[gamma=1]", area="solvers", kind="order", tol=0.15,
        case="closed-form EM moment recursion, gamma=1, VP linear, gaussian_2d, uniform t, N in {16..256}",
-       reference="THEORY.md item 20; Anderson 1982")
+       reference="Anderson 1982")
 def _reverse_sde_weak():
     """The reverse SDE dx = [f x - g^2 s] dt + g dW_bar (Anderson 1982) started at p_{t_max} carries p_{t_max} to
     p_{t_min}: its EM moment recursion (closed form) converges to the moments of p_{t_min} at weak order 1."""
@@ -148,10 +148,10 @@ def _reverse_sde_weak():
 
 @check("E.reverse_sde_gaussian_weak_order[gamma=2]", area="solvers", kind="order", tol=0.15,
        case="closed-form EM moment recursion, gamma=2, VP linear, gaussian_2d, uniform t, N in {32..512}",
-       reference="THEORY.md item 22; Huang et al. 2021; EDM eq. 6")
+       reference="Huang et al. 2021; Karras et al. 2022 eq. 6")
 def _family_weak():
     """Every member of the family dx = [f x - (1+gamma^2)/2 g^2 s] dt + gamma g dW_bar has marginals p_t
-    (item 22): with gamma = 2 the EM moment recursion also converges to p_{t_min} at weak order 1.
+    (Karras et al. 2022 eq. 6): with gamma = 2 the EM moment recursion also converges to p_{t_min} at weak order 1.
 
     N starts at 32: at N = 16 the step h (1+gamma^2)/2 g^2 |C_t^{-1}| ~ (1/16) 2.5 20 ~ 3 near t_max exceeds
     EM's stability bound 2 (W2 error 0.46 at N = 16 against 0.076 at N = 32), outside the asymptotic range."""
@@ -162,7 +162,7 @@ def _family_weak():
 
 @check("E.ddpm_ancestral_weak_order", area="solvers", kind="order", tol=0.15,
        case="ddpm_ancestral, VP linear, gaussian_2d, quadratic t grid, N in {32..256}, moments from the sampler's affine map",
-       reference="THEORY.md items 8, 28; Ho et al. 2020 Alg. 2")
+       reference="Ho et al. 2020 Alg. 2 and eq. 7")
 def _ddpm_weak():
     """DDPM ancestral sampling x_s = mu~(x_t, x0_hat) + sqrt(beta~) z is a weak first-order discretisation of the
     reverse SDE: the exact law of its output converges to p_{t_min} like h^1.
@@ -186,7 +186,7 @@ def em_law_residual(gamma: float = 0.5, n: int = 32) -> float:
 
 
 @check("E.em_law_closed_form", area="solvers", kind="exact", tol=1e-12,
-       case="gamma=0.5, VP linear, gaussian_2d, 32 log-SNR steps", reference="THEORY.md oracle O4")
+       case="gamma=0.5, VP linear, gaussian_2d, 32 log-SNR steps", reference="exact Gaussian law of an affine sampler")
 def _em_law():
     """The law of the "em" sampler's output read off its affine map equals the closed-form EM moment recursion."""
     return em_law_residual()
@@ -236,7 +236,7 @@ def gbm_strong_errors(method: str, steps=(16, 32, 64, 128, 256), *, mu: float = 
 
 @check("E.em_strong_order_gbm[euler]", area="solvers", kind="order", tol=0.15,
        case="torchsde euler, GBM mu=0.5 s=1 T=1, 4000 paths, N in {16..256}",
-       reference="THEORY.md item 30; torchsde methods/euler.py (strong 0.5 for non-additive noise)")
+       reference="Kloeden & Platen 1992 (strong 0.5 for non-additive noise); torchsde euler")
 def _gbm_euler():
     """Euler-Maruyama has strong order 1/2 for multiplicative noise: on GBM with the exact pathwise solution
     X_T = X_0 exp((mu - s^2/2) T + s W_T) on the same Brownian path, the RMS error falls like h^{1/2}."""
@@ -246,7 +246,7 @@ def _gbm_euler():
 
 @check("E.em_strong_order_gbm[milstein]", area="solvers", kind="order", tol=0.15,
        case="torchsde milstein (Ito), GBM mu=0.5 s=1 T=1, 4000 paths, N in {16..256}",
-       reference="THEORY.md item 30; torchsde methods/milstein.py (strong 1.0)")
+       reference="Kloeden & Platen 1992 (Milstein, strong 1.0); torchsde milstein")
 def _gbm_milstein():
     """Milstein's correction 1/2 g g' (dW^2 - dt) raises the strong order to 1: on GBM against the exact pathwise
     solution on the same Brownian path, the RMS error falls like h."""
@@ -259,8 +259,8 @@ def _gbm_milstein():
 
 
 def ddim_eta1_residual(n: int = 20, seed: int = 0, schedule=None) -> float:
-    """DDIM with eta = 1 equals DDPM ancestral sampling with the same noise (Song, Meng & Ermon 2021; THEORY.md
-    item 28): max |x_ddim - x_ddpm| / max |x_ddpm| on the ring8 mixture (float64)."""
+    """DDIM with eta = 1 equals DDPM ancestral sampling with the same noise (Song, Meng & Ermon 2021
+    sec. 4.1): max |x_ddim - x_ddpm| / max |x_ddpm| on the ring8 mixture (float64)."""
     schedule = schedule or S.VPLinear()
     field = T.ring8().field(schedule)
     g = torch.Generator().manual_seed(seed)
@@ -282,7 +282,7 @@ def _ddim_registered() -> bool:
 if _ddim_registered():
     @check("E.ddim_eta1_is_ddpm", area="solvers", kind="exact", tol=1e-12,
            case="ring8, VP linear and EDM schedules, 20 log-SNR steps, 256 samples, same noise",
-           reference="THEORY.md item 28; Song, Meng & Ermon 2021 eq. 16; Ho et al. 2020 eq. 7")
+           reference="Song, Meng & Ermon 2021 eq. 16; Ho et al. 2020 eq. 7")
     def _ddim_ddpm():
         """DDIM with eta = 1 (sigma_t^2 = beta~_t) and DDPM ancestral sampling with the posterior variance
         beta~ give the same samples from the same noise."""
@@ -325,7 +325,7 @@ def torchsde_em_residual(n: int = 40, gamma: float = 1.0) -> float:
 
 
 @check("E.torchsde_euler_is_em", area="solvers", kind="exact", tol=1e-12,
-       case="ring8, VP linear, 40 log-SNR steps, gamma=1, one BrownianInterval", reference="THEORY.md section 3, item 30")
+       case="ring8, VP linear, 40 log-SNR steps, gamma=1, one BrownianInterval", reference="Li et al. 2020 (torchsde); Kloeden & Platen 1992")
 def _torchsde_em():
     """torchsde Euler (step-index time, one step per grid interval) and the native Euler-Maruyama sampler are the
     same scheme: driven by the same Brownian path they agree to rounding."""

@@ -63,7 +63,7 @@ def ddim_coefficients(alpha_t: float, sigma_t: float, h: float, eta: float) -> t
     sigma(eta) = eta sqrt((1 - alphabar_t)/(1 - alphabar_s)) sqrt(1 - alphabar_s/alphabar_t), since
     sigma_t^2 (1 - e^{-2h}) = (sigma_t^2/sigma_s^2)(sigma_s^2 - alpha_s^2 sigma_t^2/alpha_t^2)
     = (sigma_t^2/sigma_s^2)(1 - alpha_s^2/alpha_t^2); and the step is their eq. 12. At eta = 1 the mean
-    a x0 + b (x_s - alpha_s x0)/sigma_s is the DDPM posterior mean (THEORY.md item 28).
+    a x0 + b (x_s - alpha_s x0)/sigma_s is the DDPM posterior mean (Ho et al. 2020 eq. 7).
     """
     if eta == 0:  # the ODE step; also valid for h < 0 (an increasing grid: DDIM inversion)
         return alpha_t, sigma_t, 0.0
@@ -83,8 +83,8 @@ def ddim(field, x, grid, *, eta=0.0, noise=None, generator=None, callback=None, 
         x_t = alpha_t x0_hat(x_s, s) + sqrt(sigma_t^2 - c^2) eps_hat(x_s, s) + c z,
         c = eta sigma_t sqrt(1 - e^{-2h}),   h = lambda_t - lambda_s   (see ``ddim_coefficients``).
 
-    eta = 0 is deterministic and equals DPM-Solver-1 and Euler in (x/alpha, sigma/alpha) (THEORY.md item 27);
-    eta = 1 is DDPM ancestral sampling with the posterior variance (item 28). ``noise`` (N, *x.shape) of
+    eta = 0 is deterministic and equals DPM-Solver-1 and Euler in (x/alpha, sigma/alpha) (Lu et al. 2022 sec. 4.1);
+    eta = 1 is DDPM ancestral sampling with the posterior variance (Song, Meng & Ermon 2021 sec. 4.1). ``noise`` (N, *x.shape) of
     standard normals gives z for the step grid[i] -> grid[i+1]; otherwise z is drawn with ``generator``.
     Registered as non-stochastic because the default eta = 0 is; with eta > 0 it is a stochastic sampler, and
     its last step also adds c z at t_min (c -> 0 only as sigma(t_min) -> 0). NFE = N.

@@ -6,7 +6,7 @@ coordinate systems (option ``coords``):
     "t"    the state x against time t, with the field's velocity v;
     "edm"  the scaled state xbar = x/alpha against the noise level sigmabar = sigma/alpha = e^{-lambda}:
            d xbar / d sigmabar = eps_hat(alpha xbar, t(sigmabar))   (Karras et al. 2022 eq. 4 with s = alpha;
-           DDIM section 4.3). Euler in these coordinates is DDIM (THEORY.md item 27).
+           DDIM section 4.3). Euler in these coordinates is DDIM (Song, Meng & Ermon 2021 sec. 4.3).
 """
 from __future__ import annotations
 
