@@ -1,14 +1,14 @@
 r"""Stochastic samplers of the reverse process: native Euler-Maruyama, torchsde backends, DDPM ancestral
 sampling and the EDM stochastic sampler.
 
-The marginal-preserving family (THEORY.md item 22; EDM eq. 6; Huang et al. 2021), in reverse time
+The marginal-preserving family (Karras et al. 2022 eq. 6; Huang et al. 2021), in reverse time
 (t decreasing, W_bar a reverse-time Brownian motion):
 
     dx = [f x - (1 + gamma^2)/2 g^2 s(x, t)] dt + gamma g dW_bar,     s = grad log p_t = -eps_hat/sigma,
 
 has marginals p_t for every gamma(t) >= 0: gamma = 0 is the PF-ODE, gamma = 1 Anderson's (1982) reverse SDE.
 Its noise is additive (gamma g depends on t only), so Ito = Stratonovich and Euler-Maruyama = Milstein,
-strong order 1 and weak order 1 (Kloeden & Platen; THEORY.md item 30).
+strong order 1 and weak order 1 (Kloeden & Platen 1992, Thms 10.2.2 and 14.5.1).
 
 Conventions shared by every stochastic sampler: the option ``noise`` is a tensor of shape (K, *x.shape) of
 standard normals consumed in order, K being the number of normal draws the method makes for the grid and
@@ -103,7 +103,7 @@ def em_coefficients(schedule, grid: torch.Tensor, gamma=1.0) -> tuple[list, list
 @register("em", family="sde", order=1, stochastic=True, nfe_per_step=1,
           description="Euler-Maruyama for dx = [f x - (1+gamma^2)/2 g^2 s] dt + gamma g dW (gamma=1: reverse SDE)")
 def em(field, x, grid, *, gamma=1.0, noise=None, generator=None, callback=None, progress=False):
-    r"""Euler-Maruyama on the marginal-preserving reverse SDE family (THEORY.md items 20, 22, 30)
+    r"""Euler-Maruyama on the marginal-preserving reverse SDE family (Anderson 1982; Karras et al. 2022 eq. 6)
 
         dx = [f x - (1 + gamma^2)/2 g^2 s] dt + gamma g dW_bar,
 
@@ -153,7 +153,7 @@ def ddpm_posterior_coefficients(schedule, grid: torch.Tensor) -> tuple[list, lis
     written with expm1 so that no difference of close numbers is formed. On a VP schedule
     (alphabar = alpha^2, beta_t = 1 - alphabar_t/alphabar_s) these are Ho et al. (2020) eq. 7:
     A = sqrt(1 - beta_t)(1 - alphabar_s)/(1 - alphabar_t), B = sqrt(alphabar_s) beta_t/(1 - alphabar_t),
-    C^2 = beta~_t = (1 - alphabar_s) beta_t/(1 - alphabar_t) (THEORY.md items 8 and 28).
+    C^2 = beta~_t = (1 - alphabar_s) beta_t/(1 - alphabar_t).
     """
     t = torch.as_tensor(grid, dtype=torch.float64)
     lam, alpha, sigma = schedule.lam(t), schedule.alpha(t), schedule.sigma(t)
@@ -173,8 +173,8 @@ def ddpm_ancestral(field, x, grid, *, noise=None, generator=None, callback=None,
         x_s = mu~(x_t, x0_hat) + C z = A x_t + B D(x_t, t) + C z,    t = t_i, s = t_{i+1},
 
     with the exact Gaussian posterior q(x_s | x_t, x_0) of ``ddpm_posterior_coefficients`` (posterior
-    variance beta~, not beta: THEORY.md item 28 notes that sigma^2 = beta is not DDIM eta = 1). Equal to
-    DDIM with eta = 1 and the same noise (item 28). The last step lands on t_min with posterior noise
+    variance beta~, not beta: Ho et al.'s other choice sigma^2 = beta is not DDIM with eta = 1). Equal to
+    DDIM with eta = 1 and the same noise (Song, Meng & Ermon 2021 eq. 16). The last step lands on t_min with posterior noise
     C_{N-1} > 0 (Alg. 2's noise-free last step to t = 0 is ``final='denoise'``). NFE = N; normal draws
     K = N (noise[i] is z for step i).
     """
@@ -265,7 +265,7 @@ def edm_sde(field, x, grid, *, S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noi
 def make_brownian(grid: torch.Tensor, shape, *, dtype=torch.float64, device=None, generator=None,
                   entropy: int | None = None, levy_area: str = "none"):
     r"""A ``torchsde.BrownianInterval`` on u = -t in [-grid[0], -grid[-1]] (the time in which the reverse SDE is
-    integrated, THEORY.md section 3), batch shape ``shape`` = (batch, prod(data_shape)).
+    integrated), batch shape ``shape`` = (batch, prod(data_shape)).
 
     ``entropy`` (an int) fixes the path; by default it is drawn from ``generator`` (or torch's global
     generator), so the path is reproducible from the generator's seed. Pass the result as the ``bm`` option of
@@ -424,8 +424,7 @@ def torchsde_sampler(field, x, grid, *, gamma=1.0, sde_solver="euler", bm=None, 
     r"""The marginal-preserving reverse SDE dx = [f x - (1+gamma^2)/2 g^2 s] dt + gamma g dW_bar solved by
     ``torchsde.sdeint`` (Li et al. 2020; Kidger et al. 2021), one solver step per grid interval.
 
-    Time: torchsde needs strictly increasing times, so the reverse SDE is written in u = -t (THEORY.md
-    section 3; torchsde issue #115), and the solver runs in the step-index time tau (tau = i at t = t_i, u
+    Time: torchsde needs strictly increasing times, so the reverse SDE is written in u = -t, and the solver runs in the step-index time tau (tau = i at t = t_i, u
     linear in tau on each step, see ``_ReverseSDE``) with dt = 1 and float64 ts: torchsde's fixed-step loop
     advances curr_t += dt and clips only at ts[-1], so with ts = -grid and dt = the spacing it cannot land on
     the points of a non-uniform grid, and even on a uniform grid float rounding makes it take an extra sliver
