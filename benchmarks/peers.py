@@ -1017,9 +1017,9 @@ def parse_args(argv=None):
                    help=f'targets: names of targets.TARGETS, labels of targets.suite(), or NAME:D for '
                         f'get_target(NAME, dim=D) (default "{" ".join(TARGET_NAMES)}"; --quick: "ring8 bimodal_1d")')
     p.add_argument("--suite", action="store_true", help="run every target of targets.suite()")
-    p.add_argument("--samples", type=int, default=None, help="number of samples (default 2000; --quick: 500)")
+    p.add_argument("--samples", type=int, default=None, help="number of samples of the deterministic table (default 2000; --suite: 1000; --quick: 500)")
     p.add_argument("--sde-samples", type=int, default=None,
-                   help="number of samples of the stochastic table (default 5000; --quick: 2000)")
+                   help="number of samples of the stochastic table (default 2000; --quick: 1000)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of x_0 ~ p_0 (the start noise z uses seed + 1, the samplers' noise seed + 2)")
     p.add_argument("--quick", action="store_true", help="fewer samples, targets and budgets")
@@ -1051,8 +1051,8 @@ def parse_args(argv=None):
     a.nfe = a.nfe or ([10, 20] if a.quick or a.suite else [5, 10, 20, 50])
     if a.suite and a.targets:
         p.error("give --suite or --targets, not both")
-    a.samples = a.samples or (500 if a.quick else 2000)
-    a.sde_samples = a.sde_samples or (2000 if a.quick else 5000)
+    a.samples = a.samples or (500 if a.quick else 1000 if a.suite else 2000)
+    a.sde_samples = a.sde_samples or (1000 if a.quick else 2000)
     if any(n < 1 for n in a.nfe):
         p.error(f"--nfe: budgets must be >= 1, got {a.nfe}")
     if a.samples < 2 or a.sde_samples < 2:
