@@ -25,6 +25,7 @@ METHODS = {  # method -> option sets exercised by the generic tests
     "dpmpp_2m_sde": [{}, {"solver_type": "heun"}, {"eta": 0.5}],
     "dpmpp_3m_sde": [{}, {"coefficients": "taylor"}],
     "sa_solver": [{}, {"tau": 1.0, "predictor_order": 3, "corrector_order": 3}],
+    "dpmpp_sde": [{}, {"eta": 0.5, "r": 0.3}],
     "restart": [{}, {"K": 1, "restart_steps": 4}, {"intervals": '{"0": [3, 1, 0.1, 0.5], "1": [2, 2, 0.5, 2.0]}'}],
 }
 CASES = [(m, o) for m, opts in METHODS.items() for o in opts]
@@ -113,6 +114,8 @@ class _Queue:
     ("dpmpp_2m_sde", "sample_dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun"}),
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {}),
     ("dpmpp_3m_sde", "sample_dpmpp_3m_sde", {"eta": 0.7, "s_noise": 1.2}),
+    ("dpmpp_sde", "sample_dpmpp_sde", {}),
+    ("dpmpp_sde", "sample_dpmpp_sde", {"eta": 0.5, "r": 0.3}),
 ])
 def test_equals_k_diffusion_with_the_same_noise(schedule, method, kd_name, opts):
     kd = _kdiffusion()
@@ -120,13 +123,16 @@ def test_equals_k_diffusion_with_the_same_noise(schedule, method, kd_name, opts)
     n = 11
     grid = time_grid(schedule, n, "karras")
     x = _start(schedule)
-    noise = torch.randn(n, *x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(2 * n, *x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    if method != "dpmpp_sde":
+        noise = noise[:n]
     ours = sample(field, x, method, grid=grid, noise=noise, **opts)
     alpha = schedule.alpha(grid)
     sbar = schedule.sigma(grid) / alpha
     ref = getattr(kd, kd_name)(_kd_denoiser(field), x / float(alpha[0]), sbar, noise_sampler=_Queue(noise),
                                disable=True, **opts) * float(alpha[-1])
-    assert ours.info["noise_draws"] == n and ours.nfe == n
+    per_step = 2 if method == "dpmpp_sde" else 1
+    assert ours.info["noise_draws"] == per_step * n and ours.nfe == per_step * n
     assert _relmax(ours.x, ref) < 1e-12
 
 
@@ -231,13 +237,16 @@ def test_euler_ancestral_is_ddim(schedule):
 
 
 @pytest.mark.parametrize("schedule", [S.VPLinear(), S.EDM()], ids=lambda s: s.name)
-def test_dpmpp_2m_sde_eta0_is_dpmpp_2m(schedule):
+def test_sde_solvers_at_eta0_are_their_ode_solvers(schedule):
     field = T.ring8().field(schedule)
     grid = time_grid(schedule, 12, "logsnr")
     x = _start(schedule)
     a = sample(field, x, "dpmpp_2m_sde", grid=grid, eta=0.0)
     assert a.info["noise_draws"] == 0
     assert _relmax(a.x, sample(field, x, "dpmpp_2m", grid=grid, lower_order_final=False).x) < 1e-12
+    b = sample(field, x, "dpmpp_sde", grid=grid, eta=0.0)
+    assert b.info["noise_draws"] == 0 and b.nfe == 24
+    assert _relmax(b.x, sample(field, x, "dpmpp_2s", grid=grid).x) < 1e-12
 
 
 @pytest.mark.parametrize("schedule", [S.VPLinear(), S.EDM()], ids=lambda s: s.name)

@@ -213,6 +213,65 @@ def dpmpp_3m_sde(field, x, grid, *, eta=1.0, s_noise=1.0, coefficients="referenc
 
 
 # ------------------------------------------------------------------------------------------------
+# DPM-Solver++(2S) with ancestral noise (k-diffusion sample_dpmpp_sde)
+
+
+@register("dpmpp_sde", family="stochastic", order=1, stochastic=True, nfe_per_step=2,
+          description="DPM-Solver++(2S) with ancestral noise in both stages (k-diffusion sample_dpmpp_sde)")
+def dpmpp_sde(field, x, grid, *, eta=1.0, s_noise=1.0, r=0.5, noise=None, generator=None, callback=None,
+              progress=False):
+    r"""Stochastic singlestep DPM-Solver++(2S) (k-diffusion ``sample_dpmpp_sde``) in xbar = x/alpha,
+    sigmabar = e^{-lambda}: with D_i = x0_hat(x_i, t_i), h = lambda_{i+1} - lambda_i, the stage lambda_u =
+    lambda_i + r h, and each stage an ancestral step (``ancestral_step``) whose deterministic part is the
+    DPM-Solver++1 (= DDIM) step to sigma_down,
+
+        (d_1, u_1) = ancestral_step(sigmabar_i, e^{-lambda_u}, eta),
+        xbar_u = (d_1/sigmabar_i) xbar_i + (1 - d_1/sigmabar_i) D_i + s_noise u_1 z_{2i},
+        D_u = x0_hat(alpha_u xbar_u, t(lambda_u)),
+        (d_2, u_2) = ancestral_step(sigmabar_i, sigmabar_{i+1}, eta),
+        xbar_{i+1} = (d_2/sigmabar_i) xbar_i + (1 - d_2/sigmabar_i) [(1 - 1/(2r)) D_i + D_u/(2r)] + s_noise u_2 z_{2i+1}.
+
+    eta = 0 is the PF-ODE's DPM-Solver++(2S) (``dpmpp_2s``, r = 1/2). Both stages start from xbar_i, so the second
+    stage's noise is independent of the first's; with eta > 0 the method is an ancestral sampler, registered weak
+    order 1. r in (0, 1]. NFE = 2N; normal draws K = 2N for eta > 0 (z_{2i}, z_{2i+1} in step i), else 0.
+    """
+    _check_unit("dpmpp_sde", eta=eta, s_noise=s_noise)
+    if not (isinstance(r, (int, float)) and 0 < r <= 1):
+        raise ValueError(f"dpmpp_sde: r must be in (0, 1], got r={r!r}")
+    sch = field.schedule
+    alpha, sigma, lam = _tables(field, grid)
+    sbar = [s_ / a_ for s_, a_ in zip(sigma, alpha)]
+    n = len(grid) - 1
+    k = 2 * n if eta > 0 else 0
+    z = _noise_source("dpmpp_sde", noise, k, x, generator) if k else None
+    fac = 1.0 / (2.0 * r)
+    for i in step_iter(n, progress, "dpmpp_sde"):
+        D = field.x0_eps(x, grid[i])[0]
+        xbar = x / alpha[i]
+        lam_u = lam[i] + r * (lam[i + 1] - lam[i])
+        t_u = sch.t_from_lam(torch.tensor(lam_u, dtype=torch.float64))
+        a_u = float(sch.alpha(t_u))
+        d1, u1 = ancestral_step(sbar[i], math.exp(-lam_u), eta)
+        q1 = d1 / sbar[i]
+        xu = xbar.mul(q1)
+        xu.add_(D, alpha=1.0 - q1)
+        if k:
+            xu.add_(z(2 * i), alpha=s_noise * u1)
+        Du = field.x0_eps(xu * a_u, t_u)[0]
+        d2, u2 = ancestral_step(sbar[i], sbar[i + 1], eta)
+        q2 = d2 / sbar[i]
+        xn = xbar.mul(q2)
+        xn.add_(D, alpha=(1.0 - q2) * (1.0 - fac))
+        xn.add_(Du, alpha=(1.0 - q2) * fac)
+        if k:
+            xn.add_(z(2 * i + 1), alpha=s_noise * u2)
+        x = xn.mul(alpha[i + 1])
+        if callback is not None:
+            callback(i + 1, x)
+    return x, _info(noise, k, eta=eta, s_noise=s_noise, r=r)
+
+
+# ------------------------------------------------------------------------------------------------
 # SA-Solver (Xue et al. 2023): stochastic Adams predictor-corrector in lambda, data prediction
 
 
