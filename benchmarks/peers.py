@@ -1072,6 +1072,48 @@ def parse_args(argv=None):
     return a
 
 
+def write_json(args, tlist, specs, methods, methods_sto, det_results, sto_results, ref_info, timings, elapsed,
+               complete):
+    import diffusers
+
+    payload = {
+        "settings": {
+            "targets": [{"label": lab, "name": getattr(tg, "name", lab), "dim": tg.dim,
+                         "components": tg.n_components} for lab, tg in tlist],
+            "suite": args.suite, "nfe": args.nfe, "samples": args.samples, "sde_samples": args.sde_samples, "seed_x0": args.seed,
+            "seed_start_noise": args.seed + 1, "seed_sampler_noise": args.seed + 2,
+            "schedule": schedules.DDPMDiscrete().settings(),
+            "diffusers_common": COMMON,
+            "schedulers": [{"label": s.label, "class": s.cls, **s.options} for s in specs],
+            "stochastic_schedulers": [{"label": s.label, "class": s.cls, **s.options} for s in STOCH_SPECS],
+            "kdiffusion": {"version": KD.version(), "deterministic": list(KD.DETERMINISTIC),
+                           "stochastic": list(KD.STOCHASTIC), "sigmas": "get_sigmas_karras(n, sigma_min, "
+                           "sigma_max, rho=7) + [0], sigmabar at t=1/1000 and t=1; float64",
+                           "options": "defaults"} if args.kdiffusion else None,
+            "our_methods": [m.row() for m in methods], "our_stochastic_methods": [m.row() for m in methods_sto],
+            "grid_kinds": {lab: list(grids_for(tg, args)) for lab, tg in tlist},
+            "reference": {"method": "adaptive", "rtol": args.rtol, "atol": args.atol, "coords": "edm",
+                          "t_zero": T_ZERO, "runs": {k: {str(t): v for t, v in d.items()}
+                                                     for k, d in ref_info.items()}},
+            "metric": "mean over samples of ||x - x_ref||_2",
+            "metric_stochastic": "metrics.mmd2_exact (unbiased MMD^2 against the exact p_0, Gaussian kernel, "
+                                 "bandwidth metrics.mmd_bandwidth(p_0)) with its SE; exact W2 via "
+                                 "metrics.sampler_gaussian_law on Gaussian targets",
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "k_diffusion": KD.version(), "diffusion_lab": diffusion_lab.__version__,
+                         "python": platform.python_version()},
+            "fixed_config": args.fixed, "fixed_sde_config": args.fixed_sde, "threads": args.threads,
+            "seconds": elapsed, "complete": complete, "seconds_per_target": timings, "command": " ".join(sys.argv),
+        },
+        "deterministic": det_results,
+        "single_configs_worst_ratio_nfe_10_20": dict(single_configs(det_results)),
+        "stochastic": sto_results,
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(payload, fh, separators=(",", ":"), default=str)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -1118,6 +1160,9 @@ def main(argv=None):
         t2 = time.perf_counter()
         timings[label] = {"deterministic_s": t1 - t0, "stochastic_s": t2 - t1}
         print(f"  [{label}: deterministic {t1 - t0:.0f}s, stochastic {t2 - t1:.0f}s]", flush=True)
+        if args.json:  # after every target, so that an interrupted long run keeps what it measured
+            write_json(args, tlist, specs, methods, methods_sto, det_results, sto_results, ref_info, timings,
+                       time.perf_counter() - tic, False)
     if det_results:
         print_summary(det_results)
     if sto_results:
@@ -1125,42 +1170,8 @@ def main(argv=None):
     elapsed = time.perf_counter() - tic
     print(f"\ntotal {elapsed:.0f}s")
     if args.json:
-        payload = {
-            "settings": {
-                "targets": [{"label": lab, "name": getattr(tg, "name", lab), "dim": tg.dim,
-                             "components": tg.n_components} for lab, tg in tlist],
-                "suite": args.suite, "nfe": args.nfe, "samples": args.samples, "sde_samples": args.sde_samples, "seed_x0": args.seed,
-                "seed_start_noise": args.seed + 1, "seed_sampler_noise": args.seed + 2,
-                "schedule": schedules.DDPMDiscrete().settings(),
-                "diffusers_common": COMMON,
-                "schedulers": [{"label": s.label, "class": s.cls, **s.options} for s in specs],
-                "stochastic_schedulers": [{"label": s.label, "class": s.cls, **s.options} for s in STOCH_SPECS],
-                "kdiffusion": {"version": KD.version(), "deterministic": list(KD.DETERMINISTIC),
-                               "stochastic": list(KD.STOCHASTIC), "sigmas": "get_sigmas_karras(n, sigma_min, "
-                               "sigma_max, rho=7) + [0], sigmabar at t=1/1000 and t=1; float64",
-                               "options": "defaults"} if args.kdiffusion else None,
-                "our_methods": [m.row() for m in methods], "our_stochastic_methods": [m.row() for m in methods_sto],
-                "grid_kinds": {lab: list(grids_for(tg, args)) for lab, tg in tlist},
-                "reference": {"method": "adaptive", "rtol": args.rtol, "atol": args.atol, "coords": "edm",
-                              "t_zero": T_ZERO, "runs": {k: {str(t): v for t, v in d.items()}
-                                                         for k, d in ref_info.items()}},
-                "metric": "mean over samples of ||x - x_ref||_2",
-                "metric_stochastic": "metrics.mmd2_exact (unbiased MMD^2 against the exact p_0, Gaussian kernel, "
-                                     "bandwidth metrics.mmd_bandwidth(p_0)) with its SE; exact W2 via "
-                                     "metrics.sampler_gaussian_law on Gaussian targets",
-                "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                             "k_diffusion": KD.version(), "diffusion_lab": diffusion_lab.__version__,
-                             "python": platform.python_version()},
-                "fixed_config": args.fixed, "fixed_sde_config": args.fixed_sde, "threads": args.threads,
-                "seconds": elapsed, "seconds_per_target": timings, "command": " ".join(sys.argv),
-            },
-            "deterministic": det_results,
-            "single_configs_worst_ratio_nfe_10_20": dict(single_configs(det_results)),
-            "stochastic": sto_results,
-        }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(payload, fh, indent=1, default=str)
+        write_json(args, tlist, specs, methods, methods_sto, det_results, sto_results, ref_info, timings, elapsed,
+                   True)
         print(f"wrote {args.json}")
 
 
