@@ -22,20 +22,32 @@ def _save(fig, path: str, dpi: int = 100) -> None:
     plt.close(fig)
 
 
-def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | None = None) -> None:
-    """Two log-log panels: terminal error vs the exact flow map (deterministic samplers, with reference
-    slopes -1, -2, -3) and sliced W2 to the target law (all samplers, with the Monte-Carlo floor)."""
+def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | None = None,
+                 mmd_null: tuple[float, float] | None = None) -> None:
+    """Log-log panels of the compare run: terminal error vs the exact flow map (deterministic samplers, with
+    reference slopes -1, -2, -3) and sliced W2 to exact samples (all samplers, with the Monte-Carlo floor); and,
+    when the rows carry ``mmd2``, a third panel: MMD^2 to the exact law with +-1 SE bars, on a symlog axis
+    (unbiased values can be negative) whose linear zone is the null's spread, and the null band
+    ``mmd_null`` = (mean, std) as a shaded mean +- 1 std band. Hollow markers: not resolved from the null."""
     plt = _mpl()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    has_mmd = all("mmd2" in r for r in rows)
+    fig, axes = plt.subplots(1, 3 if has_mmd else 2, figsize=(18 if has_mmd else 12, 4.8))
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
-    for name in samplers:
+    for i, name in enumerate(samplers):
         rs = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
         nfe = [r["nfe"] for r in rs]
         fe = [r["flow_error"] for r in rs]
         style = "--" if rs[0]["stochastic"] else "-"
+        color = f"C{i % 10}"
         if not all(math.isnan(v) for v in fe):
-            axes[0].loglog(nfe, fe, "o" + style, label=name)
-        axes[1].loglog(nfe, [r["sw2"] for r in rs], "o" + style, label=name)
+            axes[0].loglog(nfe, fe, "o" + style, label=name, color=color)
+        axes[1].loglog(nfe, [r["sw2"] for r in rs], "o" + style, label=name, color=color)
+        if has_mmd:
+            axes[2].errorbar(nfe, [r["mmd2"] for r in rs], yerr=[r["mmd2_se"] for r in rs], fmt=style, color=color,
+                             capsize=2, lw=1, label=name)
+            for r in rs:
+                resolved = r.get("resolved", True)
+                axes[2].plot([r["nfe"]], [r["mmd2"]], "o", color=color, mfc=color if resolved else "none")
     det = [r for r in rows if not math.isnan(r["flow_error"])]
     if det:
         n0 = min(r["nfe"] for r in det)
@@ -48,10 +60,23 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
         axes[1].axhline(floor, color="gray", ls=":", lw=1)
         axes[1].annotate("exact flow map (Monte-Carlo floor)", (axes[1].get_xlim()[0], floor), fontsize=8, color="gray", va="bottom")
     axes[0].set(xlabel="NFE", ylabel="mean ||x - Phi(x_T)||", title="terminal error vs exact PF-ODE flow map")
-    axes[1].set(xlabel="NFE", ylabel="sliced W2", title="distribution error vs exact samples")
+    axes[1].set(xlabel="NFE", ylabel="sliced W2", title="sliced W2 vs exact samples (descriptive)")
+    if has_mmd:
+        ax = axes[2]
+        ax.set_xscale("log")
+        spread = max(mmd_null[1] if mmd_null else 0.0, max(r["mmd2_se"] for r in rows), 1e-12)
+        ax.set_yscale("symlog", linthresh=spread)
+        if mmd_null is not None:
+            m, sd = mmd_null
+            ax.axhspan(m - sd, m + sd, color="gray", alpha=0.25, lw=0, label="exact samples: mean +- 1 std")
+            ax.axhline(m, color="gray", lw=1)
+        ax.set(xlabel="NFE", ylabel="MMD^2 to the exact law (symlog)",
+               title="MMD^2 vs exact law (+-1 SE; hollow: within noise)")
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        axes[1].legend(fontsize=7, ncol=2)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-    axes[1].legend(fontsize=7, ncol=2)
     if title:
         fig.suptitle(title)
     _save(fig, path, dpi=110)
