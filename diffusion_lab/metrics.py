@@ -172,7 +172,7 @@ def mmd_mean_embedding(x: torch.Tensor, law, bandwidth: float, chunk: int = 4096
     One Cholesky factor per component (a vector for diagonal covariances); x is processed ``chunk`` rows at a time.
     Returns float64 of shape (n,).
     """
-    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    x = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
     if x.shape[1] != law.dim:
         raise ValueError(f"mmd: samples have {x.shape[1]} coordinates but the law has d={law.dim}")
     l2 = float(bandwidth) ** 2
@@ -302,7 +302,7 @@ def mmd2_exact(x: torch.Tensor, law, bandwidth: float | None = None, *, block: i
     2-6 s on one shared core), O(n K d^2) for g (O(n K d) with diagonal covariances), O(K^2 d^3) for c (pass
     ``pp`` to reuse it across sample sets).
     """
-    x = x.reshape(x.shape[0], -1).to(torch.float64)
+    x = x.detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"mmd2_exact needs at least 2 samples, got {n}")
