@@ -25,12 +25,35 @@ __all__ = ["time_grid", "GRID_KINDS", "check_grid"]
 
 
 def time_grid(schedule: Schedule, n: int | None = None, kind="logsnr", *, rho: float = 7.0,
-              t_min: float | None = None, t_max: float | None = None) -> torch.Tensor:
-    """A descending float64 grid of ``n`` steps from t_max to t_min (or ``kind`` = a user list of times)."""
+              t_min: float | None = None, t_max: float | None = None, field=None, method: str | None = None,
+              **kw) -> torch.Tensor:
+    """A descending float64 grid of ``n`` steps from t_max to t_min (or ``kind`` = a user list of times).
+
+    kind="optimized" needs ``field`` and ``method``: the grid of ``samplers.optimize.optimize_grid(field, n,
+    method, **kw)``; kind="ays" (optional ``model`` "sd15" or "sdxl") is the Align Your Steps schedule
+    (``samplers.optimize.ays_grid``)."""
+    if isinstance(kind, str) and kind == "optimized":
+        missing = [name for name, v in (("field", field), ("method", method)) if v is None]
+        if missing:
+            raise ValueError(f"kind='optimized' needs the keyword argument(s) {' and '.join(missing)} "
+                             f"(the VelocityField and the sampler the grid is optimised for)")
+        if field.schedule is not schedule and field.schedule.settings() != schedule.settings():
+            raise ValueError(f"kind='optimized': field.schedule {field.schedule!r} is not {schedule!r}")
+        from .optimize import optimize_grid
+        return optimize_grid(field, n, method, t_min=t_min, t_max=t_max, **kw).grid
+    if isinstance(kind, str) and kind == "ays":
+        if t_min is not None or t_max is not None or field is not None or method is not None:
+            raise ValueError("kind='ays' is a published schedule: it takes no t_min, t_max, field or method")
+        from .optimize import ays_grid
+        return ays_grid(schedule, n, **kw)
+    if field is not None or method is not None or kw:
+        raise TypeError(f"time_grid(kind={kind!r}) takes no field, method or {sorted(kw)}; "
+                        f"those are for kind='optimized'")
     if not isinstance(kind, str):
         return check_grid(schedule, torch.as_tensor(kind, dtype=torch.float64))
     if kind not in GRID_KINDS:
-        raise ValueError(f"unknown grid kind {kind!r}; choose one of {GRID_KINDS} or pass a list of times")
+        raise ValueError(f"unknown grid kind {kind!r}; choose one of {GRID_KINDS}, 'optimized' (with field= "
+                         f"and method=), 'ays' or pass a list of times")
     if n is None or int(n) != n or n < 1:
         raise ValueError(f"number of steps must be an integer >= 1, got {n!r}")
     t_lo = schedule.t_min if t_min is None else float(t_min)
