@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+r"""The design study behind ``method="auto"``: which deterministic (method, grid) to use at each NFE budget.
+
+It runs ONLY on the design set -- the package's original named targets (ring8, bimodal_1d, gaussian_2d,
+ncsn_two_mode, aniso_gaussian d=16) under three schedules (VP-linear, VP-cosine, EDM) -- and never on the
+evaluation suite (``targets.suite()``), which is kept for measuring the rule it produces. Every registered
+deterministic method runs at each budget through its own budget rule (``sample(..., nfe=K)``) on each grid
+kind; the score of a (method, grid) at a budget is the geometric mean over the 15 (target, schedule) cases of the
+terminal error mean ||x - Phi(x_T)|| against the exact flow map (scipy DOP853, rtol 1e-10), relative to the
+best (method, grid) of that case (so every case weighs the same). The table prints the three best per budget.
+
+Run:  python benchmarks/auto_design.py [--nfe "3 4 5 6 8 10 12 15 20 25 30 50"] [--samples 500] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+try:
+    from diffusion_lab import samplers, schedules, targets
+except ImportError:  # running from a checkout without installation
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from diffusion_lab import samplers, schedules, targets
+from diffusion_lab.reference import flow_map
+
+DESIGN_TARGETS = [("ring8", {}), ("bimodal_1d", {}), ("gaussian_2d", {}), ("ncsn_two_mode", {}),
+                  ("aniso_gaussian", {"d": 16, "cond": 100.0})]
+SCHEDULES = {"vp_linear": schedules.VPLinear, "vp_cosine": schedules.VPCosine, "edm": schedules.EDM}
+GRIDS = ("logsnr", "karras", "uniform", "quadratic")
+EXCLUDE = {"adaptive", "auto"}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nfe", default="3 4 5 6 8 10 12 15 20 25 30 50")
+    p.add_argument("--samples", type=int, default=500)
+    p.add_argument("--methods", default=None, help="restrict the methods (space separated)")
+    p.add_argument("--json", default=None, metavar="PATH")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    nfes = [int(v) for v in a.nfe.replace(",", " ").split()]
+    methods = [m.name for m in samplers.available() if not m.stochastic and m.name not in EXCLUDE
+               and not math.isnan(m.nfe_per_step)]
+    if a.methods:
+        methods = [m for m in methods if m in a.methods.split()]
+    tic = time.perf_counter()
+    errors = {}  # (case, nfe) -> {(method, grid): error}
+    for tname, kw in DESIGN_TARGETS:
+        target = targets.get_target(tname, **kw)
+        for sname, cls in SCHEDULES.items():
+            sch = cls()
+            field = target.field(sch)
+            x_T = target.marginal(sch, sch.t_max).sample(a.samples, torch.Generator().manual_seed(0))
+            ref, _ = flow_map(field, x_T, sch.t_max, sch.t_min)
+            case = f"{tname}/{sname}"
+            for nfe in nfes:
+                cell = errors.setdefault((case, nfe), {})
+                for m in methods:
+                    for g in GRIDS:
+                        try:
+                            x = samplers.sample(field, x_T, m, nfe=nfe, grid_kind=g).x
+                            e = float((x - ref).reshape(len(x), -1).norm(dim=1).mean())
+                        except ValueError:  # budget below the method's minimum
+                            continue
+                        if math.isfinite(e):
+                            cell[(m, g)] = e
+            print(f"{case} done ({time.perf_counter() - tic:.0f}s)", flush=True)
+    cases = sorted({c for c, _ in errors})
+    summary = {}
+    print(f"\n{'NFE':>4s}  best (method/grid: geometric-mean error relative to the per-case best)")
+    for nfe in nfes:
+        keys = set.intersection(*(set(errors[c, nfe]) for c in cases))
+        score = {}
+        for k in keys:
+            score[k] = math.exp(sum(math.log(errors[c, nfe][k] / min(errors[c, nfe].values())) for c in cases)
+                                / len(cases))
+        top = sorted(score.items(), key=lambda kv: kv[1])[:5]
+        summary[nfe] = [{"method": k[0], "grid": k[1], "rel_geo_mean": v} for k, v in top]
+        print(f"{nfe:4d}  " + "   ".join(f"{k[0]}/{k[1]}: {v:.2f}" for k, v in top[:3]), flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"settings": {"targets": DESIGN_TARGETS, "schedules": list(SCHEDULES), "grids": GRIDS,
+                                    "nfes": nfes, "samples": a.samples, "methods": methods,
+                                    "torch": torch.__version__},
+                       "summary": {str(k): v for k, v in summary.items()},
+                       "errors": [{"case": c, "nfe": n, "method": m, "grid": g, "error": e}
+                                  for (c, n), d in errors.items() for (m, g), e in d.items()]}, fh, indent=1)
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+r"""The design study behind ``method="auto_sde"``: which stochastic (method, grid) to use at each NFE budget.
+
+Design set only (never the evaluation suite ``targets.suite()``): the Gaussian targets gaussian_2d and
+aniso_gaussian (d=16), where every stochastic sampler whose noise can be supplied has an EXACT output law
+(``metrics.sampler_gaussian_law``) and the score is its exact W2 to p_{t_min}; and the mixtures ring8, bimodal_1d,
+ncsn_two_mode, where the score is the unbiased MMD^2 against the exact p_{t_min} (closed-form p-terms,
+``metrics.mmd2_exact``) on n samples, reported with its standard error. Schedules VP-linear and EDM. Every
+registered stochastic method (except torchsde and the Langevin-only ones) runs at each budget through its own
+budget rule (``sample(..., nfe=K)``) on the logsnr and karras grids.
+
+Run:  python benchmarks/auto_design_sde.py [--nfe "5 10 20 50"] [--samples 2000] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+
+try:
+    from diffusion_lab import metrics, samplers, schedules, targets
+except ImportError:  # running from a checkout without installation
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from diffusion_lab import metrics, samplers, schedules, targets
+
+GAUSSIANS = [("gaussian_2d", {}), ("aniso_gaussian", {"d": 16, "cond": 100.0})]
+MIXTURES = [("ring8", {}), ("bimodal_1d", {}), ("ncsn_two_mode", {})]
+SCHEDULES = {"vp_linear": schedules.VPLinear, "edm": schedules.EDM}
+GRIDS = ("logsnr", "karras")
+EXCLUDE = {"torchsde", "annealed_langevin", "auto_sde", "pc"}
+
+
+def _noise_draws(field, x, method, nfe, grid):
+    res = samplers.sample(field, x[:2], method, nfe=nfe, grid_kind=grid, generator=torch.Generator().manual_seed(0))
+    return res.info.get("noise_draws")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nfe", default="5 10 20 50")
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--json", default=None, metavar="PATH")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    nfes = [int(v) for v in a.nfe.replace(",", " ").split()]
+    methods = [m.name for m in samplers.available() if m.stochastic and m.name not in EXCLUDE]
+    rows = []
+    tic = time.perf_counter()
+    for kind, cases in (("w2", GAUSSIANS), ("mmd2", MIXTURES)):
+        for tname, kw in cases:
+            target = targets.get_target(tname, **kw)
+            for sname, cls in SCHEDULES.items():
+                sch = cls()
+                field = target.field(sch)
+                p_T, law = target.marginal(sch, sch.t_max), target.marginal(sch, sch.t_min)
+                x_T = p_T.sample(a.samples, torch.Generator().manual_seed(0))
+                for nfe in nfes:
+                    for m in methods:
+                        for g in GRIDS:
+                            row = {"target": tname, "schedule": sname, "nfe": nfe, "method": m, "grid": g,
+                                   "metric": kind}
+                            try:
+                                if kind == "w2":
+                                    k = _noise_draws(field, x_T, m, nfe, g)
+                                    if k is None:
+                                        continue
+                                    run = lambda x, z: samplers.sample(field, x, m, nfe=nfe, grid_kind=g,  # noqa
+                                                                       noise=z).x
+                                    mean, cov = metrics.sampler_gaussian_law(run, p_T.mu, p_T.cov, k)
+                                    row["value"] = metrics.gaussian_w2(mean, cov, law.mu, law.cov)
+                                else:
+                                    x = samplers.sample(field, x_T, m, nfe=nfe, grid_kind=g,
+                                                        generator=torch.Generator().manual_seed(1)).x
+                                    r = metrics.mmd2_exact(x, law)
+                                    row.update(value=r.mmd2, se=r.se)
+                            except ValueError:
+                                continue
+                            rows.append(row)
+                print(f"{tname}/{sname} done ({time.perf_counter() - tic:.0f}s)", flush=True)
+    summary = {}
+    print(f"\n{'NFE':>4s}  best by geometric mean of value relative to the per-case best (W2; MMD^2 floored at 1 SE)")
+    for nfe in nfes:
+        cases = sorted({(r["target"], r["schedule"]) for r in rows if r["nfe"] == nfe})
+        by = {}
+        for r in rows:
+            if r["nfe"] == nfe:
+                v = r["value"] if r["metric"] == "w2" else max(r["value"], r["se"])
+                by.setdefault((r["method"], r["grid"]), {})[(r["target"], r["schedule"])] = v
+        best = {c: min(d[c] for d in by.values() if c in d) for c in cases}
+        score = {k: math.exp(sum(math.log(d[c] / best[c]) for c in cases) / len(cases))
+                 for k, d in by.items() if all(c in d for c in cases)}
+        top = sorted(score.items(), key=lambda kv: kv[1])[:5]
+        summary[nfe] = [{"method": k[0], "grid": k[1], "rel_geo_mean": v} for k, v in top]
+        print(f"{nfe:4d}  " + "   ".join(f"{k[0]}/{k[1]}: {v:.2f}" for k, v in top[:4]), flush=True)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"settings": {"gaussians": GAUSSIANS, "mixtures": MIXTURES, "schedules": list(SCHEDULES),
+                                    "grids": GRIDS, "nfes": nfes, "samples": a.samples, "methods": methods},
+                       "summary": {str(k): v for k, v in summary.items()}, "rows": rows}, fh, indent=1)
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The declared defaults method="auto" / "auto_sde": the rule resolves from the budget alone, spends no more
+than the budget, and equals running the chosen method by hand."""
+import pytest
+import torch
+
+from diffusion_lab import schedules as S
+from diffusion_lab import targets as T
+from diffusion_lab.samplers import available, get_method, sample
+from diffusion_lab.samplers.auto import AUTO_RULES, auto_choice
+
+
+@pytest.mark.parametrize("nfe,method,grid", [(1, "ipndm", "logsnr"), (5, "ipndm", "logsnr"), (10, "ipndm", "logsnr"),
+                                             (11, "dpmpp_3m", "logsnr"), (30, "dpmpp_3m", "logsnr"),
+                                             (31, "rk4", "quadratic"), (200, "rk4", "quadratic")])
+def test_rule(nfe, method, grid):
+    c = auto_choice(nfe)
+    assert (c.method, c.grid_kind) == (method, grid)
+    get_method(c.method)  # every method the rule names is registered
+
+
+@pytest.mark.parametrize("nfe,method", [(5, "dpmpp_2m_sde"), (14, "dpmpp_2m_sde"), (15, "dpmpp_3m_sde"),
+                                        (50, "dpmpp_3m_sde")])
+def test_rule_sde(nfe, method):
+    assert auto_choice(nfe, stochastic=True).method == method
+
+
+def test_rules_name_registered_methods_with_matching_stochasticity():
+    for name, rules in AUTO_RULES.items():
+        for _, method, _, _ in rules:
+            assert get_method(method).stochastic == (name == "auto_sde")
+    names = {m.name for m in available()}
+    assert {"auto", "auto_sde"} <= names
+
+
+@pytest.mark.parametrize("nfe", [3, 7, 10, 12, 20, 33, 50])
+@pytest.mark.parametrize("final", ["step", "denoise"])
+def test_auto_equals_the_chosen_method_and_fits_the_budget(nfe, final):
+    sch = S.VPLinear()
+    tg = T.ring8()
+    field = tg.field(sch)
+    x = tg.marginal(sch, sch.t_max).sample(32, torch.Generator().manual_seed(0))
+    res = sample(field, x, "auto", nfe=nfe, final=final)
+    assert res.nfe <= nfe
+    c = auto_choice(nfe - (final == "denoise"))
+    by_hand = sample(field, x, c.method, nfe=nfe, grid_kind=c.grid_kind, final=final)
+    assert torch.equal(res.x, by_hand.x)
+    assert res.method == c.method and res.settings["requested_method"] == "auto"
+    assert res.settings["grid_kind"] == c.grid_kind
+
+
+def test_auto_sde_equals_the_chosen_method():
+    sch = S.VPLinear()
+    tg = T.gaussian_2d()
+    field = tg.field(sch)
+    x = tg.marginal(sch, sch.t_max).sample(16, torch.Generator().manual_seed(0))
+    a = sample(field, x, "auto_sde", nfe=20, generator=torch.Generator().manual_seed(1))
+    b = sample(field, x, "dpmpp_3m_sde", nfe=20, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.x, b.x) and a.nfe == 20
+
+
+def test_auto_needs_a_budget():
+    sch = S.VPLinear()
+    tg = T.ring8()
+    x = tg.marginal(sch, sch.t_max).sample(4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="takes an NFE budget only"):
+        sample(tg.field(sch), x, "auto", steps=10)
+    with pytest.raises(ValueError, match="nfe must be an integer >= 1"):
+        auto_choice(0)
