@@ -98,7 +98,8 @@ class OptimizedGrid:
     """An optimised grid and how it was obtained.
 
     grid             descending float64 tensor of N + 1 times, grid[0] = t_max, grid[-1] = t_min
-    cost_nfe         model evaluations this call spent (teacher, cost tables, refinement), from field.nfe; 0 if cached
+    cost_nfe         model evaluations this call spent (teacher, cost tables, refinement), from field.nfe; 0 if cached,
+                     and without the teacher or tables when a call with the same field and pilot already made them
     seconds          wall time of this call
     objective        "sum" or "max" (the DP objective)
     dp_value         DP objective of the DP grid; dp_value_logsnr the same objective of the logsnr grid when it
@@ -383,7 +384,7 @@ def optimize_grid(field: VelocityField, n: int, method: str, *, x_pilot: torch.T
     if cache:
         hit = _get(_RESULTS, key, field)
         if hit is not None:
-            return replace(hit, cost_nfe=0, seconds=time.perf_counter() - t_start, cached=True)
+            return replace(hit, grid=hit.grid.clone(), cost_nfe=0, seconds=time.perf_counter() - t_start, cached=True)
     nfe0 = field.nfe
 
     teacher = _get(_TEACHERS, teacher_key, field) if cache else None
