@@ -25,6 +25,9 @@ def add_parser(sub):
         ),
     )
     C.add_target_schedule(p)
+    p.add_argument("--dim", type=int, default=None, metavar="D",
+                   help="dimension of targets built in any dimension (" + ", ".join(dimension_targets())
+                        + "); default: the target's own")
     p.add_argument("--nfe", type=int, nargs="+", default=list(DEFAULT_NFES), metavar="N",
                    help=f"NFE budgets (default {' '.join(map(str, DEFAULT_NFES))})")
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
@@ -40,6 +43,42 @@ def add_parser(sub):
     p.add_argument("--list-methods", action="store_true", help="list the samplers with order, NFE/step; run nothing")
     p.set_defaults(func=run)
     return p
+
+
+def _dimension_keyword(name: str):
+    """The keyword through which target ``name``'s builder takes its dimension ("dim", or "d" for
+    aniso_gaussian), or None for a target of fixed dimension."""
+    import inspect
+
+    from ..targets import TARGETS
+
+    params = inspect.signature(TARGETS[name]).parameters
+    return next((k for k in ("dim", "d") if k in params), None)
+
+
+def dimension_targets() -> list:
+    """Names of the targets that take --dim."""
+    from ..targets import TARGETS
+
+    return [name for name in sorted(TARGETS) if _dimension_keyword(name)]
+
+
+def _build_target(args, parser):
+    """--target, in dimension --dim when given; a one-line error for a target of fixed dimension."""
+    from ..targets import get_target
+
+    if args.dim is None:
+        return get_target(args.target)
+    key = _dimension_keyword(args.target)
+    if key is None:
+        parser.error(f"target {args.target!r} has a fixed dimension and takes no --dim; "
+                     f"targets that do: {', '.join(dimension_targets())}")
+    if args.dim < 1:
+        parser.error(f"--dim must be >= 1, got {args.dim}")
+    try:
+        return get_target(args.target, **{key: args.dim})
+    except ValueError as exc:
+        parser.error(f"--dim {args.dim} for target {args.target!r}: {exc}")
 
 
 def list_methods() -> None:
@@ -103,7 +142,6 @@ def _print_table(args, target, rows, ref) -> None:
 def run(args, parser) -> int:
     from ..compare import run_comparison
     from ..schedules import get_schedule
-    from ..targets import get_target
 
     if args.list_methods:
         list_methods()
@@ -114,7 +152,7 @@ def run(args, parser) -> int:
     if any(n < 1 for n in args.nfe):
         parser.error(f"--nfe budgets must be >= 1, got {args.nfe}")
     specs = _method_specs(args, parser)
-    target, schedule = get_target(args.target), get_schedule(args.schedule)
+    target, schedule = _build_target(args, parser), get_schedule(args.schedule)
     _check_budgets(args, parser, specs)
     os.makedirs(args.out, exist_ok=True)
     bar = None
@@ -133,7 +171,8 @@ def run(args, parser) -> int:
     _print_table(args, target, rows, ref)
     C.write_csv(os.path.join(args.out, "results.csv"), rows)
     settings = {
-        "command": "diffusion-lab compare", "target": target.settings(), "schedule": schedule.settings(),
+        "command": "diffusion-lab compare", "target": target.settings(), "dim": args.dim,
+        "schedule": schedule.settings(),
         "methods": [s_.label for s_ in specs], "nfe": args.nfe, "grid": args.grid, "final": args.final,
         "n_samples": args.n, "seed": args.seed, "reference": ref, "seconds": total, "versions": C.versions(),
     }
@@ -143,7 +182,8 @@ def run(args, parser) -> int:
         from ..plots import error_vs_nfe
 
         error_vs_nfe(rows, os.path.join(args.out, "error_vs_nfe.png"),
-                     title=f"{args.target} / {args.schedule} / {args.grid} grid", floor=ref["sw2_exact_flow"])
+                     title=f"{args.target}{'' if args.dim is None else f' (d={args.dim})'} / {args.schedule} / "
+                           f"{args.grid} grid", floor=ref["sw2_exact_flow"])
         written.append("error_vs_nfe.png")
     print(f"wrote {', '.join(written)} to {args.out} ({total:.1f} s)")
     return 0
