@@ -64,8 +64,9 @@ What is compared (deterministic side)
   is not part of the ODE solver and would wreck targets of radius 2); set_alpha_to_one, lower_order_final,
   final_sigmas_type, euler_at_final are left at their defaults and their effect is what the "end" column shows.
   k-diffusion's samplers run with all their options at the defaults.
-* "fixed" column: one configuration of ours declared in advance (--fixed, default unipc/logsnr), reported
-  beside the per-cell best.
+* "fixed" column: one configuration of ours declared in advance (--fixed, default auto/auto: the package's
+  declared default ``method="auto"``, whose rule picks the method and grid kind from the budget and was fixed on
+  a design set that excludes the suite; see diffusion_lab/samplers/auto.py), reported beside the per-cell best.
 * NFE. Each peer's model calls are counted by wrapping the model; the step count is the largest whose counted
   NFE is <= the budget (diffusers Heun: 2N - 1, PNDM/PLMS: N + 1, the rest: N; k-diffusion Heun, DPM-2: 2N - 1,
   DPM-Solver-fast: n = the budget, the rest: N).
@@ -92,8 +93,7 @@ What is compared (stochastic side)
 * Ours: every registered stochastic method on every grid kind of ``--grids``, at its default options; "our best
   stochastic (after the fact)" is the smallest MMD^2 of these pairs (on Gaussian targets also the smallest W2),
   chosen after seeing the numbers (and, for MMD^2, biased low by that choice among noisy values); "fixed-sde"
-  is one configuration declared in advance (``--fixed-sde``, default dpmpp_2m_sde/logsnr if registered, else
-  ddpm_ancestral/logsnr).
+  is one configuration declared in advance (``--fixed-sde``, default auto_sde/auto: ``method="auto_sde"``).
 * Noise: ours draw from a torch.Generator seeded with seed + 2; diffusers' stochastic schedulers get the same
   seeded generator in ``step`` (DPMSolverSDEScheduler and k-diffusion use torch's global generator, seeded with
   seed + 2 before each run).
@@ -359,19 +359,31 @@ def our_plan(method: str, nfe: int, final: str) -> tuple[int, dict]:
     return samplers.steps_for_nfe(method, nfe, final), {}
 
 
+def resolve(method: str, nfe: int, final: str, grids) -> tuple[str, list, list]:
+    """(method to run, [(grid label, grid kind)], plan) -- the declared defaults "auto" / "auto_sde" resolve to
+    their rule's method and grid kind for this budget (``samplers.auto.auto_choice``), labelled grid "auto"."""
+    if method in ("auto", "auto_sde"):
+        from diffusion_lab.samplers.auto import auto_choice
+
+        choice = auto_choice(nfe - (1 if final == "denoise" else 0), stochastic=method == "auto_sde")
+        return choice.method, [("auto", choice.grid_kind)], {"resolved": f"{choice.method}/{choice.grid_kind}"}
+    return method, [(g, g) for g in grids], {}
+
+
 def run_ours(field, x_start, t_s, t_e, final, nfe, ref, methods, grids) -> list[dict]:
     rows = []
     for m in methods:
+        name, kinds, extra = resolve(m.name, nfe, final, grids)
         try:
-            n, opts = our_plan(m.name, nfe, final)
+            n, opts = our_plan(name, nfe, final)
         except ValueError as e:
             rows.append({"method": m.name, "grid": None, "error": None, "skipped": str(e)})
             continue
-        for kind in grids:
-            row = {"method": m.name, "grid": kind, "steps": n, "options": _jsonable(opts)}
+        for label, kind in kinds:
+            row = {"method": m.name, "grid": label, "steps": n, "options": _jsonable(opts), **extra}
             try:
                 grid = samplers.time_grid(field.schedule, n, kind, t_min=t_e, t_max=t_s)
-                res = samplers.sample(field, x_start, m.name, grid=grid, final=final, **opts)
+                res = samplers.sample(field, x_start, name, grid=grid, final=final, **opts)
                 if res.nfe > nfe:
                     raise RuntimeError(f"used {res.nfe} NFE > budget {nfe}")
                 err = mean_err(res.x, ref)
@@ -774,19 +786,20 @@ def run_stochastic(label, tg, args, methods_sto, log):
             block["kdiffusion"].append(row)
         # ours
         for m in methods_sto:
+            name, kinds, extra = resolve(m.name, nfe, "denoise", grids)
             try:
-                n, opts = our_plan(m.name, nfe, "denoise")
+                n, opts = our_plan(name, nfe, "denoise")
             except ValueError as e:
                 block["ours"].append({"method": m.name, "grid": None, "mmd2": None, "skipped": str(e)})
                 continue
-            for kind in grids:
-                row = {"method": m.name, "grid": kind, "steps": n, "options": _jsonable(opts)}
+            for label, kind in kinds:
+                row = {"method": m.name, "grid": label, "steps": n, "options": _jsonable(opts), **extra}
                 tic = time.perf_counter()
                 try:
                     grid = samplers.time_grid(schedule, n, kind, t_min=T_MIN_OURS, t_max=t_s)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        res = samplers.sample(field, x_s, m.name, grid=grid, final="denoise",
+                        res = samplers.sample(field, x_s, name, grid=grid, final="denoise",
                                               generator=torch.Generator().manual_seed(seed), **opts)
                     if res.nfe > nfe:
                         raise RuntimeError(f"used {res.nfe} NFE > budget {nfe}")
@@ -794,7 +807,7 @@ def run_stochastic(label, tg, args, methods_sto, log):
                         raise FloatingPointError("non-finite output")
                     row.update(nfe=res.nfe, end="D@t_last", t_end=T_MIN_OURS, **mmd(res.x))
                     if gauss:
-                        w2, why = _our_w2(field, m.name, grid, opts, tg)
+                        w2, why = _our_w2(field, name, grid, opts, tg)
                         row["w2"] = w2
                         if why:
                             row["w2_skipped"] = why
@@ -1001,8 +1014,7 @@ def _list(conv, what):
 
 
 def default_fixed_sde() -> str:
-    names = {m.name for m in samplers.available() if m.stochastic}
-    return "dpmpp_2m_sde/logsnr" if "dpmpp_2m_sde" in names else "ddpm_ancestral/logsnr"
+    return "auto_sde/auto"
 
 
 def parse_args(argv=None):
@@ -1030,11 +1042,12 @@ def parse_args(argv=None):
                         f"dimension <= --grids-dim, logsnr and quadratic above)")
     p.add_argument("--grids-dim", type=int, default=2,
                    help="largest dimension that gets all four grid kinds by default (default 2)")
-    p.add_argument("--fixed", default="unipc/logsnr", metavar="METHOD/GRID",
-                   help="one deterministic configuration of ours declared in advance (default unipc/logsnr)")
+    p.add_argument("--fixed", default="auto/auto", metavar="METHOD/GRID",
+                   help="one deterministic configuration of ours declared in advance (default auto/auto: the "
+                        "package's declared default, method='auto', which picks method and grid from the budget)")
     p.add_argument("--fixed-sde", default=None, metavar="METHOD/GRID",
-                   help="one stochastic configuration of ours declared in advance (default dpmpp_2m_sde/logsnr "
-                        "if registered, else ddpm_ancestral/logsnr)")
+                   help="one stochastic configuration of ours declared in advance (default auto_sde/auto: "
+                        "method='auto_sde')")
     p.add_argument("--karras", action="store_true",
                    help="also run diffusers' DPM++2M and Euler with use_karras_sigmas=True (fractional timesteps)")
     p.add_argument("--no-kdiffusion", dest="kdiffusion", action="store_false",
@@ -1063,8 +1076,9 @@ def parse_args(argv=None):
         p.error(f"--grids: unknown {sorted(set(a.grids) - set(GRID_KINDS))}; choose from {GRID_KINDS}")
     a.fixed_sde = a.fixed_sde or default_fixed_sde()
     for opt, val in (("--fixed", a.fixed), ("--fixed-sde", a.fixed_sde)):
-        if val.count("/") != 1 or val.split("/")[1] not in GRID_KINDS:
-            p.error(f"{opt} must be METHOD/GRID with GRID in {GRID_KINDS}, got {val!r}")
+        if val.count("/") != 1 or val.split("/")[1] not in GRID_KINDS + ("auto",):
+            p.error(f"{opt} must be METHOD/GRID with GRID in {GRID_KINDS} (or auto/auto, auto_sde/auto), "
+                    f"got {val!r}")
     if a.threads < 1:
         p.error(f"--threads must be >= 1, got {a.threads}")
     if not (a.deterministic or a.stochastic):

@@ -1,7 +1,10 @@
 r"""The sampler comparison on an exact target (the main job behind ``diffusion-lab compare``).
 
 For one exact target and schedule, every sampler starts from the same exact samples x_T ~ p_{t_max} and
-runs at each NFE budget (the largest step count whose exact NFE fits). Reported per (sampler, budget):
+runs at each NFE budget, spent by the method's own budget rule (``samplers.plan_for_nfe``: the largest step
+count whose exact NFE fits, or e.g. DPM-Solver-fast's order composition). The declared defaults "auto" and
+"auto_sde" come first: they choose method and grid from the budget (``samplers.auto``), ignoring ``grid_kind``;
+``runs`` names the method/grid they ran. Reported per (sampler, budget):
 
 - ``mmd2``, ``mmd2_se``: the unbiased MMD^2 between the samples and the EXACT target law p (p_{t_min}, or p_0
   with final="denoise"), Gaussian kernel with the bandwidth ``metrics.mmd_bandwidth(p)`` fixed by the law; the
@@ -44,7 +47,8 @@ import torch
 from .metrics import (affine_pushforward, gaussian_w2, mean_error, mmd2_diff_se, mmd2_exact, mmd2_null, mmd_bandwidth,
                       mmd_law_cross, sampler_gaussian_law, sliced_w2, sliced_w2_floor)
 from .reference import flow_map
-from .samplers import get_method, sample, steps_for_nfe
+from .samplers import get_method, plan_for_nfe, sample
+from .samplers.auto import auto_choice
 from .schedules import Schedule
 from .targets import Gaussian, GaussianMixture
 
@@ -53,8 +57,8 @@ __all__ = ["MethodSpec", "parse_method", "run_comparison", "mmd_ranks", "DEFAULT
 
 DEFAULT_NFES = (5, 10, 20, 50)
 DEFAULT_SAMPLES = 4000
-DEFAULT_METHODS = ("euler", "heun", "ddim", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc",
-                   "em", "ddpm_ancestral", "pc")
+DEFAULT_METHODS = ("auto", "auto_sde", "euler", "heun", "ddim", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc",
+                   "ipndm", "deis", "em", "ddpm_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "pc")
 
 
 @dataclass(frozen=True)
@@ -94,8 +98,30 @@ def parse_method(spec: str) -> MethodSpec:
 
 
 def _nfe_options(spec: MethodSpec) -> dict:
-    """The options that change a method's NFE count (see steps_for_nfe)."""
-    return {k: v for k, v in spec.options if k in ("predictor", "corrector_steps", "n_steps_each")}
+    """A method's options as a dict (every one is passed to its NFE count and budget rule, which use those that
+    change the count)."""
+    return dict(spec.options)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How one (spec, budget) row runs: the registered method, step count, grid kind and options."""
+
+    method: str
+    steps: int
+    grid_kind: str
+    options: dict
+
+
+def plan_row(spec: MethodSpec, nfe: int, final: str, grid_kind: str) -> _Run:
+    """Resolve a (method, budget) pair: "auto"/"auto_sde" pick method and grid kind by their rule, then the
+    method's budget rule gives the step count and options."""
+    name, kind = spec.name, grid_kind
+    if get_method(name).family == "auto":
+        choice = auto_choice(int(nfe) - (1 if final == "denoise" else 0), stochastic=get_method(name).stochastic)
+        name, kind = choice.method, choice.grid_kind
+    steps, options = plan_for_nfe(name, int(nfe), final, **dict(spec.options))
+    return _Run(name, steps, kind, options)
 
 
 def mmd_ranks(results: list, margin: float = 2.0) -> list[int]:
@@ -109,12 +135,12 @@ def mmd_ranks(results: list, margin: float = 2.0) -> list[int]:
     return out
 
 
-def _noise_law(field, target, p_T, law, spec, steps, grid_kind, final, x_probe):
+def _noise_law(field, p_T, law, run_: _Run, final, x_probe):
     """Exact W2 of a stochastic sampler's output law on a Gaussian target, or NaN when the sampler does not
     take ``noise=`` or report ``info["noise_draws"]``."""
-    opts = dict(spec.options)
+    opts, steps, grid_kind = run_.options, run_.steps, run_.grid_kind
     try:
-        probe = sample(field, x_probe, spec.name, steps=steps, grid_kind=grid_kind, final=final,
+        probe = sample(field, x_probe, run_.method, steps=steps, grid_kind=grid_kind, final=final,
                        generator=torch.Generator().manual_seed(0), **opts)
     except TypeError:
         return math.nan
@@ -123,7 +149,7 @@ def _noise_law(field, target, p_T, law, spec, steps, grid_kind, final, x_probe):
         return math.nan
 
     def run(x, noise):
-        return sample(field, x, spec.name, steps=steps, grid_kind=grid_kind, final=final, noise=noise, **opts).x
+        return sample(field, x, run_.method, steps=steps, grid_kind=grid_kind, final=final, noise=noise, **opts).x
 
     try:
         m, c = sampler_gaussian_law(run, p_T.mu, p_T.cov, int(k))
@@ -144,7 +170,7 @@ def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DE
     plan = []
     for spec in specs:
         for nfe in nfes:
-            plan.append((spec, nfe, steps_for_nfe(spec.name, int(nfe), final, **_nfe_options(spec))))
+            plan.append((spec, nfe, plan_row(spec, nfe, final, grid_kind)))
     g = torch.Generator().manual_seed(seed)
     p_T = target.marginal(schedule, schedule.t_max)
     x_T = p_T.sample(n_samples, g)
@@ -176,17 +202,19 @@ def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DE
     mmd_flow = mmd(ref)
     gaussian = isinstance(target, Gaussian)
     rows, results = [], []
-    for k, (spec, nfe, steps) in enumerate(plan):
-        info = get_method(spec.name)
+    for k, (spec, nfe, run_) in enumerate(plan):
+        info = get_method(run_.method)
+        steps = run_.steps
         gen = torch.Generator().manual_seed(seed + 1)  # the same noise stream for every stochastic sampler
-        res = sample(field, x_T, spec.name, steps=steps, grid_kind=grid_kind, generator=gen, final=final,
-                     **dict(spec.options))
+        res = sample(field, x_T, run_.method, steps=steps, grid_kind=run_.grid_kind, generator=gen, final=final,
+                     **run_.options)
         deterministic = not info.stochastic and not dict(spec.options).get("eta", 0)
         r = mmd(res.x)
         results.append(r)
         row = {
             "sampler": spec.label, "family": info.family, "order": info.order, "stochastic": not deterministic,
-            "nfe_budget": int(nfe), "steps": steps, "nfe": res.nfe,
+            "nfe_budget": int(nfe), "steps": steps, "nfe": res.nfe, "grid_kind": run_.grid_kind,
+            "runs": f"{run_.method}/{run_.grid_kind}" if run_.method != spec.name else "",
             "mmd2": r.mmd2, "mmd2_se": r.se, "mmd2_z": z_of(r), "resolved": bool(z_of(r) > 2.0), "mmd_rank": 0,
             "flow_error": mean_error(res.x, ref) if deterministic else math.nan,
             "sw2": sw2(res.x), "sw2_exact_flow": sw2_exact_flow, "w2_exact": math.nan, "seconds": res.seconds,
@@ -194,12 +222,12 @@ def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DE
         row["sw2_resolved"] = bool(row["sw2"] > floor + 2 * sw2_spread)
         if gaussian and deterministic:
             m, c = affine_pushforward(
-                lambda pts: sample(field, pts, spec.name, steps=steps, grid_kind=grid_kind,
-                                   final=final, **dict(spec.options)).x,
+                lambda pts: sample(field, pts, run_.method, steps=steps, grid_kind=run_.grid_kind,
+                                   final=final, **run_.options).x,
                 p_T.mu, p_T.cov)
             row["w2_exact"] = gaussian_w2(m, c, law.mu, law.cov)
         elif gaussian:
-            row["w2_exact"] = _noise_law(field, target, p_T, law, spec, steps, grid_kind, final, x_T[:2])
+            row["w2_exact"] = _noise_law(field, p_T, law, run_, final, x_T[:2])
         rows.append(row)
         if progress is not None:
             progress(k + 1, len(plan), row)

@@ -115,20 +115,38 @@ def _method_specs(args, parser) -> list:
 
 
 def _check_budgets(args, parser, specs) -> None:
-    from ..compare import _nfe_options
-    from ..samplers import steps_for_nfe
+    from ..compare import plan_row
 
     for s_ in specs:
         for n in args.nfe:
             try:
-                steps_for_nfe(s_.name, n, args.final, **_nfe_options(s_))
+                plan_row(s_, n, args.final, args.grid)
             except ValueError as exc:
                 parser.error(str(exc))
 
 
+def _name(row) -> str:
+    """The sampler label, with what a declared default ran: auto (ipndm/logsnr)."""
+    return f"{row['sampler']} ({row['runs']})" if row.get("runs") else row["sampler"]
+
+
+def _headline(rows, ref) -> None:
+    """The declared default's line per budget: its distance and how many samplers it is resolved to beat / lose to."""
+    for auto in ("auto", "auto_sde"):
+        mine = [r for r in rows if r["sampler"] == auto]
+        for r in mine:
+            same = [o for o in rows if o["nfe_budget"] == r["nfe_budget"] and o is not r]
+            better = [o["sampler"] for o in same if o["mmd_rank"] < r["mmd_rank"]]
+            worse = sum(1 for o in same if o["mmd_rank"] > r["mmd_rank"])
+            fe = "" if math.isnan(r["flow_error"]) else f", flow error {r['flow_error']:.2e}"
+            print(f"  {auto} at NFE <= {r['nfe_budget']}: {r['runs']}, MMD^2 {r['mmd2']:.2e} +- {r['mmd2_se']:.1e}{fe}; "
+                  f"rank {r['mmd_rank']}: resolved better than {worse} of {len(same)}"
+                  + (f", resolved worse than {', '.join(better)}" if better else ""))
+
+
 def _print_table(args, target, rows, ref) -> None:
     gauss = any(not math.isnan(r["w2_exact"]) for r in rows)
-    w = max(22, *(len(r["sampler"]) for r in rows))
+    w = max(22, *(len(_name(r)) for r in rows))
     hdr = (f"{'sampler':{w}s} {'NFE':>4s} {'MMD^2':>10s} {'SE':>8s} {'z':>6s} {'res':>3s} {'rank':>4s} "
            f"{'flow error':>11s} {'sliced W2':>10s}" + (f" {'exact W2':>10s}" if gauss else "") + f" {'time [s]':>9s}")
     print(f"target {args.target} (d={target.dim}), schedule {args.schedule}, grid {args.grid}, final={args.final}, "
@@ -137,7 +155,7 @@ def _print_table(args, target, rows, ref) -> None:
     print("-" * len(hdr))
     for r in rows:
         fe = "-" if math.isnan(r["flow_error"]) else f"{r['flow_error']:.3e}"
-        line = (f"{r['sampler']:{w}s} {r['nfe']:4d} {r['mmd2']:10.3e} {r['mmd2_se']:8.1e} {r['mmd2_z']:6.1f} "
+        line = (f"{_name(r):{w}s} {r['nfe']:4d} {r['mmd2']:10.3e} {r['mmd2_se']:8.1e} {r['mmd2_z']:6.1f} "
                 f"{'yes' if r['resolved'] else 'no':>3s} {r['mmd_rank']:4d} {fe:>11s} {r['sw2']:10.4f}")
         if gauss:
             line += " " + ("-".rjust(10) if math.isnan(r["w2_exact"]) else f"{r['w2_exact']:10.3e}")
@@ -156,6 +174,9 @@ def _print_table(args, target, rows, ref) -> None:
             else:
                 groups.append([name])
         print(f"  NFE <= {budget}: " + " < ".join(" = ".join(g) for g in groups))
+    if any(r["sampler"] in ("auto", "auto_sde") for r in rows):
+        print("declared defaults (method='auto' / 'auto_sde': method and grid chosen from the budget by a fixed rule):")
+        _headline(rows, ref)
     print(f"reference: PF-ODE flow map by {ref['solver']} (rtol {ref['rtol']:g}, {ref['nfe']} NFE). Sliced W2 against "
           f"{args.n} exact samples of {ref['law']} (descriptive, not ranked): the exact flow map scores "
           f"{ref['sw2_exact_flow']:.4f}; two independent exact sets score {ref['sw2_floor']:.4f} +- "
