@@ -2,11 +2,13 @@
 r"""The design study behind ``method="auto"``: which deterministic (method, grid) to use at each NFE budget.
 
 It runs ONLY on the design set -- the package's original named targets (ring8, bimodal_1d, gaussian_2d,
-ncsn_two_mode, aniso_gaussian d=16) under three schedules (VP-linear, VP-cosine, EDM) -- and never on the
-evaluation suite (``targets.suite()``), which is kept for measuring the rule it produces. Every registered
-deterministic method runs at each budget through its own budget rule (``sample(..., nfe=K)``) on each grid
-kind; the score of a (method, grid) at a budget is the geometric mean over the 15 (target, schedule) cases of the
-terminal error mean ||x - Phi(x_T)|| against the exact flow map (scipy DOP853, rtol 1e-10), relative to the
+ncsn_two_mode, aniso_gaussian d=16) under four schedules (VP-linear, VP-cosine, EDM, DDPM-discrete) and both
+endings (final="step": the state at t_min; final="denoise": the denoiser there, as samplers that end at sigma = 0)
+-- and never on the evaluation suite (``targets.suite()``), which is kept for measuring the rule it produces.
+Every registered deterministic method runs at each budget through its own budget rule (``sample(..., nfe=K)``)
+on each grid kind; the score of a (method, grid) at a budget is the geometric mean over the 40 (target,
+schedule, ending) cases of the terminal error mean ||x - Phi(x_T)|| against the exact flow map (scipy DOP853,
+rtol 1e-10; with final="denoise" the reference is the denoiser at t_min of the exact flow map), relative to the
 best (method, grid) of that case (so every case weighs the same). The table prints the three best per budget.
 
 Run:  python benchmarks/auto_design.py [--nfe "3 4 5 6 8 10 12 15 20 25 30 50"] [--samples 500] [--json PATH]
@@ -30,7 +32,9 @@ from diffusion_lab.reference import flow_map
 
 DESIGN_TARGETS = [("ring8", {}), ("bimodal_1d", {}), ("gaussian_2d", {}), ("ncsn_two_mode", {}),
                   ("aniso_gaussian", {"d": 16, "cond": 100.0})]
-SCHEDULES = {"vp_linear": schedules.VPLinear, "vp_cosine": schedules.VPCosine, "edm": schedules.EDM}
+SCHEDULES = {"vp_linear": schedules.VPLinear, "vp_cosine": schedules.VPCosine, "edm": schedules.EDM,
+             "ddpm_discrete": schedules.DDPMDiscrete}
+FINALS = ("step", "denoise")
 GRIDS = ("logsnr", "karras", "uniform", "quadratic")
 EXCLUDE = {"adaptive", "auto"}
 
@@ -50,6 +54,21 @@ def main(argv=None):
         methods = [m for m in methods if m in a.methods.split()]
     tic = time.perf_counter()
     errors = {}  # (case, nfe) -> {(method, grid): error}
+
+    def run_case(case, field, x_T, ref, final):
+        for nfe in nfes:
+            cell = errors.setdefault((case, nfe), {})
+            for m in methods:
+                for g in GRIDS:
+                    try:
+                        x = samplers.sample(field, x_T, m, nfe=nfe, grid_kind=g, final=final).x
+                    except ValueError:  # budget below the method's minimum
+                        continue
+                    e = float((x - ref).reshape(len(x), -1).norm(dim=1).mean())
+                    if math.isfinite(e):
+                        cell[(m, g)] = e
+        print(f"{case} done ({time.perf_counter() - tic:.0f}s)", flush=True)
+
     for tname, kw in DESIGN_TARGETS:
         target = targets.get_target(tname, **kw)
         for sname, cls in SCHEDULES.items():
@@ -57,19 +76,9 @@ def main(argv=None):
             field = target.field(sch)
             x_T = target.marginal(sch, sch.t_max).sample(a.samples, torch.Generator().manual_seed(0))
             ref, _ = flow_map(field, x_T, sch.t_max, sch.t_min)
-            case = f"{tname}/{sname}"
-            for nfe in nfes:
-                cell = errors.setdefault((case, nfe), {})
-                for m in methods:
-                    for g in GRIDS:
-                        try:
-                            x = samplers.sample(field, x_T, m, nfe=nfe, grid_kind=g).x
-                            e = float((x - ref).reshape(len(x), -1).norm(dim=1).mean())
-                        except ValueError:  # budget below the method's minimum
-                            continue
-                        if math.isfinite(e):
-                            cell[(m, g)] = e
-            print(f"{case} done ({time.perf_counter() - tic:.0f}s)", flush=True)
+            for final in FINALS:
+                run_case(f"{tname}/{sname}/{final}", field, x_T,
+                         ref if final == "step" else field.denoiser(ref, sch.t_min), final)
     cases = sorted({c for c, _ in errors})
     summary = {}
     print(f"\n{'NFE':>4s}  best (method/grid: geometric-mean error relative to the per-case best)")
@@ -85,6 +94,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"settings": {"targets": DESIGN_TARGETS, "schedules": list(SCHEDULES), "grids": GRIDS,
+                                    "finals": FINALS,
                                     "nfes": nfes, "samples": a.samples, "methods": methods,
                                     "torch": torch.__version__},
                        "summary": {str(k): v for k, v in summary.items()},

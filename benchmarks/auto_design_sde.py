@@ -5,9 +5,10 @@ Design set only (never the evaluation suite ``targets.suite()``): the Gaussian t
 aniso_gaussian (d=16), where every stochastic sampler whose noise can be supplied has an EXACT output law
 (``metrics.sampler_gaussian_law``) and the score is its exact W2 to p_{t_min}; and the mixtures ring8, bimodal_1d,
 ncsn_two_mode, where the score is the unbiased MMD^2 against the exact p_{t_min} (closed-form p-terms,
-``metrics.mmd2_exact``) on n samples, reported with its standard error. Schedules VP-linear and EDM. Every
-registered stochastic method (except torchsde and the Langevin-only ones) runs at each budget through its own
-budget rule (``sample(..., nfe=K)``) on the logsnr and karras grids.
+``metrics.mmd2_exact``) on n samples, reported with its standard error. Schedules VP-linear, EDM and
+DDPM-discrete; both endings (final="step" against p_{t_min}; final="denoise" against p_0, as samplers that end at
+sigma = 0). Every registered stochastic method (except torchsde and the Langevin-only ones) runs at each budget
+through its own budget rule (``sample(..., nfe=K)``) on every grid kind.
 
 Run:  python benchmarks/auto_design_sde.py [--nfe "5 10 20 50"] [--samples 2000] [--json PATH]
 """
@@ -29,14 +30,32 @@ except ImportError:  # running from a checkout without installation
 
 GAUSSIANS = [("gaussian_2d", {}), ("aniso_gaussian", {"d": 16, "cond": 100.0})]
 MIXTURES = [("ring8", {}), ("bimodal_1d", {}), ("ncsn_two_mode", {})]
-SCHEDULES = {"vp_linear": schedules.VPLinear, "edm": schedules.EDM}
-GRIDS = ("logsnr", "karras")
+SCHEDULES = {"vp_linear": schedules.VPLinear, "edm": schedules.EDM, "ddpm_discrete": schedules.DDPMDiscrete}
+GRIDS = ("logsnr", "karras", "uniform", "quadratic")
+FINALS = ("step", "denoise")
 EXCLUDE = {"torchsde", "annealed_langevin", "auto_sde", "pc"}
 
 
-def _noise_draws(field, x, method, nfe, grid):
-    res = samplers.sample(field, x[:2], method, nfe=nfe, grid_kind=grid, generator=torch.Generator().manual_seed(0))
+def _noise_draws(field, x, method, nfe, grid, final):
+    res = samplers.sample(field, x[:2], method, nfe=nfe, grid_kind=grid, final=final,
+                          generator=torch.Generator().manual_seed(0))
     return res.info.get("noise_draws")
+
+
+def _score(row, field, x_T, p_T, law, m, nfe, g, final):
+    """Exact W2 (Gaussian targets, noise given as input) or MMD^2 +- SE (mixtures) of one configuration."""
+    if row["metric"] == "w2":
+        k = _noise_draws(field, x_T, m, nfe, g, final)
+        if k is None:
+            return
+        run = lambda x, z: samplers.sample(field, x, m, nfe=nfe, grid_kind=g, final=final, noise=z).x  # noqa
+        mean, cov = metrics.sampler_gaussian_law(run, p_T.mu, p_T.cov, k)
+        row["value"] = metrics.gaussian_w2(mean, cov, law.mu, law.cov)
+    else:
+        x = samplers.sample(field, x_T, m, nfe=nfe, grid_kind=g, final=final,
+                            generator=torch.Generator().manual_seed(1)).x
+        r = metrics.mmd2_exact(x, law)
+        row.update(value=r.mmd2, se=r.se)
 
 
 def main(argv=None):
@@ -56,40 +75,31 @@ def main(argv=None):
             for sname, cls in SCHEDULES.items():
                 sch = cls()
                 field = target.field(sch)
-                p_T, law = target.marginal(sch, sch.t_max), target.marginal(sch, sch.t_min)
+                p_T = target.marginal(sch, sch.t_max)
                 x_T = p_T.sample(a.samples, torch.Generator().manual_seed(0))
-                for nfe in nfes:
-                    for m in methods:
-                        for g in GRIDS:
-                            row = {"target": tname, "schedule": sname, "nfe": nfe, "method": m, "grid": g,
-                                   "metric": kind}
-                            try:
-                                if kind == "w2":
-                                    k = _noise_draws(field, x_T, m, nfe, g)
-                                    if k is None:
-                                        continue
-                                    run = lambda x, z: samplers.sample(field, x, m, nfe=nfe, grid_kind=g,  # noqa
-                                                                       noise=z).x
-                                    mean, cov = metrics.sampler_gaussian_law(run, p_T.mu, p_T.cov, k)
-                                    row["value"] = metrics.gaussian_w2(mean, cov, law.mu, law.cov)
-                                else:
-                                    x = samplers.sample(field, x_T, m, nfe=nfe, grid_kind=g,
-                                                        generator=torch.Generator().manual_seed(1)).x
-                                    r = metrics.mmd2_exact(x, law)
-                                    row.update(value=r.mmd2, se=r.se)
-                            except ValueError:
-                                continue
-                            rows.append(row)
+                for final in FINALS:
+                    law = target.marginal(sch, sch.t_min) if final == "step" else target
+                    for nfe in nfes:
+                        for m in methods:
+                            for g in GRIDS:
+                                row = {"target": tname, "schedule": sname, "final": final, "nfe": nfe, "method": m,
+                                       "grid": g, "metric": kind}
+                                try:
+                                    _score(row, field, x_T, p_T, law, m, nfe, g, final)
+                                except ValueError:
+                                    continue
+                                if "value" in row:
+                                    rows.append(row)
                 print(f"{tname}/{sname} done ({time.perf_counter() - tic:.0f}s)", flush=True)
     summary = {}
     print(f"\n{'NFE':>4s}  best by geometric mean of value relative to the per-case best (W2; MMD^2 floored at 1 SE)")
     for nfe in nfes:
-        cases = sorted({(r["target"], r["schedule"]) for r in rows if r["nfe"] == nfe})
+        cases = sorted({(r["target"], r["schedule"], r["final"]) for r in rows if r["nfe"] == nfe})
         by = {}
         for r in rows:
             if r["nfe"] == nfe:
                 v = r["value"] if r["metric"] == "w2" else max(r["value"], r["se"])
-                by.setdefault((r["method"], r["grid"]), {})[(r["target"], r["schedule"])] = v
+                by.setdefault((r["method"], r["grid"]), {})[(r["target"], r["schedule"], r["final"])] = v
         best = {c: min(d[c] for d in by.values() if c in d) for c in cases}
         score = {k: math.exp(sum(math.log(d[c] / best[c]) for c in cases) / len(cases))
                  for k, d in by.items() if all(c in d for c in cases)}
@@ -99,6 +109,7 @@ def main(argv=None):
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"settings": {"gaussians": GAUSSIANS, "mixtures": MIXTURES, "schedules": list(SCHEDULES),
+                                    "finals": FINALS,
                                     "grids": GRIDS, "nfes": nfes, "samples": a.samples, "methods": methods},
                        "summary": {str(k): v for k, v in summary.items()}, "rows": rows}, fh, indent=1)
         print(f"wrote {a.json}")
