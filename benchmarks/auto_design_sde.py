@@ -5,8 +5,8 @@ Design set only (never the evaluation suite ``targets.suite()``): the Gaussian t
 aniso_gaussian (d=16), where every stochastic sampler whose noise can be supplied has an EXACT output law
 (``metrics.sampler_gaussian_law``) and the score is its exact W2 to p_{t_min}; and the mixtures ring8, bimodal_1d,
 ncsn_two_mode, where the score is the unbiased MMD^2 against the exact p_{t_min} (closed-form p-terms,
-``metrics.mmd2_exact``) on n samples, reported with its standard error. Schedules VP-linear, EDM and
-DDPM-discrete; both endings (final="step" against p_{t_min}; final="denoise" against p_0, as samplers that end at
+``metrics.mmd2_exact``) on n samples, reported with its standard error. Schedules VP-linear, EDM, DDPM-discrete,
+VE and rectified flow; both endings (final="step" against p_{t_min}; final="denoise" against p_0, as samplers that end at
 sigma = 0). Every registered stochastic method (except torchsde and the Langevin-only ones) runs at each budget
 through its own budget rule (``sample(..., nfe=K)``) on every grid kind.
 
@@ -30,7 +30,8 @@ except ImportError:  # running from a checkout without installation
 
 GAUSSIANS = [("gaussian_2d", {}), ("aniso_gaussian", {"d": 16, "cond": 100.0})]
 MIXTURES = [("ring8", {}), ("bimodal_1d", {}), ("ncsn_two_mode", {})]
-SCHEDULES = {"vp_linear": schedules.VPLinear, "edm": schedules.EDM, "ddpm_discrete": schedules.DDPMDiscrete}
+SCHEDULES = {"vp_linear": schedules.VPLinear, "edm": schedules.EDM, "ddpm_discrete": schedules.DDPMDiscrete,
+             "ve": schedules.VE, "rectified_flow": schedules.RectifiedFlow}
 GRIDS = ("logsnr", "karras", "uniform", "quadratic")
 FINALS = ("step", "denoise")
 EXCLUDE = {"torchsde", "annealed_langevin", "auto_sde", "pc"}

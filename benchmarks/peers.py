@@ -379,8 +379,8 @@ def run_ours(field, x_start, t_s, t_e, final, nfe, ref, methods, grids) -> list[
         except ValueError as e:
             rows.append({"method": m.name, "grid": None, "error": None, "skipped": str(e)})
             continue
-        for label, kind in kinds:
-            row = {"method": m.name, "grid": label, "steps": n, "options": _jsonable(opts), **extra}
+        for glabel, kind in kinds:
+            row = {"method": m.name, "grid": glabel, "steps": n, "options": _jsonable(opts), **extra}
             try:
                 grid = samplers.time_grid(field.schedule, n, kind, t_min=t_e, t_max=t_s)
                 res = samplers.sample(field, x_start, name, grid=grid, final=final, **opts)
@@ -792,8 +792,8 @@ def run_stochastic(label, tg, args, methods_sto, log):
             except ValueError as e:
                 block["ours"].append({"method": m.name, "grid": None, "mmd2": None, "skipped": str(e)})
                 continue
-            for label, kind in kinds:
-                row = {"method": m.name, "grid": label, "steps": n, "options": _jsonable(opts), **extra}
+            for glabel, kind in kinds:
+                row = {"method": m.name, "grid": glabel, "steps": n, "options": _jsonable(opts), **extra}
                 tic = time.perf_counter()
                 try:
                     grid = samplers.time_grid(schedule, n, kind, t_min=T_MIN_OURS, t_max=t_s)

@@ -9,9 +9,9 @@ from diffusion_lab.samplers import available, get_method, sample
 from diffusion_lab.samplers.auto import AUTO_RULES, auto_choice
 
 
-@pytest.mark.parametrize("nfe,method,grid", [(1, "ipndm", "logsnr"), (5, "ipndm", "logsnr"), (10, "ipndm", "logsnr"),
-                                             (11, "dpmpp_3m", "logsnr"), (22, "dpmpp_3m", "logsnr"),
-                                             (23, "rk4", "quadratic"), (200, "rk4", "quadratic")])
+@pytest.mark.parametrize("nfe,method,grid", [(1, "ipndm", "logsnr"), (5, "ipndm", "logsnr"), (13, "ipndm", "logsnr"),
+                                             (14, "dpmpp_3m", "logsnr"), (40, "dpmpp_3m", "logsnr"),
+                                             (41, "unipc", "logsnr"), (200, "unipc", "logsnr")])
 def test_rule(nfe, method, grid):
     c = auto_choice(nfe)
     assert (c.method, c.grid_kind) == (method, grid)
