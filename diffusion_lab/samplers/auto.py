@@ -11,7 +11,9 @@ A rule fixed by a design study alone (below) picks the method, its options and t
 How the rule was made: ``benchmarks/auto_design.py`` and ``benchmarks/auto_design_sde.py`` ran every registered
 method on every grid kind at budgets 3 to 50 on a DESIGN set only -- the targets ring8, bimodal_1d, gaussian_2d,
 ncsn_two_mode and a 16-D anisotropic Gaussian under six schedules (VP-linear, VP-cosine, EDM, DDPM-discrete, VE,
-rectified flow), ending at t_min or with the denoiser there (results in benchmarks/results/auto_design*.txt).
+rectified flow; the stochastic study the same targets without VP-cosine, scored by exact W2 on the Gaussians and
+MMD^2 to the exact law on the mixtures), ending at t_min or with the denoiser there (results in
+benchmarks/results/auto_design*.txt).
 At each budget the rule takes, among the (method, grid) pairs that do not fail on any schedule (worst
 per-schedule geometric-mean error within 3x of the best worst case), the one with the best geometric-mean error
 relative to the per-case best; thresholds are the midpoints between measured budgets where the choice changes
