@@ -962,11 +962,14 @@ def print_sto_summary(results):
 # Targets, options
 
 
+SUITE_SEED = 0  # set from --suite-seed
+
+
 def suite_targets() -> list[tuple[str, object]]:
     fn = getattr(targets, "suite", None)
     if fn is None:
         raise SystemExit("error: --suite needs diffusion_lab.targets.suite(), which this version lacks")
-    return [(label, tg) for label, tg in fn()]
+    return [(label, tg) for label, tg in fn(seed=SUITE_SEED)]
 
 
 def resolve_targets(names: list[str]) -> list[tuple[str, object]]:
@@ -1029,6 +1032,9 @@ def parse_args(argv=None):
                    help=f'targets: names of targets.TARGETS, labels of targets.suite(), or NAME:D for '
                         f'get_target(NAME, dim=D) (default "{" ".join(TARGET_NAMES)}"; --quick: "ring8 bimodal_1d")')
     p.add_argument("--suite", action="store_true", help="run every target of targets.suite()")
+    p.add_argument("--suite-seed", type=int, default=0,
+                   help="instances of the suite's families (targets.suite(seed=...); default 0; another seed is a "
+                        "fresh held-out copy of the suite)")
     p.add_argument("--samples", type=int, default=None, help="number of samples of the deterministic table (default 2000; --suite: 1000; --quick: 500)")
     p.add_argument("--sde-samples", type=int, default=None,
                    help="number of samples of the stochastic table (default 2000; --quick: 1000)")
@@ -1061,6 +1067,8 @@ def parse_args(argv=None):
                    help="torch intra-op threads (default 1: the tensors are tiny and threads only contend)")
     p.add_argument("--json", metavar="PATH", default=None, help="write every figure and the settings as JSON")
     a = p.parse_args(argv)
+    global SUITE_SEED
+    SUITE_SEED = a.suite_seed
     a.nfe = a.nfe or ([10, 20] if a.quick or a.suite else [5, 10, 20, 50])
     if a.suite and a.targets:
         p.error("give --suite or --targets, not both")
@@ -1092,6 +1100,7 @@ def write_json(args, tlist, specs, methods, methods_sto, det_results, sto_result
 
     payload = {
         "settings": {
+            "suite_seed": args.suite_seed,
             "targets": [{"label": lab, "name": getattr(tg, "name", lab), "dim": tg.dim,
                          "components": tg.n_components} for lab, tg in tlist],
             "suite": args.suite, "nfe": args.nfe, "samples": args.samples, "sde_samples": args.sde_samples, "seed_x0": args.seed,

@@ -66,3 +66,19 @@ def test_auto_needs_a_budget():
         sample(tg.field(sch), x, "auto", steps=10)
     with pytest.raises(ValueError, match="nfe must be an integer >= 1"):
         auto_choice(0)
+
+
+def test_every_multistep_and_singlestep_method_states_its_budget_rule():
+    names = ["dpm_solver_2", "dpmpp_2s", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc", "lms", "plms", "pndm",
+             "ipndm", "deis", "dpmpp_2m_sde", "dpmpp_3m_sde", "sa_solver"]
+    for name in names:
+        info = get_method(name)
+        assert info.budget_rule and info.row()["budget_rule"] == info.budget_rule, name
+
+
+def test_suite_seed_draws_other_instances():
+    a, b = T.suite(), T.suite(seed=1)
+    assert [la for la, _ in a] == [lb for lb, _ in b]
+    for (_, ta), (_, tb) in zip(a, b):
+        assert ta.dim == tb.dim and ta.n_components == tb.n_components
+    assert any(not torch.equal(ta.means, tb.means) for (_, ta), (_, tb) in zip(a, b))

@@ -138,7 +138,7 @@ def test_learned_field_plugs_into_every_view():
 
 
 def test_learned_field_fokker_planck():
-    fp = pytest.importorskip("diffusion_lab.fokker_planck")
+    from diffusion_lab import fokker_planck as fp
     sch = S.VPLinear()
     f = T.learned_field(_tiny_mlp(), sch, "eps")  # zero output at init: eps_hat = 0 -> score 0
     grid = fp.Grid.box(-4.0, 4.0, 16, 2)

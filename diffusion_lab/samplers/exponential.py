@@ -76,7 +76,8 @@ def ddim_coefficients(alpha_t: float, sigma_t: float, h: float, eta: float) -> t
 
 
 @register("ddim", family="exponential", order=1, stochastic=False, nfe_per_step=1,
-          description="DDIM (Song et al. 2021 eq. 12), eta in [0, 1]; eta > 0 adds noise (default 0: the ODE)")
+          description="DDIM (Song et al. 2021 eq. 12), eta in [0, 1]; eta > 0 adds noise (default 0: the ODE)",
+          budget_rule='N = K steps')
 def ddim(field, x, grid, *, eta=0.0, noise=None, generator=None, callback=None, progress=False):
     r"""DDIM, Song, Meng & Ermon (2021) eq. 12, in the general (alpha, sigma) form
 
@@ -340,7 +341,9 @@ def _dpmpp_multistep(field, x, grid, order, lower_order_final, callback, progres
     return x, {"orders": orders, "lower_order_final": lower_order_final}
 
 
-@register("dpmpp_2m", family="exponential", order=2, stochastic=False, nfe_per_step=1)
+@register("dpmpp_2m", family="exponential", order=2, stochastic=False, nfe_per_step=1,
+          budget_rule=('N = K steps; orders 1 then 2 (warm-up); last step first order when N < 10 (official '
+                       'DPM-Solver)'))
 def dpmpp_2m(field, x, grid, *, lower_order_final=True, generator=None, callback=None, progress=False):
     r"""Multistep DPM-Solver++(2M) (Lu et al. 2022b Alg. 2; official ``multistep_dpm_solver_second_update``,
     solver_type 'dpmsolver'): with D_i = x0_hat(x_i, t_i), h_i = lambda_{i+1} - lambda_i, r_i = h_{i-1}/h_i,
@@ -354,7 +357,9 @@ def dpmpp_2m(field, x, grid, *, lower_order_final=True, generator=None, callback
 
 @register("dpmpp_3m", family="exponential", order=2, stochastic=False, nfe_per_step=1,
           description="DPM-Solver++(3M) multistep, data prediction (Lu et al. 2022b); official coefficients "
-                      "(global order 2) by default, coefficients='taylor' for order 3; NFE = N")
+                      "(global order 2) by default, coefficients='taylor' for order 3; NFE = N",
+          budget_rule=('N = K steps; orders 1, 2, then 3 (warm-up); last two steps 2, 1 when N < 10 (official '
+                       'DPM-Solver)'))
 def dpmpp_3m(field, x, grid, *, lower_order_final=True, coefficients="reference", generator=None, callback=None,
              progress=False):
     r"""Multistep DPM-Solver++(3M), data prediction (Lu et al. 2022b; official dpm-solver
@@ -419,7 +424,9 @@ def _unipc_coefficients(rks: list[float], h: float, k: int):
 
 @register("unipc", family="exponential", order=3, stochastic=False, nfe_per_step=1,
           description="UniPC-bh2 multistep, data prediction (Zhao et al. 2023); order option p (default 2) "
-                      "+ UniC corrector -> order p + 1; NFE = N")
+                      "+ UniC corrector -> order p + 1; NFE = N",
+          budget_rule=('N = K steps; step i has order min(order, i + 1, N - i) at every N (official UniPC), '
+                       'no corrector after the last step'))
 def unipc(field, x, grid, *, order=2, corrector=True, lower_order_final=True, final_rule="every_n", generator=None,
           callback=None, progress=False):
     r"""UniPC with B(h) = e^{-h} - 1 (bh2), data prediction (Zhao et al. 2023 Alg. 2-3; official

@@ -205,7 +205,8 @@ def _warmup_orders(n: int, order: int, lower_order_final: bool = False, final_be
 
 
 @register("lms", family="multistep", order=4, stochastic=False, nfe_per_step=1,
-          description="k-diffusion linear multistep (Lagrange in sigma/alpha), order option (default 4); NFE = N")
+          description="k-diffusion linear multistep (Lagrange in sigma/alpha), order option (default 4); NFE = N",
+          budget_rule=('N = K steps; orders 1, 2, ... up to `order` while the history builds up (k-diffusion)'))
 def lms(field, x, grid, *, order=4, generator=None, callback=None, progress=False):
     r"""Linear multistep in the EDM coordinates, as k-diffusion's ``sample_lms`` (Karras et al. 2022; Crowson):
     with sb = sigmabar = sigma/alpha, d_j = eps_hat(x_j, t_j) and k = min(order, i + 1),
@@ -239,7 +240,9 @@ def lms(field, x, grid, *, order=4, generator=None, callback=None, progress=Fals
 
 @register("plms", family="multistep", order=2, stochastic=False, nfe_per_step=1,
           nfe_of_steps=lambda n: n + 1,
-          description="PLMS (PNDM with a pseudo improved-Euler warm-up, diffusers skip_prk_steps); NFE = N + 1")
+          description="PLMS (PNDM with a pseudo improved-Euler warm-up, diffusers skip_prk_steps); NFE = N + 1",
+          budget_rule=('N = K - 1 steps (the first costs 2 evaluations); then 2-, 3-, 4-step formulas '
+                       '(diffusers skip_prk_steps)'))
 def plms(field, x, grid, *, order=4, generator=None, callback=None, progress=False):
     r"""Pseudo linear multistep, PNDM without the Runge-Kutta warm-up: diffusers ``PNDMScheduler(skip_prk_steps=True)``
     (``step_plms``), which follows Crowson's PLMS sampler for latent diffusion. With the transfer
@@ -287,7 +290,9 @@ def _pndm_nfe(n: int) -> int:
 
 @register("pndm", family="multistep", order=2, stochastic=False, nfe_per_step=1, nfe_of_steps=_pndm_nfe,
           description="F-PNDM (Liu et al. 2022): 3 pseudo Runge-Kutta steps, then pseudo 4-step Adams-Bashforth; "
-                      "NFE = N + 9")
+                      "NFE = N + 9",
+          budget_rule=('three pseudo Runge-Kutta steps of 4 evaluations, then 1 per step: N = K - 9 for K >= '
+                       '12'))
 def pndm(field, x, grid, *, midpoint="t", generator=None, callback=None, progress=False):
     r"""F-PNDM, Liu et al. (2022) eqs. 12-13 and Alg. 2 (official ``gen_order_4`` / ``runge_kutta``; diffusers
     ``PNDMScheduler`` with skip_prk_steps=False). With phi the DDIM transfer (see ``plms``) and m the midpoint
@@ -345,7 +350,8 @@ def pndm(field, x, grid, *, midpoint="t", generator=None, callback=None, progres
 
 @register("ipndm", family="multistep", order=2, stochastic=False, nfe_per_step=1,
           description="improved PNDM (Zhang & Chen 2023): Adams-Bashforth on eps with warm-up orders 1, 2, 3, 4; "
-                      "NFE = N")
+                      "NFE = N",
+          budget_rule='N = K steps; Adams-Bashforth orders 1, 2, 3, then 4 (warm-up)')
 def ipndm(field, x, grid, *, order=4, generator=None, callback=None, progress=False):
     r"""iPNDM, Zhang & Chen (2023, DEIS paper, sec. 5 / App.): PNDM's pseudo linear multistep without the
     Runge-Kutta warm-up, lower orders instead. With e_i = eps_hat(x_i, t_i) and k = min(order, i + 1),
@@ -371,7 +377,9 @@ def ipndm(field, x, grid, *, order=4, generator=None, callback=None, progress=Fa
 
 
 @register("deis", family="multistep", order=3, stochastic=False, nfe_per_step=1,
-          description="DEIS tAB (Zhang & Chen 2023), order option 1-4 (default 3), variant tab / logrho; NFE = N")
+          description="DEIS tAB (Zhang & Chen 2023), order option 1-4 (default 3), variant tab / logrho; NFE = N",
+          budget_rule=('N = K steps; orders 1 .. `order` while the history builds up; no lower-order final '
+                       'steps (official DEIS)'))
 def deis(field, x, grid, *, order=3, variant="tab", lower_order_final=False, n_quad=None, generator=None,
          callback=None, progress=False):
     r"""DEIS, Zhang & Chen (2023), the exponential integrator with polynomial extrapolation of eps:

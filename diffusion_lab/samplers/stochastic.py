@@ -74,7 +74,8 @@ def ancestral_step(s_from: float, s_to: float, eta: float = 1.0) -> tuple[float,
 
 
 @register("euler_ancestral", family="stochastic", order=1, stochastic=True, nfe_per_step=1,
-          description="Euler ancestral in (x/alpha, sigma/alpha) (k-diffusion sample_euler_ancestral), eta in [0, 1]")
+          description="Euler ancestral in (x/alpha, sigma/alpha) (k-diffusion sample_euler_ancestral), eta in [0, 1]",
+          budget_rule='N = K steps')
 def euler_ancestral(field, x, grid, *, eta=1.0, s_noise=1.0, noise=None, generator=None, callback=None,
                     progress=False):
     r"""Ancestral sampling with Euler steps (k-diffusion ``sample_euler_ancestral``) in xbar = x/alpha,
@@ -162,7 +163,8 @@ def _dpmpp_sde_multistep(field, x, grid, order, eta, s_noise, solver_type, d2_sc
 
 
 @register("dpmpp_2m_sde", family="stochastic", order=2, stochastic=True, nfe_per_step=1,
-          description="SDE-DPM-Solver++(2M) (Lu et al. 2022b; k-diffusion sample_dpmpp_2m_sde), midpoint | heun")
+          description="SDE-DPM-Solver++(2M) (Lu et al. 2022b; k-diffusion sample_dpmpp_2m_sde), midpoint | heun",
+          budget_rule='N = K steps; first step first order (warm-up)')
 def dpmpp_2m_sde(field, x, grid, *, eta=1.0, s_noise=1.0, solver_type="midpoint", noise=None, generator=None,
                  callback=None, progress=False):
     r"""SDE-DPM-Solver++(2M) (Lu et al. 2022b, App. B; k-diffusion ``sample_dpmpp_2m_sde``, diffusers
@@ -186,7 +188,8 @@ def dpmpp_2m_sde(field, x, grid, *, eta=1.0, s_noise=1.0, solver_type="midpoint"
 
 
 @register("dpmpp_3m_sde", family="stochastic", order=2, stochastic=True, nfe_per_step=1,
-          description="SDE-DPM-Solver++(3M) (k-diffusion sample_dpmpp_3m_sde)")
+          description="SDE-DPM-Solver++(3M) (k-diffusion sample_dpmpp_3m_sde)",
+          budget_rule='N = K steps; orders 1, 2, then 3 (warm-up)')
 def dpmpp_3m_sde(field, x, grid, *, eta=1.0, s_noise=1.0, coefficients="reference", noise=None, generator=None,
                  callback=None, progress=False):
     r"""SDE-DPM-Solver++(3M) (k-diffusion ``sample_dpmpp_3m_sde``) for any (alpha, sigma): with D_i, h_i, a as in
@@ -378,7 +381,8 @@ def sa_solver_orders(n: int, predictor_order: int, corrector_order: int, lower_o
 
 
 @register("sa_solver", family="stochastic", order=2, stochastic=True, nfe_per_step=1,
-          description="SA-Solver (Xue et al. 2023): stochastic Adams predictor-corrector, data prediction")
+          description="SA-Solver (Xue et al. 2023): stochastic Adams predictor-corrector, data prediction",
+          budget_rule="N = K steps; predictor and corrector orders grow with the history and drop in the last steps (diffusers' lower_order_final)")
 def sa_solver(field, x, grid, *, predictor_order=2, corrector_order=2, tau=None, lower_order_final=True,
               order2_tweak=True, noise=None, generator=None, callback=None, progress=False):
     r"""SA-Solver (Xue et al. 2023, "SA-Solver: Stochastic Adams Solver for Fast Sampling of Diffusion Models",
