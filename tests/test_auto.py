@@ -9,8 +9,9 @@ from diffusion_lab.samplers import available, get_method, sample
 from diffusion_lab.samplers.auto import AUTO_RULES, auto_choice
 
 
-@pytest.mark.parametrize("nfe,method,grid", [(1, "ipndm", "logsnr"), (5, "ipndm", "logsnr"), (13, "ipndm", "logsnr"),
-                                             (14, "dpmpp_3m", "logsnr"), (40, "dpmpp_3m", "logsnr"),
+@pytest.mark.parametrize("nfe,method,grid", [(1, "ipndm", "logsnr"), (5, "ipndm", "logsnr"), (11, "ipndm", "logsnr"),
+                                             (12, "unipc", "quadratic"), (17, "unipc", "quadratic"),
+                                             (18, "dpmpp_3m", "logsnr"), (40, "dpmpp_3m", "logsnr"),
                                              (41, "unipc", "logsnr"), (200, "unipc", "logsnr")])
 def test_rule(nfe, method, grid):
     c = auto_choice(nfe)
