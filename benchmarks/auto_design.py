@@ -37,6 +37,8 @@ except ImportError:  # running from a checkout without installation
     from diffusion_lab import samplers, schedules, targets
 from diffusion_lab.reference import flow_map
 
+from _design import print_row, robust_choice  # noqa: E402  (benchmarks/_design.py)
+
 DESIGN_TARGETS = [("ring8", {}), ("bimodal_1d", {}), ("gaussian_2d", {}), ("ncsn_two_mode", {}),
                   ("aniso_gaussian", {"d": 16, "cond": 100.0})]
 SCHEDULES = {"vp_linear": schedules.VPLinear, "vp_cosine": schedules.VPCosine, "edm": schedules.EDM,
@@ -105,26 +107,10 @@ def main(argv=None):
     summary = {}
     print(f"\n{'NFE':>4s}  best (method/grid: geometric-mean error relative to the per-case best; worst schedule)")
     for nfe in nfes:
-        keys = set.intersection(*(set(errors[c, nfe]) for c in cases))
-        score = {}
-        for k in keys:
-            score[k] = math.exp(sum(math.log(errors[c, nfe][k] / min(errors[c, nfe].values())) for c in cases)
-                                / len(cases))
-        worst = {}
-        for k in keys:
-            per = {}
-            for c in cases:
-                per.setdefault(c.split("/")[1], []).append(math.log(errors[c, nfe][k] / min(errors[c, nfe].values())))
-            worst[k] = max(math.exp(sum(v) / len(v)) for v in per.values())
-        robust = [k for k in keys if worst[k] <= 3.0 * min(worst.values())]
-        choice = min(robust, key=lambda k: score[k])
-        top = sorted(score.items(), key=lambda kv: kv[1])[:5]
-        summary[nfe] = {"top": [{"method": k[0], "grid": k[1], "rel_geo_mean": v, "worst_schedule": worst[k]}
-                                for k, v in top],
-                        "choice": {"method": choice[0], "grid": choice[1], "rel_geo_mean": score[choice],
-                                   "worst_schedule": worst[choice]}}
-        print(f"{nfe:4d}  " + "   ".join(f"{k[0]}/{k[1]}: {v:.2f} (worst {worst[k]:.1f})" for k, v in top[:3])
-              + f"   -> robust choice {choice[0]}/{choice[1]}", flush=True)
+        summary[nfe] = robust_choice({k: {c: errors[c, nfe][k] for c in cases if k in errors[c, nfe]}
+                                      for k in set().union(*(errors[c, nfe] for c in cases))},
+                                     lambda c: c.split("/")[1])
+        print_row(nfe, summary[nfe])
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"settings": {"targets": DESIGN_TARGETS, "schedules": list(SCHEDULES), "grids": GRIDS,

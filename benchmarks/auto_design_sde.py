@@ -30,6 +30,7 @@ except ImportError:  # running from a checkout without installation
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     from diffusion_lab import metrics, samplers, schedules, targets
 
+from _design import print_row, robust_choice  # noqa: E402  (benchmarks/_design.py)
 GAUSSIANS = [("gaussian_2d", {}), ("aniso_gaussian", {"d": 16, "cond": 100.0})]
 MIXTURES = [("ring8", {}), ("bimodal_1d", {}), ("ncsn_two_mode", {})]
 SCHEDULES = {"vp_linear": schedules.VPLinear, "edm": schedules.EDM, "ddpm_discrete": schedules.DDPMDiscrete,
@@ -72,30 +73,13 @@ def summarize(rows, nfes) -> dict:
     summary = {}
     print(f"\n{'NFE':>4s}  best by geometric mean of value relative to the per-case best (W2; MMD^2 floored at 1 SE)")
     for nfe in nfes:
-        cases = sorted({(r["target"], r["schedule"], r["final"]) for r in rows if r["nfe"] == nfe})
         by = {}
         for r in rows:
             if r["nfe"] == nfe:
                 v = r["value"] if r["metric"] == "w2" else max(r["value"], r["se"])
                 by.setdefault((r["method"], r["grid"]), {})[(r["target"], r["schedule"], r["final"])] = v
-        best = {c: min(d[c] for d in by.values() if c in d) for c in cases}
-        full = {k: d for k, d in by.items() if all(c in d for c in cases)}
-        score = {k: math.exp(sum(math.log(d[c] / best[c]) for c in cases) / len(cases)) for k, d in full.items()}
-        worst = {}
-        for k, d in full.items():
-            per = {}
-            for c in cases:
-                per.setdefault(c[1], []).append(math.log(d[c] / best[c]))
-            worst[k] = max(math.exp(sum(v) / len(v)) for v in per.values())
-        robust = [k for k in full if worst[k] <= 3.0 * min(worst.values())]
-        choice = min(robust, key=lambda k: score[k])
-        top = sorted(score.items(), key=lambda kv: kv[1])[:5]
-        summary[nfe] = {"top": [{"method": k[0], "grid": k[1], "rel_geo_mean": v, "worst_schedule": worst[k]}
-                                for k, v in top],
-                        "choice": {"method": choice[0], "grid": choice[1], "rel_geo_mean": score[choice],
-                                   "worst_schedule": worst[choice]}}
-        print(f"{nfe:4d}  " + "   ".join(f"{k[0]}/{k[1]}: {v:.2f} (worst {worst[k]:.1f})" for k, v in top[:3])
-              + f"   -> robust choice {choice[0]}/{choice[1]}", flush=True)
+        summary[nfe] = robust_choice(by, lambda c: c[1])
+        print_row(nfe, summary[nfe])
     return summary
 
 

@@ -7,10 +7,7 @@ diffusers keeps its schedule in float32, so agreement to ~1e-6 as shipped, and t
 tensors are replaced by our float64 ones) and diffusers' IPNDM step (which carries its own schedule and
 v-prediction; we give it our alpha, sigma and the exact v = alpha eps - sigma x0).
 """
-import importlib.util
 import math
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,6 +17,7 @@ from diffusion_lab import schedules, targets
 from diffusion_lab.reference import quantile_flow_map
 from diffusion_lab.samplers import get_method, sample, time_grid
 from diffusion_lab.samplers.multistep import AB_WEIGHTS, deis_weights, lagrange_weights
+from _peers import k_diffusion_sampling
 
 METHODS = ["lms", "plms", "pndm", "ipndm", "deis"]
 
@@ -61,32 +59,7 @@ def _rel(a, b):
 # -- k-diffusion -------------------------------------------------------------------------------------------------
 
 def _k_diffusion_sampling():
-    """k-diffusion's sampling.py loaded on its own (its package __init__ needs dependencies we do not install)."""
-    pytest.importorskip("scipy")
-    pytest.importorskip("torchsde")
-    pytest.importorskip("torchdiffeq")
-    spec0 = importlib.util.find_spec("k_diffusion")
-    if spec0 is None or not spec0.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed")
-    path = list(spec0.submodule_search_locations)[0] + "/sampling.py"
-    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils")}
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = []
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
-    try:
-        spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return mod
+    return k_diffusion_sampling()
 
 
 @pytest.mark.parametrize("schedule", [schedules.EDM(), schedules.VE()], ids=lambda s: s.name)

@@ -6,10 +6,7 @@ Tolerances: float64 runs that compute the same formulas as the peer agree to a f
 ``step``, which bounds that comparison at ~1e-7 relative (tolerance 1e-5). Weak errors are exact Gaussian W2
 distances (no Monte Carlo); their thresholds sit between the measured values quoted next to them.
 """
-import importlib.util
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -19,6 +16,7 @@ from diffusion_lab import targets as T
 from diffusion_lab.samplers import get_method, sample, steps_for_nfe, time_grid
 from diffusion_lab.samplers.stochastic import exp_poly_integrals, restart_plan
 from theory_checks.solvers_stochastic import exact_law_w2
+from _peers import k_diffusion_sampling
 
 METHODS = {  # method -> option sets exercised by the generic tests
     "euler_ancestral": [{}, {"eta": 0.4}],
@@ -53,33 +51,7 @@ def _relmax(a, b):
 # -- k-diffusion, loaded from its sampling.py alone (its package __init__ needs dependencies we do not install)
 
 def _kdiffusion():
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("k-diffusion is not installed")
-    pytest.importorskip("torchsde")
-    if "k_diffusion.sampling" in sys.modules:
-        return sys.modules["k_diffusion.sampling"]
-    path = list(spec.submodule_search_locations)[0] + "/sampling.py"
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = []
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils")}
-    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
-    try:
-        mspec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-        mod = importlib.util.module_from_spec(mspec)
-        mspec.loader.exec_module(mod)
-    except ImportError as exc:
-        pytest.skip(f"k-diffusion's sampling.py does not load: {exc}")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return mod
+    return k_diffusion_sampling()
 
 
 def _kd_denoiser(field):
