@@ -36,7 +36,13 @@ def test_family_identities(data):
     x = data.draw(points(tg.dim, 4, 2.0))
     assert score_residual(tg, s, x, t) <= 1e-9
     assert tweedie_residual(tg, s, x, t) <= 1e-9
-    assert velocity_residual(tg, s, x, t) <= 1e-9
+    # the drift f x - g^2/2 s cancels two large terms near the clipped end of the cosine schedule (g^2 up to 999):
+    # the reference itself carries a relative error eps * (|f x| + |g^2 s|/2) / |drift|, so scale the tolerance
+    tt_ = torch.as_tensor(t, dtype=torch.float64)
+    terms = (s.f(tt_) * x).abs() + (0.5 * s.g2(tt_) * tg.score(x, t, s)).abs()
+    drift = s.f(tt_) * x - 0.5 * s.g2(tt_) * tg.score(x, t, s)
+    cancel = float(terms.max() / drift.abs().max().clamp_min(1e-300))
+    assert velocity_residual(tg, s, x, t) <= 1e-9 * max(1.0, cancel)
     # score = -eps / sigma through the exact field
     f = tg.field(s)
     tt = torch.as_tensor(t, dtype=torch.float64)
