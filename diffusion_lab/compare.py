@@ -94,7 +94,32 @@ def parse_method(spec: str) -> MethodSpec:
         if not eq or not key:
             raise ValueError(f"bad method option {item!r} in {spec!r}; write name:key=value,key=value")
         options.append((key, _value(val)))
+    _check_option_names(name, [k for k, _ in options], spec)
     return MethodSpec(name, tuple(options))
+
+
+def method_options(name: str) -> list[str] | None:
+    """The option names a registered method accepts (None: it also forwards arbitrary options, as pc passes its
+    predictor's options on; "auto" methods accept none)."""
+    import inspect
+
+    info = get_method(name)
+    params = inspect.signature(info.fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and info.family != "auto":
+        return None
+    skip = {"field", "x", "grid", "generator", "callback", "progress"}
+    return [] if info.family == "auto" else [n for n in params if n not in skip]
+
+
+def _check_option_names(name: str, keys: list, spec: str) -> None:
+    """Unknown options fail here, before any work, with the valid ones listed."""
+    valid = method_options(name)
+    if valid is None:
+        return
+    bad = [k for k in keys if k not in valid]
+    if bad:
+        raise ValueError(f"method {name!r} has no option {bad[0]!r} (in {spec!r}); its options: "
+                         + (", ".join(valid) if valid else "none"))
 
 
 def _nfe_options(spec: MethodSpec) -> dict:

@@ -108,3 +108,21 @@ def test_em_nfe20_separated_at_default_sample_count():
 def test_bad_sample_count():
     with pytest.raises(ValueError, match="n_samples must be >= 3"):
         C.run_comparison(T.ring8(), S.VPLinear(), ["euler"], (5,), n_samples=2)
+
+
+def test_unknown_method_option_fails_before_any_work(tmp_path):
+    """A misspelt option (ddim:et=0.5) is refused when the method list is parsed, naming the valid options;
+    the command exits 2 with one line and writes nothing."""
+    import subprocess
+    import sys
+
+    from diffusion_lab.compare import parse_method
+
+    with pytest.raises(ValueError, match="has no option 'et'.*its options: eta, noise"):
+        parse_method("ddim:et=0.5")
+    assert parse_method("pc:predictor=em,snr=0.2").options == (("predictor", "em"), ("snr", 0.2))
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "diffusion_lab.cli", "compare", "--methods", "ddim:et=0.5",
+                        "--nfe", "5", "--n", "16", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and "no option 'et'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()

@@ -33,6 +33,21 @@ def test_lambda_roundtrip(data):
     assert lambda_roundtrip_residual(s, t) <= EXACT
 
 
+def test_lambda_roundtrip_times_one_ulp_apart():
+    """Regression (found by Hypothesis): cosine-schedule times one ulp apart at t_min, where lambda cannot
+    resolve the difference, are not a monotonicity failure; a genuinely increasing lambda still is."""
+    s = S.VPCosine()
+    t = torch.tensor(s.t_min, dtype=torch.float64)
+    ulp = torch.nextafter(t, torch.tensor(1.0, dtype=torch.float64))
+    assert lambda_roundtrip_residual(s, torch.stack([t, ulp, t, ulp])) <= EXACT
+
+    class Flipped(type(s)):
+        def lam(self, t):
+            return -super().lam(t)
+
+    assert lambda_roundtrip_residual(Flipped(), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)) == float("inf")
+
+
 @given(st.data())
 def test_alpha_sigma_positive_and_lambda_decreasing(data):
     s = data.draw(schedules())
