@@ -1065,8 +1065,14 @@ def parse_args(argv=None):
     p.add_argument("--atol", type=float, default=1e-12, help="reference ODE atol (default 1e-12)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the tensors are tiny and threads only contend)")
+    p.add_argument("--figure", metavar="PATH", default=None,
+                   help="draw ours / best peer per target and budget (declared default and best after the fact)")
+    p.add_argument("--replot", metavar="JSON", default=None,
+                   help="only draw --figure from a saved --json run (no computation)")
     p.add_argument("--json", metavar="PATH", default=None, help="write every figure and the settings as JSON")
     a = p.parse_args(argv)
+    if a.replot and not a.figure:
+        p.error("--replot needs --figure PATH")
     global SUITE_SEED
     SUITE_SEED = a.suite_seed
     a.nfe = a.nfe or ([10, 20] if a.quick or a.suite else [5, 10, 20, 50])
@@ -1137,8 +1143,33 @@ def write_json(args, tlist, specs, methods, methods_sto, det_results, sto_result
         json.dump(payload, fh, separators=(",", ":"), default=str)
 
 
+def ratio_rows(det_results) -> list[dict]:
+    """(target, nfe, ratio of the declared default, ratio of our best after the fact) from the deterministic
+    blocks, against the best peer at that peer's end."""
+    out = []
+    for b in det_results:
+        s = b.get("summary_peers")
+        if s:
+            out.append({"target": b["target"], "nfe": b["nfe"], "ratio_default": s.get("ratio_fixed"),
+                        "ratio_best": s.get("ratio")})
+    return out
+
+
+def draw(det_results, path, title) -> None:
+    from diffusion_lab import plots
+
+    plots.peer_ratios(ratio_rows(det_results), path, title)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        with open(args.replot) as fh:
+            saved = json.load(fh)
+        draw(saved["deterministic"], args.figure, f"suite seed {saved['settings'].get('suite_seed', 0)}: "
+             f"fixed = {saved['settings'].get('fixed_config', 'auto/auto')}")
+        return
     try:
         import diffusers
     except ImportError:
@@ -1196,6 +1227,8 @@ def main(argv=None):
         write_json(args, tlist, specs, methods, methods_sto, det_results, sto_results, ref_info, timings, elapsed,
                    True)
         print(f"wrote {args.json}")
+    if args.figure and det_results:
+        draw(det_results, args.figure, f"fixed = {args.fixed}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,37 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
     _save(fig, path, dpi=110)
 
 
+def peer_ratios(rows: list[dict], path: str, title: str = "") -> None:
+    """Ours / best peer per target, one panel per NFE budget: the declared default (filled circles) and our best
+    (method, grid) chosen after the fact (hollow squares), log axis, with the parity line (1) and the 0.5 line.
+    ``rows``: dicts with target, nfe, ratio_default, ratio_best (None where missing)."""
+    plt = _mpl()
+    nfes = sorted({r["nfe"] for r in rows})
+    tnames = list(dict.fromkeys(r["target"] for r in rows))
+    fig, axes = plt.subplots(1, len(nfes), figsize=(4.2 * len(nfes), 4.6), sharey=True, squeeze=False)
+    for ax, nfe in zip(axes[0], nfes):
+        sel = {r["target"]: r for r in rows if r["nfe"] == nfe}
+        xs = range(len(tnames))
+        for key, style, label in (("ratio_default", dict(marker="o", color="C0", ls=""), "declared default"),
+                                  ("ratio_best", dict(marker="s", mfc="none", color="C3", ls=""),
+                                   "best after the fact")):
+            pts = [(i, sel[t][key]) for i, t in zip(xs, tnames) if t in sel and sel[t].get(key)]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], ms=7, label=label, **style)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(tnames, rotation=60, ha="right", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(f"NFE {nfe}")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+    axes[0][0].set_ylabel("terminal error: ours / best peer")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path, dpi=120)
+
+
 def langevin_bias(rows: list[dict], path: str) -> None:
     """ULA bias (closed form and Monte Carlo) and MALA bias against h on log-log axes, with a slope-1 line."""
     plt = _mpl()
