@@ -37,14 +37,6 @@ DIFFUSERS_COMMON = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02
                         prediction_type="epsilon")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(schedule, n=32, seed=0, target=None, t=None):
     tg = target or targets.ring8()
     field = tg.field(schedule)
