@@ -27,7 +27,7 @@ from diffusion_lab.metrics import gaussian_w2  # noqa: F401  (re-exported for th
 
 from diffusion_lab import schedules as S
 from diffusion_lab import targets as T
-from diffusion_lab.samplers import get_method, sample, time_grid
+from diffusion_lab.samplers import sample, time_grid
 
 from .catalogue import Outcome, check
 
@@ -271,22 +271,13 @@ def ddim_eta1_residual(n: int = 20, seed: int = 0, schedule=None) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def _ddim_registered() -> bool:
-    try:
-        get_method("ddim")
-        return True
-    except ValueError:
-        return False
-
-
-if _ddim_registered():
-    @check("E.ddim_eta1_is_ddpm", area="solvers", kind="exact", tol=1e-12,
-           case="ring8, VP linear and EDM schedules, 20 log-SNR steps, 256 samples, same noise",
-           reference="Song, Meng & Ermon 2021 eq. 16; Ho et al. 2020 eq. 7")
-    def _ddim_ddpm():
-        """DDIM with eta = 1 (sigma_t^2 = beta~_t) and DDPM ancestral sampling with the posterior variance
-        beta~ give the same samples from the same noise."""
-        return max(ddim_eta1_residual(schedule=S.VPLinear()), ddim_eta1_residual(schedule=S.EDM()))
+@check("E.ddim_eta1_is_ddpm", area="solvers", kind="exact", tol=1e-12,
+       case="ring8, VP linear and EDM schedules, 20 log-SNR steps, 256 samples, same noise",
+       reference="Song, Meng & Ermon 2021 eq. 16; Ho et al. 2020 eq. 7")
+def _ddim_ddpm():
+    """DDIM with eta = 1 (sigma_t^2 = beta~_t) and DDPM ancestral sampling with the posterior variance
+    beta~ give the same samples from the same noise."""
+    return max(ddim_eta1_residual(schedule=S.VPLinear()), ddim_eta1_residual(schedule=S.EDM()))
 
 
 def edm_heun_residual(n: int = 12, schedule=None) -> float:
