@@ -112,14 +112,17 @@ def main(argv=None):
                                      lambda c: c.split("/")[1])
         print_row(nfe, summary[nfe])
     if a.json:
+        nested = {}
+        for (c, n), d in errors.items():
+            nested.setdefault(c, {})[str(n)] = {f"{m}/{g}": float(f"{e:.4g}") for (m, g), e in d.items()}
         with open(a.json, "w") as fh:
             json.dump({"settings": {"targets": DESIGN_TARGETS, "schedules": list(SCHEDULES), "grids": GRIDS,
                                     "finals": FINALS,
                                     "nfes": nfes, "samples": a.samples, "methods": methods,
                                     "torch": torch.__version__},
                        "summary": {str(k): v for k, v in summary.items()},
-                       "errors": [{"case": c, "nfe": n, "method": m, "grid": g, "error": e}
-                                  for (c, n), d in errors.items() for (m, g), e in d.items()]}, fh, indent=1)
+                       "errors_layout": "case -> nfe -> method/grid -> terminal error (4 significant digits)",
+                       "errors": nested}, fh, separators=(",", ":"))
         print(f"wrote {a.json}")
 
 

@@ -130,7 +130,7 @@ def main(argv=None):
             json.dump({"settings": {"gaussians": GAUSSIANS, "mixtures": MIXTURES, "schedules": list(SCHEDULES),
                                     "finals": FINALS,
                                     "grids": GRIDS, "nfes": nfes, "samples": a.samples, "methods": methods},
-                       "summary": {str(k): v for k, v in summary.items()}, "rows": rows}, fh, indent=1)
+                       "summary": {str(k): v for k, v in summary.items()}, "rows": rows}, fh, separators=(",", ":"))
         print(f"wrote {a.json}")
 
 

@@ -1,6 +1,6 @@
 r"""Exact targets with closed-form noised marginals, and sample-only toy data.
 
-For p_0 = sum_k pi_k N(mu_k, Sigma_k) and x_t = alpha x_0 + sigma eps (THEORY.md item 15, oracle O2):
+For p_0 = sum_k pi_k N(mu_k, Sigma_k) and x_t = alpha x_0 + sigma eps (closed forms by Gaussian conjugacy):
 
     p_t       = sum_k pi_k N(alpha mu_k, C_k),   C_k = alpha^2 Sigma_k + sigma^2 I
     r_k(x)    = pi_k N(x; alpha mu_k, C_k) / p_t(x)                      (responsibilities)
@@ -234,7 +234,7 @@ class GaussianMixture:
         return self._component_terms(x, *self._at(schedule, t, x))["log_p"].to(x.dtype)
 
     def responsibilities(self, x, t, schedule: Schedule):
-        """r_k(x) = p_t(k | x), shape (batch, K) (THEORY.md item 26)."""
+        """r_k(x) = p_t(k | x), shape (batch, K) (Bayes' rule over the components)."""
         return self._component_terms(x, *self._at(schedule, t, x))["log_r"].exp().to(x.dtype)
 
     def score(self, x, t, schedule: Schedule):
@@ -293,7 +293,7 @@ class GaussianMixture:
         return GaussianMixture(self.weights, a * self.means, covs, name=f"{self.name}@t={t:g}", diagonal=self.diagonal)
 
     def cdf_1d(self, x):
-        """CDF of a 1-D mixture (used by the quantile-map flow, THEORY.md oracle O3)."""
+        """CDF of a 1-D mixture (used by the quantile-map flow: in 1-D the PF-ODE flow map is F_t^{-1} o F_s)."""
         if self.dim != 1:
             raise ValueError(f"cdf_1d needs a 1-D mixture, this one has d={self.dim}")
         x = as_tensor(x).to(torch.float64)
@@ -329,7 +329,7 @@ class Gaussian(GaussianMixture):
 
 class ClassConditionalMixture(GaussianMixture):
     """A Gaussian mixture whose components carry class labels: p(x) = sum_y p(y) p(x | y) with p(x | y) the mixture
-    of the components labelled y. At any t, p_t(y | x) = sum_{k in y} r_k(x) (THEORY.md item 26)."""
+    of the components labelled y. At any t, p_t(y | x) = sum_{k in y} r_k(x) (Bayes' rule over the components)."""
 
     def __init__(self, weights, means, covs, labels, name: str | None = None):
         super().__init__(weights, means, covs, name=name or "class_mixture")
@@ -417,7 +417,7 @@ def bimodal_1d() -> GaussianMixture:
 
 
 def ncsn_two_mode() -> GaussianMixture:
-    """NCSN's mixture 1/5 N((-5,-5), I) + 4/5 N((5,5), I) (Song & Ermon 2019, THEORY.md section 5)."""
+    """NCSN's mixture 1/5 N((-5,-5), I) + 4/5 N((5,5), I) (Song & Ermon 2019, Fig. 3)."""
     eye = torch.eye(2, dtype=torch.float64)
     return GaussianMixture([0.2, 0.8], [[-5.0, -5.0], [5.0, 5.0]], torch.stack([eye, eye]), name="ncsn_two_mode")
 
