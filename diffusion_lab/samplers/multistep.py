@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .base import register, step_iter
+from .exponential import _tables
 
 __all__ = ["AB_WEIGHTS", "lagrange_weights", "lms_weights", "deis_weights"]
 
@@ -141,13 +142,6 @@ def deis_weights(schedule, grid_t: list[float], lam: list[float], i: int, k: int
 
 # ------------------------------------------------------------------------------------------------
 # shared pieces
-
-
-def _tables(field, grid):
-    """alpha, sigma, lambda at the grid times as lists of python floats (float64)."""
-    sch = field.schedule
-    g = grid.to(torch.float64)
-    return sch.alpha(g).tolist(), sch.sigma(g).tolist(), sch.lam(g).tolist()
 
 
 def _transfer(x, eps, a_s: float, a_t: float, s_t: float, h: float):

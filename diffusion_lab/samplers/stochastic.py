@@ -32,16 +32,10 @@ from typing import Callable
 import torch
 
 from .base import register, step_iter
+from .exponential import _tables
 from .sde import _noise_source
 
 __all__ = ["ancestral_step", "exp_poly_integrals", "sa_solver_weights", "restart_plan", "DEFAULT_RESTART"]
-
-
-def _tables(field, grid):
-    """alpha, sigma, lambda at the grid times as lists of python floats (float64)."""
-    sch = field.schedule
-    g = grid.to(torch.float64)
-    return sch.alpha(g).tolist(), sch.sigma(g).tolist(), sch.lam(g).tolist()
 
 
 def _check_unit(name: str, **vals):
