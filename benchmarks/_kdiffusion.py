@@ -6,10 +6,8 @@ D(xbar, sigmabar) = E[x_0 | x_t] (Karras et al. 2022, eq. 1-3). Our field on any
 
     t(sigmabar) = schedule.t_from_lam(-log sigmabar),   D(xbar, sigmabar) = field.denoiser(alpha(t) xbar, t).
 
-The installed package's ``__init__`` imports training extras (image libraries, wandb, ...) that a benchmark does
-not need, so only ``k_diffusion/sampling.py`` is loaded, as a standalone module, after putting a stub package
-``k_diffusion`` with a stub ``k_diffusion.utils`` (the one helper ``append_dims`` that sampling.py uses) into
-``sys.modules``. Its own imports are torch, scipy, torchdiffeq, torchsde and tqdm.
+Only ``k_diffusion/sampling.py`` is loaded, as a standalone module (``diffusion_lab.interop``: its package
+``__init__`` imports training extras a benchmark does not need).
 
 Numerics: k-diffusion builds some tensors with torch's default dtype (``torch.linspace`` in
 ``get_sigmas_karras``, ``torch.tensor(sigma_max)`` in ``sample_dpm_fast``); every call here runs with the default
@@ -19,11 +17,7 @@ The samplers' own options are left at their defaults.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
-import sys
-import types
-from pathlib import Path
 
 import torch
 
@@ -46,52 +40,12 @@ STOCHASTIC = {
     "sample_dpmpp_3m_sde": lambda n: n,
 }
 
-_MODULE = None
-
-
-def _find_sampling_py() -> Path:
-    spec = importlib.util.find_spec("k_diffusion")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("k-diffusion is not installed (pip install --no-deps k-diffusion)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
-    if not path.is_file():
-        raise ImportError(f"k-diffusion found but {path} is missing")
-    return path
-
-
 def load():
-    """k_diffusion.sampling as a standalone module (cached). Raises ImportError when k-diffusion is absent."""
-    global _MODULE
-    if _MODULE is not None:
-        return _MODULE
-    path = _find_sampling_py()
-    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils")}
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = []  # a package with nothing in it, so that the real __init__ is never executed
-    utils = types.ModuleType("k_diffusion.utils")
+    """k_diffusion.sampling as a standalone module (``diffusion_lab.interop.k_diffusion_sampling``, cached).
+    Raises ImportError when k-diffusion is absent."""
+    from diffusion_lab.interop import k_diffusion_sampling
 
-    def append_dims(x, target_dims):
-        """x with trailing singleton dimensions up to target_dims (k-diffusion's helper)."""
-        extra = target_dims - x.ndim
-        if extra < 0:
-            raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
-        return x[(...,) + (None,) * extra]
-
-    utils.append_dims = append_dims
-    pkg.utils = utils
-    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
-    try:
-        spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-    finally:  # leave sys.modules as it was: a later real import of k_diffusion must not see the stubs
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    _MODULE = mod
-    return mod
+    return k_diffusion_sampling()
 
 
 def version() -> str | None:
