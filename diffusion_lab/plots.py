@@ -18,8 +18,26 @@ def _save(fig, path: str, dpi: int = 100) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # legends placed outside the axes stay in the file
     plt.close(fig)
+
+
+_MARKERS = "osD^v<>pPX*h"
+
+
+def _style(i: int) -> tuple[str, str]:
+    """A distinct (colour, marker) pair for the i-th line: 10 colours x 12 markers, so more than ten methods
+    never share both."""
+    return f"C{i % 10}", _MARKERS[(i // 10 + i) % len(_MARKERS)]
+
+
+def _nfe_ticks(ax, nfes) -> None:
+    """Plain integer ticks at the NFE budgets (5 10 20 50, not 5x10^0) on a log x axis."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(nfes))))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
 
 
 def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | None = None,
@@ -31,23 +49,23 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
     ``mmd_null`` = (mean, std) as a shaded mean +- 1 std band. Hollow markers: not resolved from the null."""
     plt = _mpl()
     has_mmd = all("mmd2" in r for r in rows)
-    fig, axes = plt.subplots(1, 3 if has_mmd else 2, figsize=(18 if has_mmd else 12, 4.8))
+    fig, axes = plt.subplots(1, 3 if has_mmd else 2, figsize=(19 if has_mmd else 13, 4.8))
     samplers = list(dict.fromkeys(r["sampler"] for r in rows))
     for i, name in enumerate(samplers):
         rs = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
         nfe = [r["nfe"] for r in rs]
         fe = [r["flow_error"] for r in rs]
         style = "--" if rs[0]["stochastic"] else "-"
-        color = f"C{i % 10}"
+        color, marker = _style(i)
         if not all(math.isnan(v) for v in fe):
-            axes[0].loglog(nfe, fe, "o" + style, label=name, color=color)
-        axes[1].loglog(nfe, [r["sw2"] for r in rs], "o" + style, label=name, color=color)
+            axes[0].loglog(nfe, fe, marker + style, label=name, color=color, ms=5)
+        axes[1].loglog(nfe, [r["sw2"] for r in rs], marker + style, label=name, color=color, ms=5)
         if has_mmd:
             axes[2].errorbar(nfe, [r["mmd2"] for r in rs], yerr=[r["mmd2_se"] for r in rs], fmt=style, color=color,
                              capsize=2, lw=1, label=name)
             for r in rs:
                 resolved = r.get("resolved", True)
-                axes[2].plot([r["nfe"]], [r["mmd2"]], "o", color=color, mfc=color if resolved else "none")
+                axes[2].plot([r["nfe"]], [r["mmd2"]], marker, color=color, mfc=color if resolved else "none", ms=5)
     det = [r for r in rows if not math.isnan(r["flow_error"])]
     if det:
         n0 = min(r["nfe"] for r in det)
@@ -72,11 +90,16 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
             ax.axhline(m, color="gray", lw=1)
         ax.set(xlabel="NFE", ylabel="MMD^2 to the exact law (symlog)",
                title="MMD^2 vs exact law (+-1 SE; hollow: within noise)")
-        ax.legend(fontsize=7, ncol=2)
-    else:
-        axes[1].legend(fontsize=7, ncol=2)
+    handles, labels = axes[1].get_legend_handles_labels()
+    if has_mmd and mmd_null is not None:
+        h2, l2 = axes[2].get_legend_handles_labels()
+        band = [(h, lab) for h, lab in zip(h2, l2) if lab.startswith("exact samples")]  # the null band's entry
+        handles, labels = handles + [b[0] for b in band], labels + [b[1] for b in band]
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    nfes = [r.get("nfe_budget", r["nfe"]) for r in rows]  # ticks at the budgets, not every NFE actually used
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
+        _nfe_ticks(ax, nfes)
     if title:
         fig.suptitle(title)
     _save(fig, path, dpi=110)
