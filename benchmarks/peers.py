@@ -361,11 +361,11 @@ def our_plan(method: str, nfe: int, final: str) -> tuple[int, dict]:
 
 def resolve(method: str, nfe: int, final: str, grids) -> tuple[str, list, list]:
     """(method to run, [(grid label, grid kind)], plan) -- the declared defaults "auto" / "auto_sde" resolve to
-    their rule's method and grid kind for this budget (``samplers.auto.auto_choice``), labelled grid "auto"."""
-    if method in ("auto", "auto_sde"):
-        from diffusion_lab.samplers.auto import auto_choice
+    their rule's method and grid kind for this budget (``samplers.auto.resolve``), labelled grid "auto"."""
+    from diffusion_lab.samplers.auto import resolve as auto_resolve
 
-        choice = auto_choice(nfe - (1 if final == "denoise" else 0), stochastic=method == "auto_sde")
+    choice = auto_resolve(method, nfe, final)
+    if choice is not None:
         return choice.method, [("auto", choice.grid_kind)], {"resolved": f"{choice.method}/{choice.grid_kind}"}
     return method, [(g, g) for g in grids], {}
 

@@ -48,7 +48,7 @@ from .metrics import (affine_pushforward, gaussian_w2, mean_error, mmd2_diff_se,
                       mmd_law_cross, sampler_gaussian_law, sliced_w2, sliced_w2_floor)
 from .reference import flow_map
 from .samplers import get_method, plan_for_nfe, sample
-from .samplers.auto import auto_choice
+from .samplers.auto import resolve
 from .schedules import Schedule
 from .targets import Gaussian, GaussianMixture
 
@@ -141,10 +141,8 @@ class _Run:
 def plan_row(spec: MethodSpec, nfe: int, final: str, grid_kind: str) -> _Run:
     """Resolve a (method, budget) pair: "auto"/"auto_sde" pick method and grid kind by their rule, then the
     method's budget rule gives the step count and options."""
-    name, kind = spec.name, grid_kind
-    if get_method(name).family == "auto":
-        choice = auto_choice(int(nfe) - (1 if final == "denoise" else 0), stochastic=get_method(name).stochastic)
-        name, kind = choice.method, choice.grid_kind
+    choice = resolve(spec.name, nfe, final)
+    name, kind = (choice.method, choice.grid_kind) if choice else (spec.name, grid_kind)
     steps, options = plan_for_nfe(name, int(nfe), final, **dict(spec.options))
     return _Run(name, steps, kind, options)
 

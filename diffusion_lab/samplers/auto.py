@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from .base import register
 
-__all__ = ["AutoChoice", "auto_choice", "AUTO_RULES"]
+__all__ = ["AutoChoice", "auto_choice", "resolve", "AUTO_RULES"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,17 @@ def auto_choice(nfe: int, stochastic: bool = False) -> AutoChoice:
         if hi is None or nfe <= hi:
             return AutoChoice(method, grid, dict(options), _describe(name))
     raise AssertionError("unreachable: the last rule has no bound")
+
+
+def resolve(name: str, nfe: int, final: str = "step") -> AutoChoice | None:
+    """What method ``name`` runs at a budget of ``nfe`` model evaluations: the rule's choice for "auto" /
+    "auto_sde" (the final denoiser's evaluation comes out of the budget first), None for any other method."""
+    from .base import get_method
+
+    info = get_method(name)
+    if info.family != "auto":
+        return None
+    return auto_choice(int(nfe) - (1 if final == "denoise" else 0), stochastic=info.stochastic)
 
 
 def _no_direct_call(name):

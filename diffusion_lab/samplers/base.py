@@ -199,13 +199,13 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     if not isinstance(field, VelocityField):
         raise TypeError(f"field must be a VelocityField, got {type(field).__name__}")
     info = get_method(method)
-    auto = None
+    requested, auto = method, None
     if info.family == "auto":  # the declared default: resolve method, grid and options from the budget
         if nfe is None or steps is not None or grid is not None:
             raise ValueError(f"method {method!r} takes an NFE budget only: sample(field, x, {method!r}, nfe=K)")
-        from .auto import auto_choice
+        from .auto import resolve
 
-        auto = auto_choice(nfe - (1 if final == "denoise" else 0), stochastic=info.stochastic)
+        auto = resolve(method, nfe, final)
         method, grid_kind, options = auto.method, auto.grid_kind, {**auto.options, **options}
         info = get_method(method)
     if final not in ("step", "denoise"):
@@ -240,8 +240,7 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     seconds = time.perf_counter() - t0
     settings = {"method": method, "steps": n, "grid_kind": grid_kind if steps is not None else "user",
                 **({"nfe_budget": int(nfe)} if nfe is not None else {}),
-                **({"requested_method": "auto_sde" if info.stochastic else "auto", "auto_rule": auto.rule}
-                   if auto is not None else {}),
+                **({"requested_method": requested, "auto_rule": auto.rule} if auto is not None else {}),
                 "final": final, "schedule": field.schedule.settings(), "dtype": str(x_init.dtype),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
                    if isinstance(v, (int, float, str, bool, tuple, list))}}
