@@ -122,12 +122,6 @@ def _check_option_names(name: str, keys: list, spec: str) -> None:
                          + (", ".join(valid) if valid else "none"))
 
 
-def _nfe_options(spec: MethodSpec) -> dict:
-    """A method's options as a dict (every one is passed to its NFE count and budget rule, which use those that
-    change the count)."""
-    return dict(spec.options)
-
-
 @dataclass(frozen=True)
 class _Run:
     """How one (spec, budget) row runs: the registered method, step count, grid kind and options."""
