@@ -82,7 +82,7 @@ def space_order_slope(ns=(48, 96, 192, 384), t0: float = 0.05, t1: float = 0.5, 
         errs.append(float(sol.l1[-1]))
         dxs.append(g.dx[0])
     slope = float(np.polyfit(np.log(dxs), np.log(errs), 1)[0])
-    return Outcome(abs(slope - 2.0), f"slope {slope:.3f}; L1 = " + ", ".join(f"{e:.2e}" for e in errs))
+    return Outcome(abs(slope - 2.0), f"slope {slope:.3f} (expected 2); L1 = " + ", ".join(f"{e:.2e}" for e in errs))
 
 
 FORWARD_TIMES = (0.05, 0.2, 0.5, 1.0)
