@@ -5,15 +5,20 @@ seen three ways: sample paths (SDE / PF-ODE / DDIM / DPM-Solver), Langevin dynam
 Fokker-Planck density evolution. See README.md for what is implemented.
 """
 from . import param, schedules, targets
+from ._threads import set_threads, threads
 from .field import VelocityField
 from .schedules import EDM, SCHEDULES, VE, DDPMDiscrete, RectifiedFlow, Schedule, SubVP, VPCosine, VPLinear, get_schedule
 from .samplers import available, sample, time_grid
 from .targets import Gaussian, GaussianMixture, get_target
+
+# the sample-path methods defined outside the samplers package register here, where the package assembles its
+# methods (langevin imports the registry; the registry never imports langevin)
+from . import langevin  # noqa: E402,F401  (registers pc and annealed_langevin)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "VelocityField", "Schedule", "VPLinear", "VPCosine", "SubVP", "VE", "EDM", "RectifiedFlow", "DDPMDiscrete",
     "SCHEDULES", "get_schedule", "Gaussian", "GaussianMixture", "get_target", "param", "schedules", "targets",
-    "sample", "time_grid", "available",
+    "sample", "time_grid", "available", "set_threads", "threads",
 ]

@@ -1,7 +1,26 @@
-"""Matplotlib figures. Nothing else in the package imports matplotlib."""
+"""Matplotlib figures, in one style. Nothing else in the package imports matplotlib.
+
+Every figure function draws under the package style (``STYLE``: sizes, grid, frameless legends) and writes its file
+atomically, in the format of the path's extension (png, pdf or svg). ``style(dpi=...)`` sets the resolution of
+every figure written inside it. Shared conventions: one (colour, marker) pair per line that stays distinct beyond
+ten lines (``line_style``), plain tick labels at the NFE budgets (``nfe_ticks``), legends outside the data,
+reference slopes drawn through the asymptotic (largest-NFE) end of the data (``slope_guides``), Monte-Carlo floors
+as bands, colour bars and axis labels on density maps.
+"""
 from __future__ import annotations
 
+import functools
 import math
+from contextlib import contextmanager
+
+#: the package's matplotlib settings (entered around every figure function)
+STYLE = {
+    "font.size": 9, "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 7, "xtick.labelsize": 8,
+    "ytick.labelsize": 8, "legend.frameon": False, "axes.grid": False, "grid.alpha": 0.3, "lines.markersize": 4,
+    "savefig.bbox": "tight", "figure.dpi": 100,
+}
+
+FORMATS = ("png", "pdf", "svg")
 
 
 def _mpl():
@@ -13,25 +32,76 @@ def _mpl():
     return plt
 
 
-def _save(fig, path: str, dpi: int = 100) -> None:
-    """Lay out, write and close a figure (every figure function ends here)."""
+@contextmanager
+def style(dpi: int | None = None):
+    """Write the figures made inside the block at ``dpi`` dots per inch (default: each figure's own).
+
+    Parameters
+    ----------
+    dpi : int or None
+        Resolution of raster output (png); pdf and svg are vector and use it only for embedded images.
+    """
+    import matplotlib
+
+    if dpi is not None and (int(dpi) != dpi or dpi < 1):
+        raise ValueError(f"dpi must be an integer >= 1, got {dpi!r}")
+    with matplotlib.rc_context({"savefig.dpi": dpi} if dpi is not None else {}):
+        yield
+
+
+def _styled(fn):
+    """Run a figure function under ``STYLE`` (the caller's savefig.dpi, set by ``style``, is kept)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        _mpl()
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _save(fig, path: str, dpi: int = 100, layout: bool = True) -> None:
+    """Lay out (unless ``layout`` is false: colour bars placed by ``fig.colorbar(ax=...)``), write (atomically,
+    format from the extension) and close a figure (every figure function ends here). ``dpi`` is the figure's own
+    resolution, overridden by ``style(dpi=...)``."""
+    import os
+
+    import matplotlib
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # legends placed outside the axes stay in the file
-    plt.close(fig)
+    from ._io import atomic_write
+
+    fmt = os.path.splitext(path)[1].lstrip(".").lower()
+    if fmt not in FORMATS:
+        plt.close(fig)
+        raise ValueError(f"figure path {path!r}: the extension must be one of {', '.join(FORMATS)}")
+    chosen = matplotlib.rcParams["savefig.dpi"]
+    dpi = chosen if isinstance(chosen, (int, float)) else dpi
+    if layout:
+        fig.tight_layout()
+    try:
+        # legends placed outside the axes stay in the file (bbox_inches='tight')
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=fmt))
+    finally:
+        plt.close(fig)
 
 
 _MARKERS = "osD^v<>pPX*h"
 
 
-def _style(i: int) -> tuple[str, str]:
-    """A distinct (colour, marker) pair for the i-th line: 10 colours x 12 markers, so more than ten methods
-    never share both."""
+def line_style(i: int) -> tuple[str, str]:
+    """A distinct (colour, marker) pair for the i-th line: 10 colours x 12 markers, so more than ten lines never
+    share both (line i and line i + 10 share a colour, not a marker)."""
     return f"C{i % 10}", _MARKERS[(i // 10 + i) % len(_MARKERS)]
 
 
-def _nfe_ticks(ax, nfes) -> None:
+_style = line_style  # the name used before it was public
+
+
+def nfe_ticks(ax, nfes) -> None:
     """Plain integer ticks at the NFE budgets (5 10 20 50, not 5x10^0) on a log x axis."""
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
@@ -40,10 +110,69 @@ def _nfe_ticks(ax, nfes) -> None:
     ax.xaxis.set_major_formatter(ScalarFormatter())
 
 
-def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | None = None,
+_nfe_ticks = nfe_ticks
+
+
+def slope_guides(ax, points, orders=(1, 2, 3), span: float = 4.0) -> None:
+    """Reference lines of slope -p (p in ``orders``) on a log-log axis, anchored in the asymptotic range.
+
+    All guides pass through (n1, e1): n1 the largest abscissa of ``points`` and e1 the median ordinate there, so an
+    outlier at small n (e.g. a third-order method at 3 NFE) cannot move them. Each guide covers n1 / span .. n1,
+    where a line of slope -p at error e(n) = e1 (n1 / n)^p is what the asymptotic regime should follow.
+
+    Parameters
+    ----------
+    ax : matplotlib Axes
+        A log-log axis.
+    points : iterable of (n, e)
+        The data (non-finite or non-positive errors are ignored).
+    orders : tuple of float
+        The slopes -p to draw.
+    span : float
+        Ratio of the guide's right and left ends.
+    """
+    import statistics
+
+    pts = [(n, e) for n, e in points if e == e and e > 0 and math.isfinite(e)]
+    if not pts:
+        return
+    n1 = max(n for n, _ in pts)
+    e1 = statistics.median(e for n, e in pts if n == n1)
+    n0 = max(min(n for n, _ in pts), n1 / span)
+    if n0 >= n1:
+        return
+    for p in orders:
+        e0 = e1 * (n1 / n0) ** p
+        ax.plot([n0, n1], [e0, e1], ":", color="0.45", lw=1)
+        ax.annotate(f"slope -{p:g}", (n0, e0), textcoords="offset points", xytext=(-2, 0), ha="right", va="center",
+                    fontsize=7, color="0.35")
+
+
+def floor_band(ax, mean: float, spread: float = 0.0, label: str = "Monte-Carlo floor") -> None:
+    """The Monte-Carlo floor as a grey band mean +- spread (a line when spread is 0), labelled in the legend."""
+    if spread > 0:
+        ax.axhspan(mean - spread, mean + spread, color="0.6", alpha=0.3, lw=0, label=label)
+        ax.axhline(mean, color="0.45", lw=0.8)
+    else:
+        ax.axhline(mean, color="0.45", ls=":", lw=1, label=label)
+
+
+def legend_outside(fig_or_ax, handles=None, labels=None, **kw) -> None:
+    """A legend to the right of the axes (or the figure), never over the data."""
+    opts = dict(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    opts.update(kw)
+    if handles is None:
+        fig_or_ax.legend(**opts)
+    else:
+        fig_or_ax.legend(handles, labels, **opts)
+
+
+@_styled
+def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor=None,
                  mmd_null: tuple[float, float] | None = None) -> None:
     """Log-log panels of the compare run: terminal error vs the exact flow map (deterministic samplers, with
-    reference slopes -1, -2, -3) and sliced W2 to exact samples (all samplers, with the Monte-Carlo floor); and,
+    reference slopes -1, -2, -3 through the largest budget, ``slope_guides``) and sliced W2 to exact samples (all
+    samplers, with the Monte-Carlo floor ``floor``: a number, or (mean, spread) drawn as a band); and,
     when the rows carry ``mmd2``, a third panel: MMD^2 to the exact law with +-1 SE bars, on a symlog axis
     (unbiased values can be negative) whose linear zone is the null's spread, and the null band
     ``mmd_null`` = (mean, std) as a shaded mean +- 1 std band. Hollow markers: not resolved from the null."""
@@ -66,17 +195,10 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
             for r in rs:
                 resolved = r.get("resolved", True)
                 axes[2].plot([r["nfe"]], [r["mmd2"]], marker, color=color, mfc=color if resolved else "none", ms=5)
-    det = [r for r in rows if not math.isnan(r["flow_error"])]
-    if det:
-        n0 = min(r["nfe"] for r in det)
-        n1 = max(r["nfe"] for r in det)
-        e0 = max(r["flow_error"] for r in det if r["nfe"] == n0)
-        for p in (1, 2, 3):
-            axes[0].loglog([n0, n1], [e0, e0 * (n0 / n1) ** p], ":", color="gray", lw=1)
-            axes[0].annotate(f"slope -{p}", (n1, e0 * (n0 / n1) ** p), fontsize=8, color="gray")
+    slope_guides(axes[0], [(r["nfe"], r["flow_error"]) for r in rows if not math.isnan(r["flow_error"])])
     if floor is not None:
-        axes[1].axhline(floor, color="gray", ls=":", lw=1)
-        axes[1].annotate("exact flow map (Monte-Carlo floor)", (axes[1].get_xlim()[0], floor), fontsize=8, color="gray", va="bottom")
+        mean, spread = floor if isinstance(floor, tuple) else (floor, 0.0)
+        floor_band(axes[1], mean, spread, "exact samples (Monte-Carlo floor)")
     axes[0].set(xlabel="NFE", ylabel="mean ||x - Phi(x_T)||", title="terminal error vs exact PF-ODE flow map")
     axes[1].set(xlabel="NFE", ylabel="sliced W2", title="sliced W2 vs exact samples (descriptive)")
     if has_mmd:
@@ -91,11 +213,14 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
         ax.set(xlabel="NFE", ylabel="MMD^2 to the exact law (symlog)",
                title="MMD^2 vs exact law (+-1 SE; hollow: within noise)")
     handles, labels = axes[1].get_legend_handles_labels()
+    if floor is not None:  # the floor's entry last, beside the null band's
+        k = labels.index("exact samples (Monte-Carlo floor)")
+        handles, labels = handles[:k] + handles[k + 1:] + [handles[k]], labels[:k] + labels[k + 1:] + [labels[k]]
     if has_mmd and mmd_null is not None:
         h2, l2 = axes[2].get_legend_handles_labels()
         band = [(h, lab) for h, lab in zip(h2, l2) if lab.startswith("exact samples")]  # the null band's entry
         handles, labels = handles + [b[0] for b in band], labels + [b[1] for b in band]
-    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    legend_outside(fig, handles, labels)
     nfes = [r.get("nfe_budget", r["nfe"]) for r in rows]  # ticks at the budgets, not every NFE actually used
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
@@ -105,6 +230,7 @@ def error_vs_nfe(rows: list[dict], path: str, title: str = "", floor: float | No
     _save(fig, path, dpi=110)
 
 
+@_styled
 def peer_ratios(rows: list[dict], path: str, title: str = "") -> None:
     """Ours / best peer per target, one panel per NFE budget: the declared default (filled circles) and our best
     (method, grid) chosen after the fact (hollow squares), log axis, with the parity line (1) and the 0.5 line.
@@ -136,6 +262,7 @@ def peer_ratios(rows: list[dict], path: str, title: str = "") -> None:
     _save(fig, path, dpi=120)
 
 
+@_styled
 def langevin_bias(rows: list[dict], path: str) -> None:
     """ULA bias (closed form and Monte Carlo) and MALA bias against h on log-log axes, with a slope-1 line."""
     plt = _mpl()
@@ -153,6 +280,7 @@ def langevin_bias(rows: list[dict], path: str) -> None:
     _save(fig, path, dpi=110)
 
 
+@_styled
 def sample_panels(samples: dict, path: str, titles: dict | None = None, lim: float | None = None) -> None:
     """One scatter panel per named 2-D sample set."""
     plt = _mpl()
@@ -166,50 +294,79 @@ def sample_panels(samples: dict, path: str, titles: dict | None = None, lim: flo
     _save(fig, path, dpi=110)
 
 
-def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = None, floor: float | None = None,
-                  title: str = "") -> None:
-    """A metric against NFE, one line per sampler, with error bars and an optional Monte-Carlo floor."""
+@_styled
+def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = None, floor=None,
+                  title: str = "", ylabel: str | None = None) -> None:
+    """A metric against NFE, one line per sampler (distinct colour and marker), with +-2 ``err_key`` bars, plain NFE
+    ticks, the legend outside the data and the Monte-Carlo floor ``floor`` (a number, or (mean, spread) drawn as a
+    band). ``ylabel`` names the metric in words (default: ``key``)."""
     plt = _mpl()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for name in dict.fromkeys(r["sampler"] for r in rows):
+    for i, name in enumerate(dict.fromkeys(r["sampler"] for r in rows)):
         rs = sorted((r for r in rows if r["sampler"] == name), key=lambda r: r["nfe"])
+        color, marker = line_style(i)
         ax.errorbar([r["nfe"] for r in rs], [r[key] for r in rs],
-                    yerr=[2 * r[err_key] for r in rs] if err_key else None, fmt="o-", label=name, capsize=3)
+                    yerr=[2 * r[err_key] for r in rs] if err_key else None, fmt=marker + "-", color=color, label=name,
+                    capsize=3)
     if floor is not None:
-        ax.axhline(floor, color="gray", ls=":", label="Monte-Carlo floor")
-    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=key, title=title)
+        mean, spread = floor if isinstance(floor, tuple) else (floor, 0.0)
+        floor_band(ax, mean, spread)
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=ylabel or key, title=title)
+    nfe_ticks(ax, [r["nfe"] for r in rows])
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     _save(fig, path, dpi=110)
 
 
-def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: str = "") -> None:
-    """Grid of 2-D density heat maps, one row per equation and one column per time.
 
-    ``panels``: dicts with ``row`` (label), ``t``, ``density`` (n0 x n1 array, axis 0 = x) and optional ``note``
-    (e.g. the TV to the exact p_t); ``extent`` = (x_lo, x_hi, y_lo, y_hi)."""
+@_styled
+def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: str = "") -> None:
+    """Grid of 2-D density maps: one row per equation or view, one column per time, time increasing to the right in
+    every row (a generation run, computed from t_max down, is shown in the same direction as the forward one).
+
+    Panels at the same t share a column (a row without that time leaves the cell empty). Every row shares one colour
+    scale (square-root norm from 0 to the row's largest density) with its colour bar; axes carry x1 / x2 ticks and
+    labels. ``panels``: dicts with ``row`` (label), ``t``, ``density`` (n0 x n1 array, axis 0 = x1) and optional
+    ``note`` (e.g. the TV to the exact p_t), shown under the time; ``extent`` = (x_lo, x_hi, y_lo, y_hi)."""
+    from matplotlib.colors import PowerNorm
+
     plt = _mpl()
     rows = list(dict.fromkeys(p["row"] for p in panels))
-    ncol = max(sum(1 for p in panels if p["row"] == r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.6 * ncol, 2.6 * len(rows)), squeeze=False)
+    times = sorted({round(float(p["t"]), 12) for p in panels})
+    col = {t: j for j, t in enumerate(times)}
+    ncol = len(times)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.4 * ncol + 1.2, 2.5 * len(rows)), squeeze=False,
+                             sharex=True, sharey=True)
     for ax in axes.ravel():
-        ax.set_axis_off()
+        ax.set_visible(False)
     for i, r in enumerate(rows):
-        for j, p in enumerate(pp for pp in panels if pp["row"] == r):
+        mine = [p for p in panels if p["row"] == r]
+        vmax = max(float(p["density"].max()) for p in mine)
+        norm = PowerNorm(0.5, vmin=0.0, vmax=vmax if vmax > 0 else 1.0)
+        im = None
+        for p in mine:
+            j = col[round(float(p["t"]), 12)]
             ax = axes[i, j]
-            ax.set_axis_on()
-            ax.imshow(p["density"].T, origin="lower", extent=extent, cmap="magma", aspect="equal")
-            label = f"t = {p['t']:g}" + (f"\n{p['note']}" if p.get("note") else "")
-            ax.set_title(label, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(r, fontsize=9)
+            ax.set_visible(True)
+            im = ax.imshow(p["density"].T, origin="lower", extent=extent, cmap="magma", aspect="equal", norm=norm)
+            ax.set_title(f"t = {p['t']:g}" + (f"\n{p['note']}" if p.get("note") else ""), fontsize=8)
+        for j in range(ncol):  # labels on the visible panels at the row's left and the column's bottom
+            ax = axes[i, j]
+            if ax.get_visible() and not any(axes[i, k].get_visible() for k in range(j)):
+                ax.set_ylabel(f"{r}\nx2", fontsize=8)
+            ax.tick_params(labelleft=True, labelbottom=True, labelsize=7)
+            if i == len(rows) - 1 or not axes[i + 1, j].get_visible():
+                ax.set_xlabel("x1", fontsize=8)
+        cb = fig.colorbar(im, ax=list(axes[i, :]), fraction=0.025, pad=0.02)
+        cb.set_label("density (sqrt scale)", fontsize=7)
+        cb.ax.tick_params(labelsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save(fig, path, dpi=110)
+    _save(fig, path, dpi=110, layout=False)
 
 
+
+@_styled
 def density_curves(x, curves: dict, path: str, xlim=None, title: str = "") -> None:
     """One panel per key of ``curves`` (e.g. a guidance weight), each overlaying named 1-D densities on grid x."""
     plt = _mpl()
@@ -227,66 +384,76 @@ def density_curves(x, curves: dict, path: str, xlim=None, title: str = "") -> No
     _save(fig, path, dpi=110)
 
 
+@_styled
 def convergence_orders(rows: list[dict], path: str) -> None:
-    """Left: error against NFE per method (log-log) with slope guides; right: fitted order against t_min."""
+    """Left: error against NFE per method (log-log) with slope guides through the largest NFE; right: fitted order
+    against t_min. Legends outside the data."""
     plt = _mpl()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     orders = [r for r in rows if r["part"] == "orders"]
-    for m in dict.fromkeys(r["method"] for r in orders):
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in orders)):
         rs = [r for r in orders if r["method"] == m]
-        axes[0].loglog([r["nfe"] for r in rs], [r["error"] for r in rs], "o-",
+        color, marker = line_style(i)
+        axes[0].loglog([r["nfe"] for r in rs], [r["error"] for r in rs], marker + "-", color=color,
                        label=f"{m} (fit {rs[0]['fitted_order']:.2f}, theory {rs[0]['expected_order']})")
-    if orders:
-        n0, n1 = min(r["nfe"] for r in orders), max(r["nfe"] for r in orders)
-        e0 = max(r["error"] for r in orders)
-        for p in (1, 2, 3):
-            axes[0].loglog([n0, n1], [e0, e0 * (n0 / n1) ** p], ":", color="gray", lw=1)
+    slope_guides(axes[0], [(r["nfe"], r["error"]) for r in orders])
     axes[0].set(xlabel="NFE", ylabel="mean |x - Phi(x_T)|", title="bimodal 1-D, VP, exact quantile flow map")
-    axes[0].legend(fontsize=7)
+    if orders:
+        nfe_ticks(axes[0], [r["nfe"] for r in orders])
+    legend_outside(axes[0])
     br = [r for r in rows if r["part"] == "breakdown"]
-    for key in dict.fromkeys((r["method"], r.get("grid", "")) for r in br):
+    for i, key in enumerate(dict.fromkeys((r["method"], r.get("grid", "")) for r in br)):
         rs = [r for r in br if (r["method"], r.get("grid", "")) == key]
-        axes[1].semilogx([r["t_min"] for r in rs], [r["fitted_order"] for r in rs],
-                         "o-" if key[1] != "uniform" else "s--", label=f"{key[0]} ({key[1]} grid)")
+        color, marker = line_style(i)
+        axes[1].semilogx([r["t_min"] for r in rs], [r["fitted_order"] for r in rs], marker + ("-" if key[1] != "uniform" else "--"),
+                         color=color, label=f"{key[0]} ({key[1]} grid)")
         axes[1].axhline(rs[0]["expected_order"], color="gray", ls=":", lw=1)
     axes[1].set(xlabel="t_min", ylabel="fitted order (N = 16..128)", title="order break-down as t_min -> 0")
     axes[1].invert_xaxis()
-    axes[1].legend(fontsize=7)
+    legend_outside(axes[1])
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
     _save(fig, path, dpi=100)
 
 
+
+@_styled
 def ablation_vs_nfe(rows: list[dict], path: str, title: str = "") -> None:
     """EDM-style ablation: one column per ``target``; top row the flow-map error, bottom row the sliced W2 (with the
-    Monte-Carlo floor ``mc_floor``) against NFE; colour = ``grid``, solid = Euler, dashed = Heun."""
+    Monte-Carlo floor ``mc_floor``) against NFE; colour and marker = ``grid``, solid = Euler, dashed = Heun; one legend
+    to the right of the figure."""
     plt = _mpl()
     targets = list(dict.fromkeys(r["target"] for r in rows))
     grids = list(dict.fromkeys(r["grid"] for r in rows))
-    colours = {g: plt.cm.tab10(i % 10) for i, g in enumerate(grids)}
-    fig, axes = plt.subplots(2, len(targets), figsize=(5.5 * len(targets), 7.5), squeeze=False)
+    styles = {g: line_style(i) for i, g in enumerate(grids)}
+    fig, axes = plt.subplots(2, len(targets), figsize=(5.0 * len(targets) + 1.5, 7.5), squeeze=False)
     for j, tname in enumerate(targets):
         rt = [r for r in rows if r["target"] == tname]
         for gname in grids:
+            color, marker = styles[gname]
             for solver, ls in (("euler", "-"), ("heun", "--")):
                 rs = sorted((r for r in rt if r["grid"] == gname and r["solver"] == solver), key=lambda r: r["nfe"])
                 if not rs:
                     continue
                 nfe = [r["nfe"] for r in rs]
-                lab = f"{solver}, {gname}"
-                axes[0, j].loglog(nfe, [r["flow_error"] for r in rs], "o" + ls, color=colours[gname], ms=3, label=lab)
-                axes[1, j].loglog(nfe, [r["sw2"] for r in rs], "o" + ls, color=colours[gname], ms=3, label=lab)
-        axes[1, j].axhline(rt[0]["mc_floor"], color="gray", ls=":", label="Monte-Carlo floor")
+                lab = f"{solver}, {gname} grid"
+                axes[0, j].loglog(nfe, [r["flow_error"] for r in rs], marker + ls, color=color, ms=3, label=lab)
+                axes[1, j].loglog(nfe, [r["sw2"] for r in rs], marker + ls, color=color, ms=3, label=lab)
+        floor_band(axes[1, j], rt[0]["mc_floor"], rt[0].get("mc_floor_spread", 0.0))
         axes[0, j].set(xlabel="NFE", ylabel="mean ||xbar - Phi(xbar_T)||", title=f"{tname}: flow-map error")
         axes[1, j].set(xlabel="NFE", ylabel="sliced W2", title=f"{tname}: sliced W2 to exact samples")
         for ax in axes[:, j]:
             ax.grid(True, which="both", alpha=0.3)
-    axes[0, -1].legend(fontsize=6, ncol=2)
+            nfe_ticks(ax, [r["nfe"] for r in rt])
+    handles, labels = axes[1, 0].get_legend_handles_labels()
+    legend_outside(fig, handles, labels)
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, path, dpi=100)
 
 
+
+@_styled
 def loss_curve(history: list[dict], path: str, title: str = "") -> None:
     """Training loss (log scale) against step, from the trainer's log records (step, loss, lr)."""
     plt = _mpl()
@@ -297,6 +464,7 @@ def loss_curve(history: list[dict], path: str, title: str = "") -> None:
     _save(fig, path, dpi=110)
 
 
+@_styled
 def image_grid(rows: list, path: str, row_titles: list | None = None, col_titles: list | None = None,
                title: str = "", vmin: float = -1.0, vmax: float = 1.0) -> None:
     """A grid of single-channel images: ``rows`` is a list of (n_cols, 1, H, W) (or (n_cols, H, W)) arrays/tensors,
@@ -324,6 +492,7 @@ def image_grid(rows: list, path: str, row_titles: list | None = None, col_titles
     _save(fig, path, dpi=110)
 
 
+@_styled
 def eta_sweep(rows: list[dict], path: str, floor: float | None = None, title: str = "") -> None:
     """DDIM eta sweep: ``sw2_mean`` (+- 2 ``sw2_se``) against ``steps``, one line per ``eta``, with the Monte-Carlo
     floor; right panel the paired difference to eta = 0 (``minus_eta0_mean`` +- 2 ``minus_eta0_se``)."""
@@ -350,6 +519,7 @@ def eta_sweep(rows: list[dict], path: str, floor: float | None = None, title: st
     _save(fig, path, dpi=100)
 
 
+@_styled
 def vdm_invariance(rows: list[dict], curves: dict, path: str) -> None:
     """VDM invariance: log-SNR against normalised time and the t-uniform estimator's mean integrand per schedule
     (``curves[name]`` with ``u``, ``log_snr``, ``integrand``), and per row of ``rows`` the closed form, quadrature and
@@ -381,6 +551,7 @@ def vdm_invariance(rows: list[dict], curves: dict, path: str) -> None:
     _save(fig, path, dpi=100)
 
 
+@_styled
 def same_marginals(paths: dict, rows: list[dict], path_rows: list[dict], path: str, title: str = "",
                    max_paths: int = 12) -> None:
     """Top: sample paths (``paths[gamma]``: (steps + 1, m, 2) array) per gamma from the same x_T. Bottom left: TV of each
@@ -425,6 +596,7 @@ def same_marginals(paths: dict, rows: list[dict], path_rows: list[dict], path: s
     _save(fig, path, dpi=100)
 
 
+@_styled
 def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
     """EM discretisation error: KL and W2 against N (one line per d; solid = ``family`` 'aniso', dashed = others), with
     reference slopes -2 and -1, and KL against d at each N with a slope-1 reference."""
@@ -465,6 +637,7 @@ def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
 
 # --- DiT design-space experiments (dit_norms, dit_prepost_ln, dit_attention_cost, dit_patch_detect) ---
 
+@_styled
 def dit_norms(rows: list[dict], path: str) -> None:
     """RMSNorm vs LayerNorm: speed-up t_LN / t_RMS - 1 (median, [min, max] bars) per width / training step."""
     plt = _mpl()
@@ -496,6 +669,7 @@ def dit_norms(rows: list[dict], path: str) -> None:
     _save(fig, path, dpi=100)
 
 
+@_styled
 def dit_prepost_ln(rows: list[dict], path: str) -> None:
     """Pre-LN vs Post-LN: stream RMS across depth at init, block gradient norms at init, training loss curves."""
     plt = _mpl()
@@ -525,6 +699,7 @@ def dit_prepost_ln(rows: list[dict], path: str) -> None:
     _save(fig, path, dpi=100)
 
 
+@_styled
 def dit_attention_cost(rows: list[dict], path: str) -> None:
     """Attention MACs vs L against 4LD^2 + 2L^2D; stored activations with/without checkpointing, math vs fused."""
     plt = _mpl()
@@ -547,6 +722,7 @@ def dit_attention_cost(rows: list[dict], path: str) -> None:
     _save(fig, path, dpi=100)
 
 
+@_styled
 def dit_patch_detect(rows: list[dict], path: str) -> None:
     """Detection rate vs s / s_min (MC against the Phi-curves) and s_min vs p on log-log axes."""
     plt = _mpl()
@@ -583,6 +759,7 @@ def dit_patch_detect(rows: list[dict], path: str) -> None:
     _save(fig, path, dpi=100)
 
 
+@_styled
 def dit_conditioning(rows: list[dict], path: str) -> None:
     """Conditioning variants: Frechet distance, accuracy and held-out loss per variant (one dot per seed, mean bar)."""
     plt = _mpl()

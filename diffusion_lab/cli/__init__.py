@@ -43,6 +43,23 @@ def main(argv=None, prog: str = "diffusion-lab") -> int:
     sub_parser = parser._subparsers._group_actions[0].choices[args.command]
     try:
         return args.func(args, sub_parser)
+    except BrokenPipeError:
+        return _closed_pipe()
     except (ValueError, TypeError, OSError) as exc:
         sys.stderr.write(f"{prog} {args.command}: error: {exc}\n")
         return 2
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``diffusion-lab check --list | head``): stop quietly, as a Unix filter does.
+
+    Python would report the failed flush of stdout at exit; pointing stdout at /dev/null first prevents that. The
+    status is 128 + SIGPIPE, what a shell reports for a command a closed pipe ended."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in a test)
+        pass
+    return 141

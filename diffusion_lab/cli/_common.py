@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .._io import atomic_write
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error (no usage dump, no traceback) and exit status 2."""
@@ -29,17 +31,20 @@ def add_seed(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
-def add_threads(p, help: str) -> None:
-    p.add_argument("--threads", type=int, default=1, help=help)
+def add_threads(p, help: str = "torch intra-op threads on CPU (default 1: at these tensor sizes OpenMP wake-ups "
+                                        "cost more than they save)") -> None:
+    p.add_argument("--threads", type=int, default=1, metavar="N", help=help)
 
 
-def set_threads(args, parser) -> None:
-    """Check --threads >= 1 and set torch's intra-op thread count."""
-    import torch
+def set_threads(args, parser, n: int | None = None) -> None:
+    """Check --threads >= 1 (or use ``n`` for a command without the option) and set it through the library's one
+    switch, ``diffusion_lab.set_threads``."""
+    from .._threads import set_threads as _set
 
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    n = getattr(args, "threads", 1) if n is None else n
+    if n < 1:
+        parser.error(f"--threads must be >= 1, got {n}")
+    _set(n)
 
 
 def add_device(p, help: str) -> None:
@@ -65,12 +70,37 @@ def choose_device(args, parser):
         parser.error(str(exc))
 
 
-def add_out(p, default: str, help: str | None = None) -> None:
-    p.add_argument("--out", default=default, metavar="DIR", help=help or f"output folder (default {default})")
+def add_out(p, default: str | None, help: str | None = None) -> None:
+    """--out DIR and --overwrite (a non-empty DIR is refused without it)."""
+    p.add_argument("--out", default=default, metavar="DIR",
+                   help=help or f"output folder (default {default}); a non-empty folder needs --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out: this command's earlier files there are removed first, so "
+                        "nothing stale stays beside the new ones (other files are left alone)")
 
 
 def add_no_plot(p, help: str = "skip the figure") -> None:
     p.add_argument("--no-plot", action="store_true", help=help)
+
+
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def add_figure_options(p) -> None:
+    """--format png|pdf|svg and --dpi for the figures a command writes."""
+    p.add_argument("--format", default="png", choices=FIGURE_FORMATS, help="figure file format (default png)")
+    p.add_argument("--dpi", type=int, default=150, help="figure resolution in dots per inch (default 150; "
+                                                        "pdf and svg are vector, dpi only sets embedded images)")
+
+
+def check_figure_options(args, parser) -> None:
+    if getattr(args, "dpi", 1) < 1:
+        parser.error(f"--dpi must be >= 1, got {args.dpi}")
+
+
+def figure_names(*stems: str) -> list:
+    """Every file name a figure stem may have been written under (one per format), for stale-file removal."""
+    return [f"{s}.{f}" for s in stems for f in FIGURE_FORMATS]
 
 
 def at_least(parser, option: str, value, lo) -> None:
@@ -99,18 +129,72 @@ def versions(numpy: bool = False) -> dict:
     return out
 
 
+def prepare_out(args, parser, artefacts, keep=()) -> str:
+    """Make --out ready for this command's files, before any work.
+
+    A missing or empty folder is created. A non-empty one is refused unless ``--overwrite`` (or a ``keep`` file
+    the run continues from, e.g. train --resume's checkpoint) is given; then the files of ``artefacts`` found there
+    (this command's earlier outputs, every figure format) are removed, except ``keep``, so that a run with fewer
+    outputs (--no-plot, another format) never leaves an older figure beside newer numbers. Returns the folder.
+    """
+    import os
+
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        parser.error(f"--out {out} is a file, not a folder")
+    present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if present and not (getattr(args, "overwrite", False) or keep):
+        shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+        parser.error(f"--out {out} is not empty ({shown}); pass --overwrite to replace this command's files there, "
+                     "or choose another folder")
+    for name in artefacts:
+        path = os.path.join(out, name)
+        if name not in keep and os.path.isfile(path):
+            os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def check_file_out(path: str, parser, overwrite: bool, option: str) -> None:
+    """An existing file at ``path`` (an option such as --json) is refused unless ``overwrite``."""
+    import os
+
+    if os.path.isdir(path):
+        parser.error(f"{option} {path} is a folder, not a file")
+    if os.path.exists(path) and not overwrite:
+        parser.error(f"{option} {path} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        parser.error(f"{option} {path}: no folder {folder}")
+
+
 def write_csv(path: str, rows: list) -> None:
-    """rows (a list of dicts with the same keys) as CSV with a header."""
+    """rows (a list of dicts) as CSV with a header: the union of their keys in first-seen order (missing cells
+    empty), written atomically."""
     import csv
 
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields, restval="")
+            w.writeheader()
+            w.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def write_json(path: str, obj, default=None) -> None:
+    """obj as indented JSON, written atomically."""
     import json
 
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=2, default=default)
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=default)
+
+    atomic_write(path, write)
+
+
+def wrote(names, folder: str, extra: str = "") -> None:
+    """The line every command ends with: what it wrote and where."""
+    print(f"wrote {', '.join(names)} to {folder}" + (f" {extra}" if extra else ""))

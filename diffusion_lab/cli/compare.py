@@ -24,8 +24,9 @@ def add_parser(sub):
             "flow map (scipy DOP853, rtol 1e-10), the sliced W2 to exact samples with its Monte-Carlo floor "
             "(descriptive), the exact W2 of the output law (Gaussian targets, stochastic samplers through their "
             "noise) and wall time. "
-            "Writes results.csv, settings.json and error_vs_nfe.png to --out. Methods take options as "
-            "name:key=value,... (e.g. ddim:eta=0.5, heun:coords=edm, em:gamma=2)."
+            "Writes results.csv, settings.json and error_vs_nfe.png (or --format) to --out, which must be new or empty "
+            "unless --overwrite. Methods take options as name:key=value,... (e.g. ddim:eta=0.5, heun:coords=edm, "
+            "em:gamma=2); --list-methods shows each method's options, and a wrong one fails before any work."
         ),
     )
     C.add_target_schedule(p)
@@ -45,8 +46,10 @@ def add_parser(sub):
     C.add_seed(p)
     C.add_out(p, "results/compare")
     C.add_no_plot(p)
-    C.add_threads(p, "torch intra-op threads (default 1: at these batch sizes OpenMP wake-ups cost more than they save)")
-    p.add_argument("--list-methods", action="store_true", help="list the samplers with order, NFE/step; run nothing")
+    C.add_figure_options(p)
+    C.add_threads(p)
+    p.add_argument("--list-methods", action="store_true",
+                   help="list the samplers with family, order, NFE/step and their options (name=default); run nothing")
     p.set_defaults(func=run)
     return p
 
@@ -87,13 +90,37 @@ def _build_target(args, parser):
         parser.error(f"--dim {args.dim} for target {args.target!r}: {exc}")
 
 
+def _options_text(name: str) -> str:
+    """A method's options as name=default (from its signature), "none", or a note that it forwards others."""
+    import inspect
+
+    from ..compare import method_options
+    from ..samplers import get_method
+
+    valid = method_options(name)
+    params = inspect.signature(get_method(name).fn).parameters
+    shown = [f"{k}={params[k].default!r}" if params[k].default is not inspect.Parameter.empty else k
+             for k in (valid if valid is not None else [n for n in params if n not in _SKIP and
+                                                         params[n].kind is not inspect.Parameter.VAR_KEYWORD])]
+    text = ", ".join(shown) if shown else "none"
+    if valid is None:
+        text += " (other options are passed on to the predictor)"
+    return text
+
+
+_SKIP = {"field", "x", "grid", "generator", "callback", "progress"}
+
+
 def list_methods() -> None:
+    """One line per sampler (family, order, stochastic, NFE per step, description) and one with its options."""
     from ..samplers import available
 
     print(f"{'method':16s} {'family':12s} {'order':>5s} {'stochastic':>10s} {'NFE/step':>8s}  description")
     for m in available():
         nps = "adaptive" if math.isnan(m.nfe_per_step) else f"{m.nfe_per_step:g}"
         print(f"{m.name:16s} {m.family:12s} {m.order:5g} {str(m.stochastic):>10s} {nps:>8s}  {m.description}")
+        print(f"{'':16s} options: {_options_text(m.name)}")
+    print("give options as name:key=value,key=value (e.g. ddim:eta=0.5)")
 
 
 def _method_specs(args, parser) -> list:
@@ -195,10 +222,11 @@ def run(args, parser) -> int:
     C.set_threads(args, parser)
     if any(n < 1 for n in args.nfe):
         parser.error(f"--nfe budgets must be >= 1, got {args.nfe}")
+    C.check_figure_options(args, parser)
     specs = _method_specs(args, parser)
     target, schedule = _build_target(args, parser), get_schedule(args.schedule)
     _check_budgets(args, parser, specs)
-    os.makedirs(args.out, exist_ok=True)
+    C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("error_vs_nfe")])
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
@@ -223,12 +251,14 @@ def run(args, parser) -> int:
     C.write_json(os.path.join(args.out, "settings.json"), settings)
     written = ["results.csv", "settings.json"]
     if not args.no_plot:
-        from ..plots import error_vs_nfe
+        from ..plots import error_vs_nfe, style
 
-        error_vs_nfe(rows, os.path.join(args.out, "error_vs_nfe.png"),
-                     title=f"{args.target}{'' if args.dim is None else f' (d={args.dim})'} / {args.schedule} / "
-                           f"{args.grid} grid", floor=ref["sw2_exact_flow"],
-                     mmd_null=(ref["mmd2_null_mean"], ref["mmd2_null_std"]))
-        written.append("error_vs_nfe.png")
-    print(f"wrote {', '.join(written)} to {args.out} ({total:.1f} s)")
+        name = f"error_vs_nfe.{args.format}"
+        with style(dpi=args.dpi):
+            error_vs_nfe(rows, os.path.join(args.out, name),
+                         title=f"{args.target}{'' if args.dim is None else f' (d={args.dim})'} / {args.schedule} / "
+                               f"{args.grid} grid", floor=(ref["sw2_floor"], ref["sw2_floor_spread"]),
+                         mmd_null=(ref["mmd2_null_mean"], ref["mmd2_null_std"]))
+        written.append(name)
+    C.wrote(written, args.out, f"({total:.1f} s)")
     return 0

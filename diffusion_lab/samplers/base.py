@@ -97,8 +97,10 @@ def register(name: str, *, family: str, order: float, stochastic: bool, nfe_per_
 
 
 def _load_all():
-    from . import auto, exponential, multistep, ode, sde, stochastic  # noqa: F401  (registration side effects)
-    from .. import langevin  # noqa: F401  (predictor-corrector and annealed Langevin)
+    """Import the sampler modules of this package (registration side effects). Methods defined elsewhere register
+    where the package assembles its methods: ``diffusion_lab/__init__.py`` imports ``diffusion_lab.langevin``
+    (pc, annealed_langevin), so this module never imports a module that imports it."""
+    from . import auto, exponential, multistep, ode, sde, stochastic  # noqa: F401
 
 
 def available() -> list[MethodInfo]:
@@ -187,25 +189,33 @@ class SampleResult:
 
 def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", steps: int | None = None,
            grid=None, *, nfe: int | None = None, grid_kind: str = "logsnr", generator: torch.Generator | None = None,
-           final: str = "step", return_trajectory: bool = False, progress: bool = False, **options) -> SampleResult:
+           final: str = "step", return_trajectory: bool = False, progress: bool = False,
+           t_min: float | None = None, t_max: float | None = None, **options) -> SampleResult:
     """Integrate ``x_init`` (samples of p_{t_max}) from grid[0] = t_max to grid[-1] = t_min with ``method``.
 
     Give one of ``steps`` (with ``grid_kind`` in uniform / logsnr / karras / quadratic), ``nfe`` (a budget of
     model evaluations, spent by the method's budget rule, ``plan_for_nfe``; the final denoiser counts) or ``grid`` (a
     descending list or tensor of times; deterministic methods also take an increasing grid, which runs the
     PF-ODE from data to noise: DDIM inversion with method="ddim", an accurate one with "adaptive"). ``final`` is "step" or "denoise" (see the module docstring).
-    Method options (eta, gamma, noise, rtol, ...) pass through ``**options``.
+    ``t_min`` / ``t_max`` set the range of a grid built from ``steps`` or ``nfe`` (default: the schedule's); with
+    ``method="auto"`` the end ``t_min`` also selects the rule (a grid that ends early, at half log-SNR
+    lambda(t_min) <= ``auto.EARLY_LAMBDA``, has its own rule). Method options (eta, gamma, noise, rtol, ...) pass
+    through ``**options``.
     """
     if not isinstance(field, VelocityField):
         raise TypeError(f"field must be a VelocityField, got {type(field).__name__}")
     info = get_method(method)
     requested, auto = method, None
+    if (t_min is not None or t_max is not None) and grid is not None:
+        raise ValueError("t_min / t_max set the range of a grid built from steps= or nfe=; a grid= has its own")
     if info.family == "auto":  # the declared default: resolve method, grid and options from the budget
         if nfe is None or steps is not None or grid is not None:
             raise ValueError(f"method {method!r} takes an NFE budget only: sample(field, x, {method!r}, nfe=K)")
         from .auto import resolve
 
-        auto = resolve(method, nfe, final)
+        t_end = field.schedule.t_min if t_min is None else t_min
+        auto = resolve(method, nfe, final, lam_end=float(field.schedule.lam(torch.tensor(float(t_end),
+                                                                                         dtype=torch.float64))))
         method, grid_kind, options = auto.method, auto.grid_kind, {**auto.options, **options}
         info = get_method(method)
     if final not in ("step", "denoise"):
@@ -220,9 +230,11 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
         if grid[-1] > grid[0] and final == "denoise":
             raise ValueError("final='denoise' needs a decreasing grid (it ends on the data side)")
     elif steps is not None:
-        grid = time_grid(field.schedule, steps, grid_kind)
+        grid = time_grid(field.schedule, steps, grid_kind, t_min=t_min, t_max=t_max)
     elif adaptive:  # integrate over the whole range; the method chooses its own steps
-        grid = torch.tensor([field.schedule.t_max, field.schedule.t_min], dtype=torch.float64)
+        grid = torch.tensor([field.schedule.t_max if t_max is None else t_max,
+                             field.schedule.t_min if t_min is None else t_min], dtype=torch.float64)
+        grid = check_grid(field.schedule, grid)
     else:
         raise ValueError(f"method {method!r} needs steps= or grid=")
     n = len(grid) - 1
@@ -241,6 +253,8 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     settings = {"method": method, "steps": n, "grid_kind": grid_kind if steps is not None else "user",
                 **({"nfe_budget": int(nfe)} if nfe is not None else {}),
                 **({"requested_method": requested, "auto_rule": auto.rule} if auto is not None else {}),
+                **({"t_min": float(t_min)} if t_min is not None else {}),
+                **({"t_max": float(t_max)} if t_max is not None else {}),
                 "final": final, "schedule": field.schedule.settings(), "dtype": str(x_init.dtype),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
                    if isinstance(v, (int, float, str, bool, tuple, list))}}
