@@ -374,9 +374,155 @@ def _block_equivariance():
 
 
 # ---------------------------------------------------------------------------------------------
-# softmax temperature
+# the package's attention against an independent reference (torch.nn.MultiheadAttention)
 
-def softmax_temperature_residual(z: torch.Tensor, tau: float) -> float:
+def _randomise(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
+    """Every parameter of ``module`` (biases included) set to scale * N(0, 1), so no zero bias hides a term."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in module.parameters():
+            prm.copy_(scale * torch.randn(prm.shape, generator=g, dtype=prm.dtype))
+
+
+def _multihead_reference(in_weight, in_bias, out_proj: torch.nn.Linear, num_heads: int) -> torch.nn.MultiheadAttention:
+    """torch.nn.MultiheadAttention (batch_first, float64) holding the given packed in-projection [W_q; W_k; W_v]
+    and output projection."""
+    d = out_proj.weight.shape[0]
+    mha = torch.nn.MultiheadAttention(d, num_heads, bias=True, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(in_weight)
+        mha.in_proj_bias.copy_(in_bias)
+        mha.out_proj.weight.copy_(out_proj.weight)
+        mha.out_proj.bias.copy_(out_proj.bias)
+    return mha
+
+
+def attention_reference_residual(dim: int, num_heads: int, tokens: int, seed: int = 0,
+                                 cross_tokens: int | None = None) -> float:
+    """Relative max difference between the package's multi-head attention (models.dit.Attention, or CrossAttention
+    when ``cross_tokens`` is given) and torch.nn.MultiheadAttention sharing its weights:
+
+        MHA(X) = concat_j softmax(Q_j K_j^T / sqrt(d_h)) V_j  W_o^T + b_o,   Q_j = (X W_q^T + b_q)[:, j d_h:(j+1) d_h],
+
+    heads j = 0..h-1 taken as consecutive slices of d_h = d/h features (Vaswani et al. 2017, eq. 4-5). A wrong head
+    split (heads interleaved instead of sliced, Q/K/V chunks swapped) changes the output."""
+    from diffusion_lab.models.dit import Attention, CrossAttention
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    x = torch.randn(2, tokens, dim, generator=g, dtype=torch.float64)
+    if cross_tokens is None:
+        attn = Attention(dim, num_heads).double()
+        _randomise(attn, seed)
+        mha = _multihead_reference(attn.qkv.weight, attn.qkv.bias, attn.proj, num_heads)
+        with torch.no_grad():
+            ours, (ref, _) = attn(x), mha(x, x, x, need_weights=False)
+    else:
+        attn = CrossAttention(dim, num_heads).double()
+        _randomise(attn, seed)
+        mha = _multihead_reference(torch.cat([attn.q.weight, attn.kv.weight]), torch.cat([attn.q.bias, attn.kv.bias]),
+                                   attn.proj, num_heads)
+        ctx = torch.randn(2, cross_tokens, dim, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            ours, (ref, _) = attn(x, ctx), mha(x, ctx, ctx, need_weights=False)
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+_ATTENTION_CASES = ((32, 2, 7, None), (32, 4, 5, None), (48, 3, 16, None), (128, 8, 9, None), (32, 4, 6, 2),
+                    (48, 3, 5, 3))
+
+
+@check("dit.attention_matches_multihead_reference", area=AREA, kind="exact", tol=1e-12,
+       case="models.dit.Attention (d, h) in {(32,2), (32,4), (48,3), (128,8)} and CrossAttention (32,4), (48,3); "
+            "all weights and biases random, float64, against torch.nn.MultiheadAttention with the same weights",
+       reference="Vaswani et al. 2017 eq. 4-5; torch.nn.MultiheadAttention")
+def _attention_reference():
+    """The package's multi-head self- and cross-attention equal torch.nn.MultiheadAttention holding the same packed
+    [W_q; W_k; W_v] and output projection: heads are consecutive d/h-feature slices of Q, K and V.
+
+    Residual: max relative difference over the cases."""
+    res = [attention_reference_residual(d, h, t, seed=i, cross_tokens=s)
+           for i, (d, h, t, s) in enumerate(_ATTENTION_CASES)]
+    return Outcome(max(res), "relative differences " + ", ".join(f"{r:.1e}" for r in res))
+
+
+def reference_adaln_zero_block(block: DiTBlock, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The adaLN-Zero DiT block written out from the paper with functional torch ops and torch.nn.MultiheadAttention
+    (Peebles & Xie 2023 Sec. 3.2 and Fig. 3), using ``block``'s weights:
+
+        (b1, s1, a1, b2, s2, a2) = W_mod SiLU(c) + b_mod
+        z <- z + a1 * MHA(LN(z) (1 + s1) + b1),   z <- z + a2 * W_2 GELU_tanh(W_1 (LN(z) (1 + s2) + b2) + b_1) + b_2
+
+    with LN the affine-free layer norm (eps 1e-6)."""
+    d = z.shape[-1]
+    lin = block.adaLN_modulation[-1]
+    mod = F.linear(F.silu(c), lin.weight, lin.bias)
+    b1, s1, a1, b2, s2, a2 = (mod[:, j * d:(j + 1) * d].unsqueeze(1) for j in range(6))
+    mha = _multihead_reference(block.attn.qkv.weight, block.attn.qkv.bias, block.attn.proj, block.attn.num_heads)
+    h = F.layer_norm(z, (d,), eps=1e-6) * (1 + s1) + b1
+    z = z + a1 * mha(h, h, h, need_weights=False)[0]
+    h = F.layer_norm(z, (d,), eps=1e-6) * (1 + s2) + b2
+    m = F.linear(F.gelu(F.linear(h, block.mlp.fc1.weight, block.mlp.fc1.bias), approximate="tanh"),
+                 block.mlp.fc2.weight, block.mlp.fc2.bias)
+    return z + a2 * m
+
+
+def block_reference_residual(name: str = "DiT-micro/2", seed: int = 0, tokens: int = 9) -> float:
+    """Relative max difference between the package's adaLN-Zero DiTBlock (random nonzero weights, float64) and
+    ``reference_adaln_zero_block``."""
+    cfg = get_config(name)
+    torch.manual_seed(seed)
+    block = DiTBlock(cfg).to(torch.float64)
+    _randomise(block, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(3, tokens, cfg.hidden_size, generator=g, dtype=torch.float64)
+    c = torch.randn(3, cfg.hidden_size, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ours, ref = block(z, c), reference_adaln_zero_block(block, z, c)
+    return float((ours - ref).abs().max() / ref.abs().max())
+
+
+@check("dit.block_matches_reference", area=AREA, kind="exact", tol=1e-12,
+       case="adaLN-Zero DiTBlock of DiT-micro/2 (d=32, 2 heads) and DiT-tiny/2 (d=128, 4 heads), random nonzero "
+            "weights, float64, 9 tokens, 3 seeds each",
+       reference="Peebles & Xie 2023 Sec. 3.2, Fig. 3; torch.nn.MultiheadAttention")
+def _block_reference():
+    """The package's adaLN-Zero block equals the block written from the paper with functional ops and
+    torch.nn.MultiheadAttention: z + a1 MHA(LN z (1 + s1) + b1), then z + a2 MLP(LN z (1 + s2) + b2).
+
+    Residual: max relative difference."""
+    return max(block_reference_residual(name, seed) for name in ("DiT-micro/2", "DiT-tiny/2") for seed in range(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# softmax temperature, through the package's attention
+
+def attention_softmax(z: torch.Tensor, tau: float, shift: float = 0.0) -> torch.Tensor:
+    """softmax(z/tau + shift) computed by the package's single-head ``models.dit.Attention``: n + 1 features, token i
+    is x_i = [e_i, (z_i/tau + shift) sqrt(n + 1)]; W_q = 0 with bias e_n (every query is e_n), W_k keeps the last
+    feature, W_v the first n, W_o = I. Then q . k_i / sqrt(d_h) = z_i/tau + shift and every output row is
+    sum_i p_i e_i = p, the attention weights of the real module (float64)."""
+    from diffusion_lab.models.dit import Attention
+
+    n = z.numel()
+    d = n + 1
+    attn = Attention(d, 1).double()
+    eye = torch.eye(d, dtype=torch.float64)
+    w_k = torch.zeros(d, d, dtype=torch.float64)
+    w_k[n, n] = 1.0
+    w_v = eye.clone()
+    w_v[n, n] = 0.0
+    with torch.no_grad():
+        attn.qkv.weight.copy_(torch.cat([torch.zeros(d, d, dtype=torch.float64), w_k, w_v]))
+        attn.qkv.bias.zero_()
+        attn.qkv.bias[n] = 1.0
+        attn.proj.weight.copy_(eye)
+        attn.proj.bias.zero_()
+        x = torch.cat([torch.eye(n, dtype=torch.float64),
+                       ((z.to(torch.float64) / tau + shift) * math.sqrt(d))[:, None]], 1)
+        return attn(x[None])[0, 0, :n]
+
+
+def softmax_temperature_residual(z: torch.Tensor, tau: float, softmax=None) -> float:
     """Relative violation of the softmax temperature bounds for logits z (1-D, float64) at temperature tau:
 
         |p_i - 1/n| <= (e^{R/tau} - 1)/n,  R = max z - min z          (-> uniform, O(R/tau))
@@ -384,11 +530,14 @@ def softmax_temperature_residual(z: torch.Tensor, tau: float) -> float:
         argmax the mass off it is <= (n - k) e^{-Delta/tau}/k and the k tied entries are equal (-> uniform on them)
         softmax(z/tau + b) = softmax(z/tau)                           (shift invariance)
 
-    Each violation is relative to its bound: the exponentials of logits of size |z|/tau carry a relative rounding
-    error of about (|z|/tau) eps_64, which the tolerance of the check covers.
+    ``softmax(z, tau, shift)`` computes p (default torch.softmax; the catalogue passes ``attention_softmax``, the
+    package's attention). Each violation is relative to its bound: the exponentials of logits of size |z|/tau carry
+    a relative rounding error of about (|z|/tau) eps_64, which the tolerance covers.
     """
+    if softmax is None:
+        softmax = lambda z_, tau_, shift=0.0: torch.softmax(z_ / tau_ + shift, dim=0)  # noqa: E731
     n = z.numel()
-    p = torch.softmax(z / tau, dim=0)  # subtracts the max: no overflow at small tau
+    p = softmax(z, tau)
 
     def over(lhs: float, bound: float) -> float:
         return 0.0 if lhs <= bound else (lhs - bound) / bound
@@ -409,39 +558,43 @@ def softmax_temperature_residual(z: torch.Tensor, tau: float) -> float:
     worst = max(worst, float((p[is_top] / p[is_top][0] - 1).abs().max()))  # ties share equally
     # adding b rounds each logit by up to ulp(b)/2
     b = 123.4
-    shift_err = float(((torch.softmax(z / tau + b, dim=0) - p).abs() / p.clamp_min(1e-300)).max())
+    shift_err = float(((softmax(z, tau, b) - p).abs() / p.clamp_min(1e-300)).max())
     return max(worst, shift_err - 4 * b * torch.finfo(torch.float64).eps)
 
 
 @check("dit.softmax_temperature_limits", area=AREA, kind="exact", tol=1e-12,
-       case="logits of n in {2, 5, 64}, with and without ties, tau in 10^[-3, 6]",
+       case="attention weights of the package's single-head Attention on logits of n in {2, 5, 64}, with and "
+            "without ties, tau in 10^[-3, 6]",
        reference="elementary bounds on softmax(z/tau) as tau -> 0+ and tau -> inf")
 def _softmax_temperature():
-    """softmax(z/tau) -> 1/n as tau -> inf with |p - 1/n| <= (e^{R/tau} - 1)/n; as tau -> 0+ the mass off the argmax
-    set is <= (n-k) e^{-Delta/tau}/k (1 - p_max <= (n-1) e^{-Delta/tau} for a unique max), ties split it equally;
-    softmax is shift-invariant. Residual: the largest bound violation."""
+    """The attention weights of the package's Attention, softmax(z/tau), tend to 1/n as tau -> inf with
+    |p - 1/n| <= (e^{R/tau} - 1)/n; as tau -> 0+ the mass off the argmax set is <= (n-k) e^{-Delta/tau}/k
+    (1 - p_max <= (n-1) e^{-Delta/tau} for a unique max), ties split it equally; softmax is shift-invariant.
+    Residual: the largest bound violation."""
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(n, generator=g, dtype=torch.float64) * s for n in (2, 5, 64) for s in (0.1, 1.0, 10.0)]
     cases += [torch.tensor([1.0, 3.0, 3.0, -2.0], dtype=torch.float64), torch.tensor([0.5] * 4, dtype=torch.float64)]
     taus = [10.0 ** e for e in range(-3, 7)]
-    return max(softmax_temperature_residual(z, tau) for z in cases for tau in taus)
+    return max(softmax_temperature_residual(z, tau, attention_softmax) for z in cases for tau in taus)
 
 
 @check("dit.claim_softmax_one_hot_limit", area=AREA, kind="claim", tol=0.0,
-       case="logits of length 2..6 drawn from {0, 1, 2}, tau = 1e-3",
+       case="attention weights of the package's single-head Attention, logits of length 2..6 drawn from {0, 1, 2}, "
+            "tau = 1e-3",
        reference="published claim: 'as tau -> 0+ the softmax converges to a one-hot distribution'",
        expected_verdict="refuted")
 def _claim_one_hot():
     """Claim (published): as tau -> 0+ softmax(z/tau) converges to a one-hot vector. True only for a unique maximum;
-    ties give the uniform law over the argmax set."""
+    ties give the uniform law over the argmax set. Searched on the attention weights of the package's Attention
+    (``attention_softmax``)."""
     strat = st.lists(st.integers(0, 2), min_size=2, max_size=6)
 
     def holds(zs):
-        p = torch.softmax(torch.tensor(zs, dtype=torch.float64) / 1e-3, dim=0)
+        p = attention_softmax(torch.tensor(zs, dtype=torch.float64), 1e-3)
         return float(p.max()) > 0.99
 
     def describe(zs):
-        p = torch.softmax(torch.tensor(zs, dtype=torch.float64) / 1e-3, dim=0)
+        p = attention_softmax(torch.tensor(zs, dtype=torch.float64), 1e-3)
         return f"z={zs}: p = {[round(float(v), 3) for v in p]} (ties split the mass)"
 
     return claim_verdict(strat, holds, describe)
@@ -484,23 +637,50 @@ def _norm_properties():
     return Outcome(worst, f"RMSNorm(x + b) - RMSNorm(x) up to {shift_dev:.3g} (not shift-invariant)")
 
 
+def attention_map(wq: torch.Tensor, wk: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The n x n attention map softmax(Q K^T / sqrt(d_h)) of the package's single-head ``models.dit.Attention``, read
+    off its output: tokens x_i = [u_i, e_i] (m + n features), queries and keys from the u part (Q = U W_q^T,
+    K = U W_k^T), values the one-hot e part, W_o = I, zero biases: output row j = sum_i A_ji e_i = A_j.
+    (d_h = m + n; the scores are scaled by sqrt(m + n) / sqrt(m) so they are U W_q^T W_k U^T / sqrt(m).)"""
+    from diffusion_lab.models.dit import Attention
+
+    n, m = u.shape
+    d = m + n
+    attn = Attention(d, 1).double()
+    c = (d / m) ** 0.25  # scales q and k so that q.k / sqrt(d) = (U W_q^T)(U W_k^T)^T / sqrt(m)
+    wq_full = torch.zeros(d, d, dtype=torch.float64)
+    wk_full = torch.zeros(d, d, dtype=torch.float64)
+    wq_full[:m, :m], wk_full[:m, :m] = c * wq, c * wk
+    w_v = torch.zeros(d, d, dtype=torch.float64)
+    w_v[m:, m:] = torch.eye(n, dtype=torch.float64)
+    with torch.no_grad():
+        attn.qkv.weight.copy_(torch.cat([wq_full, wk_full, w_v]))
+        attn.qkv.bias.zero_()
+        attn.proj.weight.copy_(torch.eye(d, dtype=torch.float64))
+        attn.proj.bias.zero_()
+        x = torch.cat([u.to(torch.float64), torch.eye(n, dtype=torch.float64)], 1)
+        return attn(x[None])[0, :, m:]
+
+
 def attention_rollout_residual(depth: int = 12, n_tokens: int = 16, d: int = 32, seed: int = 0) -> float:
     """Attention rollout R = prod_l (A_l + I)/2 (Abnar & Zuidema 2020) of row-stochastic attention maps A_l stays
-    row-stochastic: every row of R sums to 1 and R >= 0. A_l are the real softmax maps of a DiT block's attention
-    (random weights) on random tokens; residual = max |row sum - 1| (plus any negative entry)."""
+    row-stochastic: every row of R sums to 1 and R >= 0. A_l are the attention maps of the package's
+    ``models.dit.Attention`` (``attention_map``, random weights) on random tokens; residual = max |row sum - 1|
+    (plus any negative entry)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_tokens, d, dtype=torch.float64, generator=g)
     R = torch.eye(n_tokens, dtype=torch.float64)
     for _ in range(depth):
         wq, wk = (torch.randn(d, d, dtype=torch.float64, generator=g) / math.sqrt(d) for _ in range(2))
-        A = torch.softmax((x @ wq) @ (x @ wk).T / math.sqrt(d), dim=-1)
+        A = attention_map(wq, wk, x)
         R = 0.5 * (A + torch.eye(n_tokens, dtype=torch.float64)) @ R
         x = x + A @ x / math.sqrt(depth)
     return float((R.sum(1) - 1).abs().max() + (-R).clamp_min(0).max())
 
 
 @check("dit.attention_rollout_row_stochastic", area=AREA, kind="exact", tol=1e-12,
-       case="12 layers of softmax attention on 16 random tokens (d = 32), rollout with the residual (A + I)/2",
+       case="attention maps of the package's Attention, 12 layers on 16 random tokens (d = 32), rollout with the "
+            "residual (A + I)/2",
        reference="Abnar & Zuidema 2020")
 def _rollout():
     """Attention rollout, a product of row-stochastic matrices, stays row-stochastic (rows sum to 1, entries >= 0)."""
