@@ -1,9 +1,9 @@
-r"""The three density equations of one velocity field (Song et al. 2021; Anderson 1982):
+r"""The three density equations of one velocity field (Song et al. 2021; Anderson 1982)::
 
-forward (noising) Fokker-Planck, t increasing            dp/dt = -div(f(t) x p) + g^2(t)/2 lap p
-PF-ODE continuity, t increasing or decreasing             dp/dt = -div(v p),  v = f x - g^2/2 s
-generation, tau = t_start - t increasing (t decreasing)    dq/dtau = -div(b q) + gamma^2 g^2/2 lap q,
-                                                            b(x, t) = -f(t) x + (1 + gamma^2)/2 g^2(t) s(x, t)
+    forward (noising) Fokker-Planck, t increasing            dp/dt = -div(f(t) x p) + g^2(t)/2 lap p
+    PF-ODE continuity, t increasing or decreasing             dp/dt = -div(v p),  v = f x - g^2/2 s
+    generation, tau = t_start - t increasing (t decreasing)    dq/dtau = -div(b q) + gamma^2 g^2/2 lap q,
+                                                                b(x, t) = -f(t) x + (1 + gamma^2)/2 g^2(t) s(x, t)
 
 Derivation of the last one: q(tau) = p_{T - tau} solves
 dq/dtau = div(f x q) - g^2/2 lap q; writing lap q = div(q grad log q) = div(s q) with the score s of p_t,
@@ -241,31 +241,44 @@ def _check_times(times, schedule: Schedule | None, increasing: bool | None, need
 
 def solve(grid: Grid, p0, times, coeffs, *, equation: str = "custom", method: str = "trbdf2",
           steps: int | None = 100, dt: float | None = None, bc: str = "zero_flux", scheme: str = "sg",
-          target=None, schedule=None, reverse: bool = False) -> FPSolution:
+          target=None, schedule=None, reverse: bool = False, limiter: str = "vanleer", cfl: float | None = None,
+          rtol: float | None = None, atol: float | None = None) -> FPSolution:
     """Solve dp/ds = L(s) p with ``coeffs`` (LinearCoefficients / PointCoefficients, in s = t or s = -t when
-    ``reverse``) from p(times[0]) = p0 and return an FPSolution at ``times``."""
+    ``reverse``) from p(times[0]) = p0 and return an FPSolution at ``times``.
+
+    ``limiter``/``cfl`` configure the MUSCL methods ("ssprk2", "ssprk3", "imex"), whose step is chosen from the
+    CFL bound when ``cfl`` is given or ``steps`` and ``dt`` are both None; ``rtol``/``atol`` make "trbdf2" adaptive
+    (``stepping.evolve``)."""
     times = np.asarray(times, dtype=np.float64)
-    if dt is not None:
+    if dt is not None or cfl is not None:
         steps = None
     s_out = -times if reverse else times
     stats = EvolveStats()
     t0 = time.perf_counter()
-    dens = evolve(grid, p0, s_out, coeffs, method=method, steps=steps, dt=dt, bc=bc, scheme=scheme, stats=stats)
+    dens = evolve(grid, p0, s_out, coeffs, method=method, steps=steps, dt=dt, bc=bc, scheme=scheme, stats=stats,
+                  limiter=limiter, cfl=cfl, rtol=rtol, atol=atol)
     seconds = time.perf_counter() - t0
     settings = {"equation": equation, "grid": grid.settings(), "method": method, "steps": steps, "dt": dt,
                 "bc": bc, "scheme": scheme, "times": times.tolist()}
+    if method in ("ssprk2", "ssprk3", "imex"):
+        settings.update(scheme="muscl", limiter=limiter, cfl=cfl, max_cfl=stats.max_cfl, rejected=stats.rejected)
+    if rtol is not None or atol is not None:
+        settings.update(rtol=rtol, atol=atol, rejected=stats.rejected)
     return _finish(grid, times, dens, equation, settings, stats, 0, seconds, target, schedule)
 
 
 def solve_forward(field_or_schedule, p0, grid: Grid, times, *, method: str = "trbdf2", steps: int | None = 100,
-                  dt: float | None = None, bc: str = "zero_flux", scheme: str = "sg", target=None) -> FPSolution:
+                  dt: float | None = None, bc: str = "zero_flux", scheme: str = "sg", target=None,
+                  rtol: float | None = None, atol: float | None = None, limiter: str = "vanleer",
+                  cfl: float | None = None) -> FPSolution:
     r"""Forward (noising) Fokker-Planck dp/dt = -div(f(t) x p) + g^2(t)/2 lap p (the Fokker-Planck equation of
     dx = f x dt + g dw) from
     p(times[0]) = p0 (array, or a Gaussian-mixture target: its exact p_{times[0]}) to increasing ``times``.
 
     Needs only the schedule (no NFE). ``target`` (default: p0 when p0 is a target) adds L1/TV/KL against the
     exact p_t. method="expm" is exact in time for schedules with f = k g^2/2 (VP, cosine, DDPM: k = -1;
-    VE, EDM: k = 0)."""
+    VE, EDM: k = 0). ``scheme="fv4"`` is fourth order in space (``operators``); ``rtol``/``atol`` make "trbdf2"
+    adaptive; ``limiter``/``cfl`` configure method="imex" (``stepping.evolve``)."""
     schedule = _sched(field_or_schedule)
     times = _check_times(times, schedule, True, need_field=False)
     if target is None and hasattr(p0, "log_prob_t"):
@@ -275,20 +288,41 @@ def solve_forward(field_or_schedule, p0, grid: Grid, times, *, method: str = "tr
     coeffs = LinearCoefficients(rate=lambda t: _f(schedule, t), diffusion=lambda t: 0.5 * _g2(schedule, t),
                                 ratio=k, integral_D=None if k is None else _integral_D(schedule, k))
     sol = solve(grid, p_init, times, coeffs, equation="forward", method=method, steps=steps, dt=dt, bc=bc,
-                scheme=scheme, target=target, schedule=schedule)
+                scheme=scheme, target=target, schedule=schedule, rtol=rtol, atol=atol, limiter=limiter, cfl=cfl)
     sol.settings["schedule"] = schedule.settings()
     return sol
 
 
-def solve_continuity(field: VelocityField, p0, grid: Grid, times, *, method: str = "trbdf2",
-                     steps: int | None = 100, dt: float | None = None, bc: str = "zero_flux", target=None,
-                     batch: int = 1 << 16) -> FPSolution:
+def solve_continuity(field: VelocityField, p0, grid: Grid, times, *, method: str | None = None,
+                     steps: int | None = None, dt: float | None = None, bc: str = "zero_flux", target=None,
+                     batch: int = 1 << 16, scheme: str = "upwind", limiter: str = "vanleer",
+                     cfl: float | None = None) -> FPSolution:
     r"""PF-ODE continuity equation dp/dt = -div(v p), v = field.velocity = f x - g^2/2 s (Song et al. 2021,
-    eq. 13), pure advection discretised by upwinding (the "sg" fluxes with D = 0; first order in space, positive).
-    ``times`` increasing runs the noising direction, decreasing the generation direction (dq/dtau = div(v q)). v is
-    evaluated on the faces in batches of ``batch`` points (NFE counted)."""
+    eq. 13), pure advection. ``times`` increasing runs the noising direction, decreasing the generation direction
+    (dq/dtau = div(v q)). v is evaluated on the faces in batches of ``batch`` points (NFE counted).
+
+    ``scheme="upwind"`` (default): the "sg" fluxes with D = 0 (first-order upwinding, positive), implicit
+    ``method`` (default "trbdf2", 100 ``steps`` unless given). ``scheme="muscl"``: second-order MUSCL fluxes with
+    the TVD ``limiter`` ("vanleer", "mc", "minmod") and SSP Runge-Kutta ``method`` ("ssprk3" default, or
+    "ssprk2"), positive under the CFL bound of ``advection``; the step is chosen from ``cfl`` (default 0.9) unless
+    ``steps``/``dt`` are given, which are then checked against the bound."""
     if not isinstance(field, VelocityField):
         raise TypeError(f"solve_continuity needs a VelocityField, got {type(field).__name__}")
+    if scheme not in ("upwind", "muscl"):
+        raise ValueError(f"scheme must be 'upwind' or 'muscl', got {scheme!r}")
+    if scheme == "muscl":
+        method = "ssprk3" if method is None else method
+        if method not in ("ssprk2", "ssprk3"):
+            raise ValueError(f"scheme='muscl' runs an explicit SSP Runge-Kutta method ('ssprk2' or 'ssprk3'), "
+                             f"got method={method!r}")
+        if steps is None and dt is None and cfl is None:
+            cfl = 0.9
+    else:
+        method = "trbdf2" if method is None else method
+        if method in ("ssprk2", "ssprk3", "imex"):
+            raise ValueError(f"method {method!r} uses MUSCL fluxes: pass scheme='muscl'")
+        if steps is None and dt is None:
+            steps = 100
     schedule = field.schedule
     times = _check_times(times, schedule, None, need_field=True)
     reverse = times.size > 1 and times[1] < times[0]
@@ -304,14 +338,15 @@ def solve_continuity(field: VelocityField, p0, grid: Grid, times, *, method: str
     nfe0 = field.nfe
     sol = solve(grid, p_init, times, PointCoefficients(drift, lambda s: 0.0), equation="continuity",
                 method=method, steps=steps, dt=dt, bc=bc, scheme="sg", target=target, schedule=schedule,
-                reverse=reverse)
+                reverse=reverse, limiter=limiter, cfl=cfl)
     sol.settings["schedule"] = schedule.settings()
     return _with_nfe(sol, field.nfe - nfe0)
 
 
 def solve_reverse(field: VelocityField, p_start, grid: Grid, times, *, gamma: float = 1.0, method: str = "trbdf2",
                   steps: int | None = 100, dt: float | None = None, bc: str = "zero_flux", target=None,
-                  batch: int = 1 << 16) -> FPSolution:
+                  batch: int = 1 << 16, limiter: str = "vanleer", cfl: float | None = None, rtol: float | None = None,
+                  atol: float | None = None) -> FPSolution:
     r"""Generation direction: from p(times[0]) = p_start back to decreasing ``times`` (the prior at t_max to the data
     side) with the reverse SDE family in tau = times[0] - t (module docstring; Anderson 1982;
     Karras et al. 2022, eq. 6):
@@ -319,7 +354,9 @@ def solve_reverse(field: VelocityField, p_start, grid: Grid, times, *, gamma: fl
         dq/dtau = -div((-f x + (1+gamma^2)/2 g^2 s) q) + gamma^2 g^2/2 lap q.
 
     gamma = 1: reverse SDE; gamma = 0: reverse PF-ODE (pure advection, upwind). s = field.score on the faces, in
-    batches (NFE counted). ``p_start``: an array, a target (its exact p_{times[0]}) or "prior"."""
+    batches (NFE counted). ``p_start``: an array, a target (its exact p_{times[0]}) or "prior". method="imex"
+    (MUSCL advection with ``limiter``, exact diffusion sub-steps, step from ``cfl``) suits advection-dominated
+    runs, "split" large 3-D grids; ``rtol``/``atol`` make "trbdf2" adaptive."""
     if not isinstance(field, VelocityField):
         raise TypeError(f"solve_reverse needs a VelocityField, got {type(field).__name__}")
     if not (gamma >= 0 and math.isfinite(gamma)):
@@ -337,7 +374,8 @@ def solve_reverse(field: VelocityField, p_start, grid: Grid, times, *, gamma: fl
     nfe0 = field.nfe
     coeffs = PointCoefficients(drift, lambda s: 0.5 * gamma * gamma * _g2(schedule, -s))
     sol = solve(grid, p_init, times, coeffs, equation=f"reverse(gamma={gamma:g})", method=method, steps=steps,
-                dt=dt, bc=bc, scheme="sg", target=target, schedule=schedule, reverse=True)
+                dt=dt, bc=bc, scheme="sg", target=target, schedule=schedule, reverse=True, limiter=limiter, cfl=cfl,
+                rtol=rtol, atol=atol)
     sol.settings.update(schedule=schedule.settings(), gamma=gamma)
     return _with_nfe(sol, field.nfe - nfe0)
 

@@ -7,9 +7,11 @@ and ``time_independent``. Methods (h = step, L_n = L(s_n)):
   "sg" scheme ((I - hL) is an M-matrix).
 - ``"cn"``  Crank-Nicolson (I - h/2 L_{n+1}) p_{n+1} = (I + h/2 L_n) p_n: second order, A-stable (not L-stable:
   rough data ring, and p can go slightly negative).
-- ``"trbdf2"`` TR-BDF2 (Bank et al. 1985; Hosea & Shampine 1996), gamma = 2 - sqrt 2, d = gamma/2:
+- ``"trbdf2"`` TR-BDF2 (Bank et al. 1985; Hosea & Shampine 1996), gamma = 2 - sqrt 2, d = gamma/2::
+
       (I - d h L(s_n + gamma h)) p_g = (I + d h L_n) p_n,
-      (I - d h L_{n+1}) p_{n+1} = [p_g - (1-gamma)^2 p_n] / (gamma (2 - gamma)):
+      (I - d h L_{n+1}) p_{n+1} = [p_g - (1-gamma)^2 p_n] / (gamma (2 - gamma))
+
   second order and L-stable; both stages factor the same I - d h L when L does not depend on s.
 - ``"euler"`` explicit Euler p_{n+1} = (I + h L_n) p_n, positive iff h <= 1 / max_i(-L_ii); a larger step is
   refused with the offending numbers.
@@ -18,6 +20,23 @@ and ``time_independent``. Methods (h = step, L_n = L(s_n)):
   order). When f(s) = k D(s) for a constant k, L(s) = D(s) L^{(k)} exactly and E_a = exp((int D ds) L_a^{(k)})
   integrates the semi-discrete system exactly in time (one step per output interval). exp of a matrix with
   non-negative off-diagonals is non-negative, and 1^T L_a = 0 gives 1^T E_a = 1^T (mass) up to round-off.
+
+- ``"ssprk2"``, ``"ssprk3"`` explicit strong-stability-preserving Runge-Kutta with MUSCL fluxes and a TVD
+  ``limiter`` for pure advection (D = 0, the PF-ODE continuity equation), and ``"imex"``: Strang splitting of
+  MUSCL/SSP-RK3 advection with exact diffusion sub-steps; positive under the CFL bound h max_j r_j <= 1
+  (``advection``), with the step chosen from ``cfl`` when neither ``steps`` nor ``dt`` is given.
+- ``"split"`` dimension (Strang) splitting with one-axis TR-BDF2 sub-steps solved by batched tridiagonal
+  (Thomas) solves: O(N) memory and work per step, for large 3-D grids (``splitting``).
+
+Adaptive TR-BDF2 (``rtol`` given): the embedded error estimate of Hosea & Shampine (1996). Written as the
+three-stage ESDIRK with k_i = L(s_i) Y_i, c = (0, gamma, 1), w = sqrt(2)/4,
+y_{n+1} = y_n + h (w k_1 + w k_2 + d k_3), the estimate is
+
+    est = (I - d h L_{n+1})^{-1} h [ (4w - 1)/3 k_1 - 1/3 k_2 + 2d/3 k_3 ]
+
+(the third-order companion b^ = ((1 - w)/3, (3w + 1)/3, d/3), filtered by the stage matrix for stiff
+components). A step is accepted when the RMS of est / (atol + rtol max(|y_n|, |y_{n+1}|)) is <= 1 and the next h
+is scaled by 0.9 err^{-1/3} in [0.2, 5]; a change within [1, 1.5] is skipped to re-use the LU factors.
 
 Every implicit stage is a sparse LU solve (``scipy.sparse.linalg.splu``); factorisations are cached on
 (coefficient of L, s) -- or on the coefficient alone for a time-independent operator -- and operators L(s) on s,
@@ -39,9 +58,14 @@ from .operators import assemble, assemble_1d
 
 __all__ = ["METHODS", "evolve", "substeps", "EvolveStats"]
 
-METHODS = ("be", "cn", "trbdf2", "euler", "expm")
+METHODS = ("be", "cn", "trbdf2", "euler", "expm", "ssprk2", "ssprk3", "imex", "split")
 _GAMMA = 2.0 - math.sqrt(2.0)
 _D = _GAMMA / 2.0
+
+
+_W = math.sqrt(2.0) / 4.0
+# b - b^ of the embedded pair (Hosea & Shampine 1996), per stage derivative k_1, k_2, k_3
+_E = ((4.0 * _W - 1.0) / 3.0, -1.0 / 3.0, 2.0 * _D / 3.0)
 
 
 @dataclass
@@ -49,6 +73,8 @@ class EvolveStats:
     steps: int = 0
     factorizations: int = 0
     operator_builds: int = 0
+    rejected: int = 0
+    max_cfl: float = 0.0
 
 
 def substeps(s_out, steps: int | None = None, dt: float | None = None) -> list[int]:
@@ -95,9 +121,13 @@ def _apply_separable(E: list, p: np.ndarray) -> np.ndarray:
 
 
 def evolve(grid: Grid, p0, s_out, coeffs, *, method: str = "trbdf2", steps: int | None = None,
-           dt: float | None = None, bc: str = "zero_flux", scheme: str = "sg", stats: EvolveStats | None = None):
+           dt: float | None = None, bc: str = "zero_flux", scheme: str = "sg", stats: EvolveStats | None = None,
+           limiter: str = "vanleer", cfl: float | None = None, rtol: float | None = None, atol: float | None = None):
     """Integrate dp/ds = L(s) p from p(s_out[0]) = p0 and return the densities at every s in ``s_out`` as an
-    array of shape (len(s_out), *grid.shape) (row 0 is p0). See the module docstring for the methods."""
+    array of shape (len(s_out), *grid.shape) (row 0 is p0). See the module docstring for the methods.
+
+    ``limiter`` and ``cfl`` apply to the MUSCL methods ("ssprk2", "ssprk3", "imex"; ``scheme`` is then ignored);
+    ``rtol`` (with ``atol``, default 0) turns "trbdf2" adaptive (``steps``/``dt`` give the first step only)."""
     if method not in METHODS:
         raise ValueError(f"unknown time-stepping method {method!r}; choose one of {METHODS}")
     stats = stats if stats is not None else EvolveStats()
@@ -110,7 +140,27 @@ def evolve(grid: Grid, p0, s_out, coeffs, *, method: str = "trbdf2", steps: int 
     periodic = bc == "periodic"
     if method == "expm":
         return _evolve_expm(grid, p, s_out, coeffs, steps, dt, bc, scheme, stats, out)
-    nsub = substeps(s_out, steps, dt)
+    if method in ("ssprk2", "ssprk3", "imex"):
+        from .advection import evolve_explicit
+
+        return evolve_explicit(grid, p, s_out, coeffs, method=method, limiter=limiter, steps=steps, dt=dt, cfl=cfl,
+                               bc=bc, stats=stats, out=out)
+    if method == "split":
+        from .splitting import evolve_split
+
+        return evolve_split(grid, p, s_out, coeffs, steps=steps, dt=dt, bc=bc, scheme=scheme, stats=stats, out=out)
+    adaptive = rtol is not None or atol is not None
+    if adaptive:
+        if method != "trbdf2":
+            raise ValueError(f"rtol/atol need method='trbdf2' (embedded error estimate), got method={method!r}")
+        rtol = 1e-3 if rtol is None else float(rtol)
+        atol = 0.0 if atol is None else float(atol)
+        if not (rtol > 0 and atol >= 0 and math.isfinite(rtol) and math.isfinite(atol)):
+            raise ValueError(f"need rtol > 0 and atol >= 0, got rtol={rtol}, atol={atol}")
+        if np.any(np.diff(s_out) <= 0):
+            raise ValueError(f"solver times must be strictly increasing, got {s_out.tolist()}")
+    else:
+        nsub = substeps(s_out, steps, dt)
     ti = bool(getattr(coeffs, "time_independent", False))
     N = grid.size
     eye = sp.identity(N, format="csc")
@@ -136,6 +186,10 @@ def evolve(grid: Grid, p0, s_out, coeffs, *, method: str = "trbdf2", steps: int 
         return lus.get(key, make).solve(rhs)
 
     x = p.reshape(-1)
+    if adaptive:
+        span = float(s_out[-1] - s_out[0])
+        h = dt if dt is not None else (span / steps if steps is not None else 1e-2 * span)
+        return _trbdf2_adaptive(grid, x, s_out, op, solve, h, rtol, atol, stats, out)
     for k in range(len(s_out) - 1):
         h0 = (s_out[k + 1] - s_out[k]) / nsub[k]
         for i in range(nsub[k]):
@@ -160,6 +214,38 @@ def evolve(grid: Grid, p0, s_out, coeffs, *, method: str = "trbdf2", steps: int 
                     )
                 x = x + h * (L @ x)
             stats.steps += 1
+        out[k + 1] = x.reshape(grid.shape)
+    return out
+
+
+def _trbdf2_adaptive(grid, x, s_out, op, solve, h, rtol, atol, stats, out, max_steps: int = 100_000):
+    """TR-BDF2 with the Hosea-Shampine error estimate and step-size control (module docstring)."""
+    for k in range(len(s_out) - 1):
+        s, end = float(s_out[k]), float(s_out[k + 1])
+        while s < end:
+            if stats.steps + stats.rejected >= max_steps:
+                raise RuntimeError(f"adaptive TR-BDF2 exceeded {max_steps} steps at s = {s:.6g} (h = {h:.3g})")
+            hs = min(h, end - s)
+            s1 = end if hs >= end - s else s + hs
+            k1 = op(s) @ x
+            xg = solve(_D * hs, s + _GAMMA * hs, x + _D * hs * k1)
+            xn = solve(_D * hs, s1, (xg - (1.0 - _GAMMA) ** 2 * x) / (_GAMMA * (2.0 - _GAMMA)))
+            k2 = (xg - x) / (_D * hs) - k1
+            k3 = (xn - x - hs * _W * (k1 + k2)) / (_D * hs)
+            est = solve(_D * hs, s1, hs * (_E[0] * k1 + _E[1] * k2 + _E[2] * k3))
+            scale = atol + rtol * np.maximum(np.abs(x), np.abs(xn))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(scale > 0, est / scale, np.where(est == 0, 0.0, np.inf))
+            err = float(np.sqrt(np.mean(ratio * ratio)))
+            fac = min(5.0, max(0.2, 0.9 * (err if err > 0 else 1e-10) ** (-1.0 / 3.0)))
+            if err <= 1.0:
+                x, s = xn, s1
+                stats.steps += 1
+                if fac > 1.5 and hs == h:
+                    h *= fac
+            else:
+                stats.rejected += 1
+                h = hs * fac
         out[k + 1] = x.reshape(grid.shape)
     return out
 
