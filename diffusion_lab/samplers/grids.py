@@ -1,6 +1,6 @@
 r"""Time grids as data: descending float64 tensors t_0 = t_max > t_1 > ... > t_N = t_min.
 
-Builders (N steps -> N + 1 points):
+Builders (N steps -> N + 1 points)::
 
     uniform     t_i = t_max + i/N (t_min - t_max)
     logsnr      lambda_i uniform between lambda(t_max) and lambda(t_min), t_i = t(lambda_i)   (DPM-Solver 'logSNR')

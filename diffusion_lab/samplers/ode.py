@@ -1,7 +1,7 @@
 r"""Probability-flow ODE solvers: explicit Runge-Kutta methods and an adaptive Dormand-Prince 5(4).
 
 The ODE dx/dt = v(x, t) = f x - g^2/2 s (Song et al. 2021) is integrated from t_max to t_min in one of two
-coordinate systems (option ``coords``):
+coordinate systems (option ``coords``)::
 
     "t"    the state x against time t, with the field's velocity v;
     "edm"  the scaled state xbar = x/alpha against the noise level sigmabar = sigma/alpha = e^{-lambda}:

@@ -97,17 +97,19 @@ def clear_cache() -> None:
 class OptimizedGrid:
     """An optimised grid and how it was obtained.
 
-    grid             descending float64 tensor of N + 1 times, grid[0] = t_max, grid[-1] = t_min
-    cost_nfe         model evaluations this call spent (teacher, cost tables, refinement), from field.nfe; 0 if cached,
-                     and without the teacher or tables when a call with the same field and pilot already made them
-    seconds          wall time of this call
-    objective        "sum" or "max" (the DP objective)
-    dp_value         DP objective of the DP grid; dp_value_logsnr the same objective of the logsnr grid when it
-                     lies on the candidates (N divides M - 1), else nan
-    objective_before pilot terminal error mean ||x_N - x*(t_min)|| of the best fixed grid
-    objective_after  the same for the returned grid (<= objective_before)
-    terminal_dp      the same for the DP grid; fixed_terminal: per fixed grid kind
-    start            where the refinement started ("dp" or a fixed grid kind)
+    Fields::
+
+        grid             descending float64 tensor of N + 1 times, grid[0] = t_max, grid[-1] = t_min
+        cost_nfe         model evaluations this call spent (teacher, cost tables, refinement), from field.nfe; 0 if cached,
+                         and without the teacher or tables when a call with the same field and pilot already made them
+        seconds          wall time of this call
+        objective        "sum" or "max" (the DP objective)
+        dp_value         DP objective of the DP grid; dp_value_logsnr the same objective of the logsnr grid when it
+                         lies on the candidates (N divides M - 1), else nan
+        objective_before pilot terminal error mean ||x_N - x*(t_min)|| of the best fixed grid
+        objective_after  the same for the returned grid (<= objective_before)
+        terminal_dp      the same for the DP grid; fixed_terminal: per fixed grid kind
+        start            where the refinement started ("dp" or a fixed grid kind)
     """
 
     grid: torch.Tensor

@@ -73,7 +73,7 @@ def ancestral_step(s_from: float, s_to: float, eta: float = 1.0) -> tuple[float,
 def euler_ancestral(field, x, grid, *, eta=1.0, s_noise=1.0, noise=None, generator=None, callback=None,
                     progress=False):
     r"""Ancestral sampling with Euler steps (k-diffusion ``sample_euler_ancestral``) in xbar = x/alpha,
-    sigmabar = sigma/alpha: with (sigma_down, sigma_up) = ``ancestral_step``(sigmabar_i, sigmabar_{i+1}, eta),
+    sigmabar = sigma/alpha: with (sigma_down, sigma_up) = ``ancestral_step(sigmabar_i, sigmabar_{i+1}, eta)``,
 
         xbar' = xbar_i + (sigma_down - sigmabar_i) eps_hat(x_i, t_i),     xbar_{i+1} = xbar' + s_noise sigma_up z_i,
 
@@ -188,7 +188,7 @@ def dpmpp_3m_sde(field, x, grid, *, eta=1.0, s_noise=1.0, coefficients="referenc
                  callback=None, progress=False):
     r"""SDE-DPM-Solver++(3M) (k-diffusion ``sample_dpmpp_3m_sde``) for any (alpha, sigma): with D_i, h_i, a as in
     ``dpmpp_2m_sde``, r0 = h_{i-1}/h_i, r1 = h_{i-2}/h_i, D1_0 = (D_i - D_{i-1})/r0, D1_1 = (D_{i-1} - D_{i-2})/r1,
-    phi_2 = 1 - (1 - e^{-a})/a, phi_3 = phi_2/a - 1/2,
+    phi_2 = 1 - (1 - e^{-a})/a, phi_3 = phi_2/a - 1/2::
 
         d1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)   (= h D' + O(h^3)),     d2 = s (D1_0 - D1_1)/(r0 + r1),
         x_{i+1} = (sigma_{i+1}/sigma_i) e^{-eta h_i} x_i + alpha_{i+1} [(1 - e^{-a}) D_i + phi_2 d1 - phi_3 d2]
