@@ -4,6 +4,8 @@ Fokker-Planck solver take them unchanged), with their model evaluations counted.
 Classifier-free guidance (CFG; Ho & Salimans 2022, eq. 6). With guidance weight w (gamma = 1 + w the
 "guidance scale" of DiT/diffusers, cfg-scale = gamma),
 
+::
+
     eps_tilde(x, t) = (1 + w) eps(x, t | c) - w eps(x, t | null)
                     = gamma eps(x, t | c) + (1 - gamma) eps(x, t | null),
     s_tilde = grad log [ p_t(x|c)^gamma p_t(x)^(1-gamma) ].

@@ -1,6 +1,6 @@
 r"""Diffusion Transformer (DiT) with adaLN-Zero blocks, as facebookresearch/DiT ``models.py`` builds it.
 
-Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv 2212.09748), Sec. 3 and Fig. 3:
+Peebles & Xie 2023, "Scalable Diffusion Models with Transformers" (arXiv 2212.09748), Sec. 3 and Fig. 3::
 
     tokens   z_0 = PatchEmbed(x) + E_pos                      x: (N, C, H, W) -> (N, T, d), T = HW/p^2
     cond     c   = TimestepEmbedder(c_noise) + LabelEmbedder(y)                   (N, d)
@@ -21,7 +21,7 @@ channels on 4-channel latents), the time input is the real noise-level feature `
 (``count_parameters`` counts it as DiT's ``parameters()`` does), ``num_classes = 0`` builds an unconditional model, the
 grid may be rectangular, and CFG is not in the model (a generic guidance wrapper does it on all channels).
 
-Design space (paper Fig. 3 / Table 1), config fields ``conditioning``, ``norm`` and ``norm_placement``:
+Design space (paper Fig. 3 / Table 1), config fields ``conditioning``, ``norm`` and ``norm_placement``::
 
     adaLN-Zero (default)  as above: 6d modulation per block, gates a zero-initialised, final adaLN (2d)
     adaLN                 (b1, s1, b2, s2) = Linear(SiLU(c)) (4d outputs), no gates: z <- z + Attn(LN(z)(1+s1)+b1);

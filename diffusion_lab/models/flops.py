@@ -2,7 +2,7 @@ r"""Compute and size of a DiT: multiply-accumulates in the paper's convention, a
 
 The DiT paper's "Gflops" (Peebles & Xie 2023, Table 4) are multiply-accumulates (MACs) of one forward pass of one
 sample; real FLOPs are 2x (torch's ``FlopCounterMode`` counts 2 per MAC). With T tokens, width d, MLP width h = r d,
-patch p, C in / C' out channels and F timestep frequencies, every matmul of the forward pass costs
+patch p, C in / C' out channels and F timestep frequencies, every matmul of the forward pass costs::
 
     patch embedding      T p^2 C d
     timestep MLP         F d + d^2                         (per sample, not per token)

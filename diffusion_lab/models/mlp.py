@@ -44,7 +44,8 @@ class _ResBlock(nn.Module):
 class MLPScore(nn.Module):
     """Residual MLP network ``forward(x, c_noise, y=None) -> tensor shaped like x``.
 
-    Args:
+    Args::
+
         data_shape: shape of one sample (int D for vectors), e.g. 2 for the 2-D toy sets.
         hidden: width of the residual stream.
         depth: number of residual blocks.
@@ -52,6 +53,7 @@ class MLPScore(nn.Module):
             ``class_dropout_prob > 0`` (classifier-free guidance; ``y=None`` then means the null class).
         conditioning: "film" (scale and shift of the normalised stream) or "add" (additive bias in each block).
         expansion: inner width factor of each block.
+
     Attributes ``data_shape`` and ``num_classes`` are read by the training code.
     """
 
