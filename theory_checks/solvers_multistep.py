@@ -2,11 +2,13 @@
 identities between the multistep families.
 
 Two effects set the orders measured here (see diffusion_lab.samplers.multistep):
+
 * constant Adams-Bashforth weights (plms, pndm, ipndm) are exact only for steps uniform in sigma/alpha; on the
   log-SNR grid they leave a local error O(h^3) at every step: global order 2;
 * a lower-order warm-up (first step Euler) leaves a local error O(h^2 d eps/d lambda): the variable-weight
   methods (lms, deis) show their formula's order from t_max = 1 on VP, where eps barely moves over the first
   steps, and order 2 from t_max = 0.4, where it moves.
+
 Step counts are chosen where the slope between consecutive N has settled (checked down to N = 16 and up to
 N = 1024): N = 32..256 for the order-2 cases; N = 128..1024 for order 3 from t_max = 1 (at 32..256 it reads
 2.78, still rising); N = 64..512 from t_max = 0.4.

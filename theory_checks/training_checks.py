@@ -202,7 +202,7 @@ def cfg_residuals(n: int = 256, seed: int = 2) -> tuple[float, float, float]:
     """Classifier-free guidance on exact class conditionals (ring8 components as classes; Ho & Salimans 2022):
     (1) w = 0 returns the conditional field exactly (torch.equal on the guided eps in float64, batched pass);
     (2) w = -1 returns the unconditional field, and the guided score is (1+w) s(x|c) - w s(x), i.e.
-        grad log p_t(x|c)^gamma p_t(x)^(1-gamma), for w in {0.5, 3};
+    grad log p_t(x|c)^gamma p_t(x)^(1-gamma), for w in {0.5, 3};
     (3) guiding in x0 space (``cfg_from_fields`` of the exact fields) equals guiding eps (affine invariance).
     Returns (w=0 max abs difference, max relative error of (2), max relative error of (3))."""
     sch = S.VPLinear()
