@@ -337,6 +337,7 @@ def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: 
     ncol = len(times)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(2.4 * ncol + 1.2, 2.5 * len(rows)), squeeze=False,
                              sharex=True, sharey=True)
+    fig.subplots_adjust(hspace=0.45, wspace=0.12, right=0.9)  # before the colour bars take their room
     for ax in axes.ravel():
         ax.set_visible(False)
     for i, r in enumerate(rows):
@@ -350,16 +351,17 @@ def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: 
             ax.set_visible(True)
             im = ax.imshow(p["density"].T, origin="lower", extent=extent, cmap="magma", aspect="equal", norm=norm)
             ax.set_title(f"t = {p['t']:g}" + (f"\n{p['note']}" if p.get("note") else ""), fontsize=8)
-        for j in range(ncol):  # labels on the visible panels at the row's left and the column's bottom
-            ax = axes[i, j]
-            if ax.get_visible() and not any(axes[i, k].get_visible() for k in range(j)):
-                ax.set_ylabel(f"{r}\nx2", fontsize=8)
-            ax.tick_params(labelleft=True, labelbottom=True, labelsize=7)
-            if i == len(rows) - 1 or not axes[i + 1, j].get_visible():
-                ax.set_xlabel("x1", fontsize=8)
+        first = min(col[round(float(p["t"]), 12)] for p in mine)
+        axes[i, first].set_ylabel(f"{r}\nx2", fontsize=8)
+        for j in range(ncol):
+            axes[i, j].tick_params(labelleft=j == first, labelbottom=False, labelsize=7)
         cb = fig.colorbar(im, ax=list(axes[i, :]), fraction=0.025, pad=0.02)
         cb.set_label("density (sqrt scale)", fontsize=7)
         cb.ax.tick_params(labelsize=6)
+    for j in range(ncol):  # x ticks and label under the lowest panel of each column
+        low = max(i for i in range(len(rows)) if axes[i, j].get_visible())
+        axes[low, j].tick_params(labelbottom=True)
+        axes[low, j].set_xlabel("x1", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, path, dpi=110, layout=False)

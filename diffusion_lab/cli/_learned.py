@@ -31,8 +31,10 @@ def train_data_choices() -> list:
 
 
 def preview(field, meta: dict, n: int, seed: int, labels=None, w: float = 0.0, method: str = "dpmpp_2m",
-            steps: int = 25, final: str = "denoise", grid_kind: str = "logsnr"):
-    """Samples of a learned field from p_{t_max} (standard normal times sigma(t_max)), optionally with CFG."""
+            steps: int | None = 25, final: str = "denoise", grid_kind: str = "logsnr", nfe: int | None = None,
+            options: dict | None = None):
+    """Samples of a learned field from p_{t_max} (standard normal times sigma(t_max)), optionally with CFG: ``steps``
+    steps of ``method`` (or an NFE budget ``nfe``) with its ``options``."""
     import torch
 
     from ..guidance import classifier_free_guidance
@@ -46,7 +48,10 @@ def preview(field, meta: dict, n: int, seed: int, labels=None, w: float = 0.0, m
         field.model.labels = labels
         if w != 0.0:
             field = classifier_free_guidance(field, w, labels)
-    return sample(field, x, method, steps=steps, final=final, generator=g, grid_kind=grid_kind)
+    if nfe is not None:
+        steps = None
+    return sample(field, x, method, steps=steps, nfe=nfe, final=final, generator=g, grid_kind=grid_kind,
+                  **(options or {}))
 
 
 def save_preview(x, labels, meta: dict, path: str, title: str) -> None:

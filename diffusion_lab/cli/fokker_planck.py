@@ -20,7 +20,9 @@ def add_parser(sub):
             "drift -f x + (1+gamma^2)/2 g^2 s from the field's score on the grid. Finite volumes with "
             "Scharfetter-Gummel fluxes and zero-flux boundaries. Prints mass, min, L1/TV and KL(grid || exact) "
             "against the exact p_t per time and the exact mass outside the box; writes results.csv, "
-            "settings.json and fokker_planck.png to --out."
+            "settings.json and fokker_planck.png (2-D targets; or --format) to --out, which must be new or empty "
+            "unless --overwrite. The figure shows every run with time increasing to the right, one colour scale "
+            "and colour bar per row, and the generation run's final TV at t_min."
         ),
     )
     C.add_target_schedule(p)
@@ -33,8 +35,10 @@ def add_parser(sub):
     p.add_argument("--method", default="trbdf2", choices=[m for m in METHODS if m != "expm"],
                    help="time stepping (default trbdf2; the forward run uses the exact exponential where it can)")
     p.add_argument("--gamma", type=float, default=1.0, help="generation run: reverse SDE family gamma (default 1)")
-    C.add_out(p, "results/fokker_planck", help="output folder")
+    C.add_out(p, "results/fokker_planck")
     C.add_no_plot(p)
+    C.add_figure_options(p)
+    C.add_threads(p)
     p.set_defaults(func=run)
     return p
 
@@ -64,20 +68,25 @@ def _print_rows(fwd, gen, fwd_method, gamma) -> list:
     return rows
 
 
-def _heatmaps(args, target, schedule, grid, times, fwd, gen, L) -> None:
+def _heatmaps(args, target, schedule, grid, times, fwd, gen, L, path) -> None:
+    """Rows exact p_t, forward FP, generation at the report times (and t_min, where the generation run ends), with
+    the TV of each grid density to the exact one."""
     from ..fokker_planck import exact_density
-    from ..plots import fokker_planck_heatmaps
+    from ..plots import fokker_planck_heatmaps, style
 
-    panels = []
-    for t in times:
-        panels.append({"row": "exact p_t", "t": t, "density": exact_density(target, schedule, grid, t)})
-    for sol, name in ((fwd, "forward FP"), (gen, "generation")):
+    t_min = schedule.t_min
+    shown = sorted({*times, t_min})
+    panels = [{"row": "exact p_t", "t": t, "density": exact_density(target, schedule, grid, t)} for t in shown]
+    for sol, name, ts in ((fwd, "forward FP", times), (gen, "generation FP", shown)):
         for i, t in enumerate(sol.times):
-            if any(abs(t - u) < 1e-12 for u in times):
+            if any(abs(t - u) < 1e-12 for u in ts):
                 panels.append({"row": name, "t": float(t), "density": sol.densities[i],
-                               "note": f"TV {sol.tv[i]:.1e}"})
-    fokker_planck_heatmaps(panels, (-L, L, -L, L), os.path.join(args.out, "fokker_planck.png"),
-                           title=f"{args.target} / {args.schedule}: grid {args.n}^2")
+                               "note": f"TV {sol.tv[i]:.1e}" + (" (final)" if name.startswith("gen") and
+                                                                 abs(t - t_min) < 1e-12 else "")})
+    with style(dpi=args.dpi):
+        fokker_planck_heatmaps(panels, (-L, L, -L, L), path,
+                               title=f"{args.target} / {args.schedule}: grid {args.n}^2, generation with gamma = "
+                                     f"{args.gamma:g}")
 
 
 def run(args, parser) -> int:
@@ -87,7 +96,8 @@ def run(args, parser) -> int:
     from ..schedules import get_schedule
     from ..targets import get_target
 
-    torch.set_num_threads(1)
+    C.set_threads(args, parser)
+    C.check_figure_options(args, parser)
     if args.n < 8:
         parser.error(f"--n must be >= 8, got {args.n}")
     if args.steps < 1:
@@ -103,6 +113,7 @@ def run(args, parser) -> int:
     if not L > 0:
         parser.error(f"--box must be > 0, got {L}")
     times = _report_times(args, parser, schedule)
+    C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("fokker_planck")])
     t_min, t_max = schedule.t_min, schedule.t_max
     grid = Grid.box(-L, L, args.n, target.dim)
     field = target.field(schedule)
@@ -121,7 +132,6 @@ def run(args, parser) -> int:
     worst = max(r["mass_outside"] for r in rows)
     if worst > 1e-8:
         print(f"note: the exact density has mass {worst:.1e} outside the box: widen --box to reduce truncation")
-    os.makedirs(args.out, exist_ok=True)
     C.write_csv(os.path.join(args.out, "results.csv"), rows)
     settings = {
         "command": "diffusion-lab fokker-planck", "target": target.settings(), "schedule": schedule.settings(),
@@ -132,7 +142,8 @@ def run(args, parser) -> int:
     C.write_json(os.path.join(args.out, "settings.json"), settings)
     written = ["results.csv", "settings.json"]
     if not args.no_plot and target.dim == 2:
-        _heatmaps(args, target, schedule, grid, times, fwd, gen, L)
-        written.append("fokker_planck.png")
-    print(f"wrote {', '.join(written)} to {args.out} ({total:.1f} s)")
+        name = f"fokker_planck.{args.format}"
+        _heatmaps(args, target, schedule, grid, times, fwd, gen, L, os.path.join(args.out, name))
+        written.append(name)
+    C.wrote(written, args.out, f"({total:.1f} s)")
     return 0

@@ -25,9 +25,12 @@ def add_parser(sub):
             "Train a network by denoising score matching / flow matching (diffusion_lab.training): AdamW, EMA of the "
             "weights, time sampler and loss weighting of choice, EDM preconditioning with --prediction edm. Writes "
             "checkpoint.pt (model, EMA, optimiser, RNG states, data position; loads with torch.load(weights_only=True)), "
-            "train_log.csv, settings.json, loss.png and samples.png (EMA weights, dpmpp_2m, 25 steps) to --out. "
-            "--resume continues from --out/checkpoint.pt to --steps; on CPU the result is bitwise that of one "
-            "uninterrupted run. Multi-GPU: launch with torchrun --nproc_per_node N -m diffusion_lab.cli train ..."
+            "train_log.csv, settings.json, loss.png and samples.png (EMA weights, dpmpp_2m, 25 steps; or --format) to "
+            "--out, which must be new or empty unless --overwrite. On an exact target every log line (and "
+            "train_log.csv) also reports the MMD^2 of EMA samples to the exact law, with its standard error "
+            "(--eval-n). --resume continues from --out/checkpoint.pt to --steps; on CPU the result is bitwise that "
+            "of one uninterrupted run. Multi-GPU: launch with torchrun --nproc_per_node N -m diffusion_lab.cli "
+            "train ..."
         ),
     )
     p.add_argument("--data", default="ring8", metavar="DATA", help=f"training data: {TRAIN_DATA_HELP} (default ring8)")
@@ -55,10 +58,15 @@ def add_parser(sub):
     C.add_seed(p)
     p.add_argument("--log-every", type=int, default=100, help="log interval in steps (default 100)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint interval in steps (default 1000)")
-    C.add_threads(p, "torch intra-op threads on CPU (default 1: small tensors, OpenMP wake-ups cost more than they save)")
+    p.add_argument("--eval-n", type=int, default=1000, metavar="N",
+                   help="exact targets: EMA samples (dpmpp_2m, 25 steps) scored by MMD^2 to the exact law at each log "
+                        "step (default 1000; 0: off)")
+    C.add_threads(p)
     C.add_out(p, "results/train")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out/checkpoint.pt (the folder's other files of this command are rewritten)")
     C.add_no_plot(p, "skip loss.png and samples.png")
+    C.add_figure_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -70,6 +78,9 @@ def _check_options(args, parser) -> None:
     for name in ("steps", "batch", "log_every", "n_train", "hidden", "depth"):
         C.at_least(parser, f"--{name.replace('_', '-')}", getattr(args, name), 1)
     C.at_least(parser, "--ckpt-every", args.ckpt_every, 0)
+    C.at_least(parser, "--eval-n", args.eval_n, 0)
+    if args.eval_n == 1:
+        parser.error("--eval-n must be 0 (off) or >= 2, got 1")
     if args.data not in train_data_choices():
         parser.error(f"unknown --data {args.data!r}; choose one of {train_data_choices()}")
     if args.model not in model_names():
@@ -145,11 +156,62 @@ def _resume(args, parser, trainer, ckpt, meta, device) -> None:
     trainer.meta = meta
 
 
+class _ExactScore:
+    """MMD^2 of the EMA network's samples to the exact law of an exact-target training set (``metrics.mmd2_exact``:
+    closed-form law terms, so its mean is 0 for exact samples), at every log step."""
+
+    def __init__(self, args, meta, schedule):
+        from ..metrics import mmd_bandwidth
+        from ..targets import get_target
+
+        self.law = get_target(meta["data"])
+        self.meta, self.schedule, self.n, self.seed = meta, schedule, args.eval_n, args.seed
+        self.bandwidth = mmd_bandwidth(self.law)
+        self.labels = None
+        if meta["num_classes"]:  # labels drawn from the mixture weights: the class-averaged law is the target
+            import torch
+
+            _, self.labels = self.law.sample(self.n, torch.Generator().manual_seed(args.seed + 1), return_labels=True)
+
+    def __call__(self, trainer) -> tuple[float, float]:
+        from .. import training as T
+        from ..metrics import mmd2_exact
+
+        module = trainer.ema.module
+        mode = module.training
+        module.eval()
+        try:
+            field = T.learned_field(module, self.schedule, self.meta["prediction"], sigma_data=self.meta["sigma_data"])
+            res = preview(field, self.meta, self.n, self.seed + 2, self.labels)
+        finally:
+            module.train(mode)
+        m = mmd2_exact(res.x.cpu(), self.law, self.bandwidth)
+        return m.mmd2, m.se
+
+
 def _log_line(rec) -> None:
-    """One training-log line on stdout when stderr is not a terminal (a terminal gets the progress bar instead)."""
+    """One training-log line: on stdout when stderr is not a terminal; on a terminal (with the progress bar) only
+    lines that carry the distance to the exact law."""
+    mmd = f"  MMD^2 to exact law {rec['mmd2']:.2e} +- {rec['mmd2_se']:.1e}" if "mmd2" in rec else ""
+    line = (f"step {rec['step']:6d}  loss {rec['loss']:.5f}  lr {rec['lr']:.2e}  "
+            f"{rec['samples_per_s']:,.0f} samples/s  {rec['seconds']:.1f} s{mmd}")
     if not sys.stderr.isatty():
-        print(f"step {rec['step']:6d}  loss {rec['loss']:.5f}  lr {rec['lr']:.2e}  "
-              f"{rec['samples_per_s']:,.0f} samples/s  {rec['seconds']:.1f} s")
+        print(line, flush=True)
+    elif mmd:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+
+
+def _callback(score, trainer):
+    """The per-log-step callback: the exact-law distance (when ``score``) added to the record, then its line."""
+
+    def callback(rec):
+        if score is not None:
+            rec["mmd2"], rec["mmd2_se"] = score(trainer)
+        _log_line(rec)
+
+    return callback
 
 
 def _write_log_and_settings(args, trainer, meta, objective, total) -> list:
@@ -173,10 +235,11 @@ def _write_figures(args, trainer, meta, schedule, y) -> list:
     from ..plots import loss_curve
 
     written = []
+    loss_name, samples_name = f"loss.{args.format}", f"samples.{args.format}"
     if trainer.history:
-        loss_curve(trainer.history, os.path.join(args.out, "loss.png"),
+        loss_curve(trainer.history, os.path.join(args.out, loss_name),
                    title=f"{args.model} on {args.data} ({args.schedule}, {args.prediction})")
-        written.append("loss.png")
+        written.append(loss_name)
     field = T.learned_field(trainer.ema.module.eval(), schedule, args.prediction, sigma_data=meta["sigma_data"])
     data_shape = meta["data_shape"]
     labels = None
@@ -184,9 +247,9 @@ def _write_figures(args, trainer, meta, schedule, y) -> list:
         labels = torch.arange(meta["num_classes"]).repeat_interleave(10 if len(data_shape) == 3 else 200)
     n = len(labels) if labels is not None else (2000 if len(data_shape) == 1 else 80)
     res = preview(field, meta, n, args.seed, labels)
-    save_preview(res.x, labels, meta, os.path.join(args.out, "samples.png"),
+    save_preview(res.x, labels, meta, os.path.join(args.out, samples_name),
                  f"EMA samples, dpmpp_2m {res.nfe} NFE, step {trainer.step}")
-    written.append("samples.png")
+    written.append(samples_name)
     return written
 
 
@@ -198,6 +261,7 @@ def run(args, parser) -> int:
 
     _check_options(args, parser)
     C.set_threads(args, parser)
+    C.check_figure_options(args, parser)
     device = C.choose_device(args, parser)
     rank, world, dist_device = T.init_distributed()
     if world > 1:
@@ -225,21 +289,29 @@ def run(args, parser) -> int:
         _resume(args, parser, trainer, ckpt, meta, device)
     main_rank = rank == 0
     if main_rank:
-        os.makedirs(args.out, exist_ok=True)
+        C.prepare_out(args, parser, ["checkpoint.pt", "checkpoint.pt.tmp", "train_log.csv", "settings.json",
+                                     *C.figure_names("loss", "samples")], keep=("checkpoint.pt",) if args.resume else ())
         n_par = sum(p.numel() for p in net.parameters())
         print(f"train {args.model} ({n_par:,} parameters) on {data_desc}; schedule {args.schedule}, prediction "
               f"{args.prediction}, weighting {args.weighting}, times {args.time_sampler}, sigma_data {sigma_data:g}; "
               f"device {device}, world size {world}; from step {trainer.step} to {args.steps}")
+    from ..targets import TARGETS
+
+    score = _ExactScore(args, meta, schedule) if (args.eval_n and args.data in TARGETS and main_rank) else None
     t0 = time.perf_counter()
-    trainer.run(args.steps, callback=_log_line, log_every=args.log_every, ckpt_every=args.ckpt_every,
+    trainer.run(args.steps, callback=_callback(score, trainer), log_every=args.log_every, ckpt_every=args.ckpt_every,
                 on_checkpoint=lambda tr: T.save_checkpoint(ckpt, tr.state_dict()), progress=sys.stderr.isatty())
     total = time.perf_counter() - t0
     if not main_rank:
         return 0
     written = ["checkpoint.pt", *_write_log_and_settings(args, trainer, meta, objective, total)]
     if not args.no_plot:
-        written += _write_figures(args, trainer, meta, schedule, y)
+        from ..plots import style
+
+        with style(dpi=args.dpi):
+            written += _write_figures(args, trainer, meta, schedule, y)
     last = trainer.history[-1] if trainer.history else {}
-    print(f"step {trainer.step}: loss {last.get('loss', float('nan')):.5f}; wrote {', '.join(written)} to {args.out} "
-          f"({total:.1f} s training)")
+    mmd = f", MMD^2 to the exact law {last['mmd2']:.2e} +- {last['mmd2_se']:.1e}" if "mmd2" in last else ""
+    print(f"step {trainer.step}: loss {last.get('loss', float('nan')):.5f}{mmd} ({total:.1f} s training)")
+    C.wrote(written, args.out)
     return 0
