@@ -34,18 +34,24 @@ def _maxrel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+def closed_form_predictions(x0, eps, a, s, da, ds) -> dict:
+    """The five prediction targets written from their definitions (independently of ``param``):
+    eps, x0, score = -eps/sigma, v = alpha eps - sigma x0 (Salimans & Ho 2022), velocity u = alpha' x0 + sigma' eps."""
+    return {"eps": eps, "x0": x0, "score": -eps / s, "v": a * eps - s * x0, "velocity": da * x0 + ds * eps}
+
+
 def roundtrip_residual(schedule: Schedule, t, x0, eps) -> float:
-    """With x = alpha x0 + sigma eps, every prediction type computed from (x0, eps) converts into every other
-    one exactly, and convert(convert(p, a -> b), b -> a) = p (x = alpha x0 + sigma eps; v only on VP schedules)."""
+    """With x = alpha x0 + sigma eps, ``param.from_x0_eps`` gives each prediction type's closed form (eps, x0,
+    score = -eps/sigma, v = alpha eps - sigma x0, u = alpha' x0 + sigma' eps, written in the check), and
+    ``param.convert`` maps the closed form of every type to the closed form of every other one (v only on VP
+    schedules). Max relative error."""
     kinds = [k for k in param.PREDICTIONS if k != "v" or schedule.variance_preserving]
     a, s, da, ds = _coeffs(schedule, t, x0)
     x = a * x0 + s * eps
-    preds = {k: param.from_x0_eps(k, x0, eps, a, s, da, ds) for k in kinds}
-    worst = 0.0
+    closed = closed_form_predictions(x0, eps, a, s, da, ds)
+    worst = max(_maxrel(param.from_x0_eps(k, x0, eps, a, s, da, ds), closed[k]) for k in kinds)
     for src, dst in itertools.permutations(kinds, 2):
-        q = param.convert(preds[src], src, dst, x, a, s, da, ds)
-        back = param.convert(q, dst, src, x, a, s, da, ds)
-        worst = max(worst, _maxrel(q, preds[dst]), _maxrel(back, preds[src]))
+        worst = max(worst, _maxrel(param.convert(closed[src], src, dst, x, a, s, da, ds), closed[dst]))
     return worst
 
 
@@ -167,7 +173,8 @@ def _roundtrip(s):
 
 register_many(
     [(f"B.param_roundtrip[{n}]", (lambda s=s: _roundtrip(s))) for n, s in DEFAULT_SCHEDULES.items()],
-    doc=roundtrip_residual.__doc__, area="parameterisation", kind="exact", tol=1e-10, case="all ordered pairs of eps/x0/v/score/velocity, 16 (x0, eps, t) with t from t_min to t_max",
+    doc=roundtrip_residual.__doc__, area="parameterisation", kind="exact", tol=1e-10, case="closed forms of eps/x0/v/score/velocity and all ordered conversions between them, 16 (x0, eps, t) "
+         "with t from t_min to t_max",
     reference="Ho et al. 2020; Salimans & Ho 2022; Karras et al. 2022 (prediction types)",
 )
 
