@@ -216,3 +216,26 @@ def test_memory_estimate_and_refusal():
     msg = str(e.value)
     assert "\n" not in msg and "100000x100000" in msg and "GiB" in msg
     assert check_memory((128,) * 3, "split", limit=8 << 30) < 8 << 30
+
+
+def test_cli_refuses_a_grid_beyond_memory(tmp_path, capsys):
+    from diffusion_lab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["fokker-planck", "--n", "100000", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "100000x100000" in err and "GiB" in err
+
+
+def test_exact_density_in_chunks_matches_points():
+    from diffusion_lab.fokker_planck import exact_density
+    from diffusion_lab.fokker_planck.grid import gauss_legendre_cell_points
+
+    g = Grid.box(-3, 3, 12, 3)
+    pts, w = gauss_legendre_cell_points(g, 3)
+    sub, _ = gauss_legendre_cell_points(g, 3, cells=slice(100, 300))
+    np.testing.assert_array_equal(pts.reshape(g.size, -1, 3)[100:300].reshape(-1, 3), sub)
+    tg = Gaussian([0.2, -0.1, 0.3], 0.5)
+    # 3-node Gauss-Legendre per axis: relative error O((dx/s)^6 / 2^6 6!) ~ 1e-4 at dx = 0.5, s^2 = 0.5
+    np.testing.assert_allclose(exact_density(tg, None, g, 0.0), gaussian_density(g, [0.2, -0.1, 0.3], 0.5),
+                               rtol=5e-4, atol=1e-8)

@@ -92,7 +92,7 @@ def _heatmaps(args, target, schedule, grid, times, fwd, gen, L, path) -> None:
 def run(args, parser) -> int:
     import torch
 
-    from ..fokker_planck import Grid, schedule_ratio, solve_forward, solve_reverse
+    from ..fokker_planck import Grid, check_memory, schedule_ratio, solve_forward, solve_reverse
     from ..schedules import get_schedule
     from ..targets import get_target
 
@@ -107,8 +107,10 @@ def run(args, parser) -> int:
     target, schedule = get_target(args.target), get_schedule(args.schedule)
     if target.dim > 3:
         parser.error(f"target {args.target!r} has dimension {target.dim}; the grid solver handles d <= 3")
-    if target.dim == 3 and args.n > 48:
-        parser.error(f"--n {args.n} gives {args.n ** 3} cells in 3-D; use --n <= 48")
+    try:  # refuse before allocating: estimated peak memory of both runs against half the physical memory
+        check_memory((args.n,) * target.dim, args.method, n_times=2 * len(args.times or [0] * 4) + 4)
+    except MemoryError as e:
+        parser.error(str(e))
     L = args.box if args.box is not None else (8.0 if target.dim == 1 else 6.0)
     if not L > 0:
         parser.error(f"--box must be > 0, got {L}")

@@ -49,10 +49,14 @@ def log_exact_density(target, schedule, grid: Grid, t: float, kind: str = "cell"
         return _log_prob(target, schedule, grid.points(), t).reshape(grid.shape)
     if kind != "cell":
         raise ValueError(f"kind must be 'cell' or 'point', got {kind!r}")
-    pts, w = gauss_legendre_cell_points(grid, order)
-    lp = _log_prob(target, schedule, pts, t).reshape(grid.size, -1) + np.log(w)[None, :]
-    m = lp.max(axis=1, keepdims=True)
-    return (m[:, 0] + np.log(np.exp(lp - m).sum(axis=1))).reshape(grid.shape)
+    out = np.empty(grid.size)
+    cells = max(1, _CHUNK // order ** grid.dim)  # cells per chunk: O(_CHUNK) quadrature points in memory
+    for i in range(0, grid.size, cells):
+        pts, w = gauss_legendre_cell_points(grid, order, cells=slice(i, i + cells))
+        lp = _log_prob(target, schedule, pts, t).reshape(-1, w.size) + np.log(w)[None, :]
+        m = lp.max(axis=1, keepdims=True)
+        out[i:i + cells] = m[:, 0] + np.log(np.exp(lp - m).sum(axis=1))
+    return out.reshape(grid.shape)
 
 
 def exact_density(target, schedule, grid: Grid, t: float, kind: str = "cell", order: int = 3) -> np.ndarray:

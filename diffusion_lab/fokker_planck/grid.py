@@ -125,17 +125,22 @@ class Grid:
         return {"lo": list(self.lo), "hi": list(self.hi), "n": list(self.n), "dx": list(self.dx)}
 
 
-def gauss_legendre_cell_points(grid: Grid, order: int = 3):
+def gauss_legendre_cell_points(grid: Grid, order: int = 3, cells: slice | None = None):
     """Tensor Gauss-Legendre nodes inside every cell: (points (N * order^d, d), weights (order^d,)).
 
     Points are grouped per cell (cell-major, C order), weights sum to 1, so the cell average of a smooth u is
-    sum_q w_q u(x_{j,q}) + O(dx^{2 order}).
+    sum_q w_q u(x_{j,q}) + O(dx^{2 order}). ``cells`` (a slice of the flat C-order cell index) restricts the
+    points to those cells, so large grids can be processed in chunks.
     """
     z, w = np.polynomial.legendre.leggauss(order)
     z, w = 0.5 * z, 0.5 * w  # nodes on [-1/2, 1/2], weights summing to 1
     d = grid.dim
     offs = np.stack([m.reshape(-1) for m in np.meshgrid(*([z] * d), indexing="ij")], axis=1)  # (q, d)
     wq = np.prod(np.stack([m.reshape(-1) for m in np.meshgrid(*([w] * d), indexing="ij")], axis=1), axis=1)
-    centres = grid.points()  # (N, d)
+    if cells is None:
+        centres = grid.points()  # (N, d)
+    else:
+        idx = np.arange(grid.size)[cells]
+        centres = np.stack([grid.centres(a)[i] for a, i in enumerate(np.unravel_index(idx, grid.shape))], axis=1)
     pts = centres[:, None, :] + offs[None, :, :] * np.asarray(grid.dx)[None, None, :]
     return pts.reshape(-1, d), wq
