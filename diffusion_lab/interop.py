@@ -50,7 +50,7 @@ from .schedules import EDM, DDPMDiscrete, Schedule
 __all__ = [
     "k_diffusion_sampling", "DiscreteVP", "diffusers_alphas_cumprod", "schedule_from_diffusers", "PREDICTION_TYPES",
     "timestep_of_t", "t_of_timestep", "DiffusersAdapter", "FieldAsDiffusers", "diffusers_loop", "from_diffusers", "KDenoiserModel", "from_k_diffusion",
-    "k_diffusion_sampler", "k_diffusion_samplers",
+    "k_diffusion_sampler", "k_diffusion_samplers", "load_dit_checkpoint", "dit_field", "load_vae", "decode_latents",
 ]
 
 _K_SAMPLING = None
@@ -334,10 +334,13 @@ class DiffusersAdapter:
         first dimension is the batch size are used as they are.
     learn_sigma : bool or None
         None: split when the output has 2C channels for C input channels.
+    label_key : str
+        The keyword under which a call's ``y`` reaches the network ("class_labels" for diffusers, "y" for
+        ``diffusion_lab.models.DiT``).
     """
 
     def __init__(self, net: Callable, schedule: DDPMDiscrete, model_kwargs: dict | None = None,
-                 learn_sigma: bool | None = None):
+                 learn_sigma: bool | None = None, label_key: str = "class_labels"):
         if not callable(net):
             raise TypeError(f"net must be callable (sample, timestep, ...), got {type(net).__name__}")
         if not isinstance(schedule, DDPMDiscrete):
@@ -345,7 +348,16 @@ class DiffusersAdapter:
         self.net, self.schedule = net, schedule
         self.model_kwargs = dict(model_kwargs or {})
         self.learn_sigma = learn_sigma
+        self.label_key = label_key
         self.calls = 0
+
+    @property
+    def num_classes(self) -> int:
+        """The network's number of classes (its null class id for classifier-free guidance), 0 if unknown."""
+        n = getattr(self.net, "num_classes", None)
+        if n is None:
+            n = getattr(getattr(self.net, "config", None), "num_embeds_ada_norm", None)
+        return int(n or 0)
 
     def __repr__(self):
         return f"DiffusersAdapter({type(self.net).__name__}, N={self.schedule.n_steps})"
@@ -357,11 +369,14 @@ class DiffusersAdapter:
                 return p.dtype
         return x.dtype
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """The prediction at (x, t); ``y`` (class labels) overrides the stored labels (``guidance.CFGModel`` passes
+        [c; null] this way)."""
         k = timestep_of_t(self.schedule, torch.as_tensor(t, dtype=torch.float64))
         if k.ndim == 0:
             k = k.expand(x.shape[0])  # one timestep per sample, as diffusers' pipelines pass them
-        out = _output_tensor(self.net(x.to(self._dtype(x)), k.to(x.device), **self.model_kwargs))
+        kwargs = self.model_kwargs if y is None else {**self.model_kwargs, self.label_key: y}
+        out = _output_tensor(self.net(x.to(self._dtype(x)), k.to(x.device), **kwargs))
         self.calls += 1
         c = x.shape[1]
         split = self.learn_sigma
@@ -416,6 +431,107 @@ def from_diffusers(model: Callable, scheduler_or_config=None, *, prediction_type
     return VelocityField(schedule, wrapped, PREDICTION_TYPES[prediction_type], data_shape=data_shape,
                          check_finite=check_finite)
 
+
+
+
+# ================================================================================================
+# DiT checkpoints and latent decoding (for ``diffusion-lab sample --checkpoint``)
+
+
+def load_dit_checkpoint(path, *, map_location="cpu", **config_kw):
+    """Our DiT with the weights of a checkpoint file (``models.convert``): a reference-layout ``.pt``
+    (facebookresearch/DiT, e.g. ``DiT-XL-2-256x256.pt``: a plain state dict or the training script's {"ema", ...}),
+    or a diffusers directory (``DiTTransformer2DModel.save_pretrained`` output, or a pipeline directory with a
+    ``transformer`` subfolder; needs diffusers). Nothing is downloaded: ``path`` must exist.
+
+    Parameters
+    ----------
+    path : str or Path
+    map_location : passed to ``torch.load``
+    **config_kw : passed to ``convert.config_from_reference`` (``num_heads=`` for non-paper widths, ...)
+
+    Returns
+    -------
+    diffusion_lab.models.DiT
+        eval mode, the checkpoint's dtype; learn_sigma checkpoints keep their 2C output channels.
+    """
+    from .models import convert
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no checkpoint at {p} (weights are never downloaded; give a local file)")
+    if p.is_dir():
+        from diffusers import DiTTransformer2DModel
+
+        sub = "transformer" if (p / "transformer").is_dir() and not (p / "config.json").exists() else None
+        net = DiTTransformer2DModel.from_pretrained(str(p), subfolder=sub, local_files_only=True)
+        return convert.dit_from_diffusers(net)
+    state = torch.load(p, map_location=map_location, weights_only=True)
+    return convert.dit_from_reference(state, **config_kw)
+
+
+def dit_field(model, labels=None, *, schedule: DDPMDiscrete | None = None, prediction: str = "eps",
+              check_finite: bool = True) -> VelocityField:
+    """The field of a DiT trained as the reference one: eps prediction on the discrete linear schedule of
+    N = 1000 steps (betas 1e-4 .. 0.02, ``DDPMDiscrete()``), the network fed the DDPM step k = N t - 1, and the
+    variance channels of a learn_sigma model dropped.
+
+    Parameters
+    ----------
+    model : diffusion_lab.models.DiT (e.g. from ``load_dit_checkpoint``) or a diffusers DiTTransformer2DModel
+    labels : int or (batch,) tensor, optional
+        Class labels; ``guidance.classifier_free_guidance(field, w, labels)`` guides it (null id = num_classes).
+    schedule : DDPMDiscrete, optional
+        Default ``DDPMDiscrete()``.
+    prediction : str
+        The package's prediction name of the network output (the reference DiT: "eps").
+
+    Returns
+    -------
+    VelocityField
+    """
+    schedule = schedule if schedule is not None else DDPMDiscrete()
+    key = "y" if not hasattr(model, "config") or not hasattr(model.config, "num_embeds_ada_norm") else "class_labels"
+    kwargs = {}
+    if labels is not None:
+        kwargs[key] = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
+    adapter = DiffusersAdapter(model, schedule, kwargs, learn_sigma=None, label_key=key)
+    return VelocityField(schedule, adapter, prediction, check_finite=check_finite)
+
+
+def load_vae(path):
+    """diffusers' ``AutoencoderKL`` from a local directory (e.g. a copy of stabilityai/sd-vae-ft-ema), eval mode.
+    Nothing is downloaded."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no VAE at {p} (weights are never downloaded; give a local directory)")
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(p), local_files_only=True).eval()
+
+
+def decode_latents(vae, latents: torch.Tensor, scaling_factor: float | None = None) -> torch.Tensor:
+    r"""Images in [-1, 1] from latents: ``vae.decode(z / s).sample`` with s the VAE's ``scaling_factor``
+    (0.18215 for the Stable Diffusion VAE the DiT latents use; Rombach et al. 2022).
+
+    Parameters
+    ----------
+    vae : diffusers AutoencoderKL
+    latents : (N, 4, H/8, W/8) tensor
+    scaling_factor : float, optional
+        Default the VAE config's, else 0.18215.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, 3, H, W), clamped to [-1, 1], in the latents' dtype.
+    """
+    s = scaling_factor if scaling_factor is not None else getattr(getattr(vae, "config", None), "scaling_factor",
+                                                                   0.18215)
+    dtype = next(vae.parameters()).dtype
+    with torch.no_grad():
+        img = vae.decode(latents.to(dtype) / float(s)).sample
+    return img.clamp(-1.0, 1.0).to(latents.dtype)
 
 
 class FieldAsDiffusers:

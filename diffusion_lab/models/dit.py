@@ -17,7 +17,8 @@ Sec. 3.2).
 
 Differences from the reference code: no ``learn_sigma`` (``out_channels`` is free; the paper's 8 = eps + variance
 channels on 4-channel latents), the time input is the real noise-level feature ``c_noise`` (see
-``embeddings.DEFAULT_TIME_SCALE``), the fixed position embedding is a buffer rather than a frozen Parameter
+``embeddings.DEFAULT_TIME_SCALE``; ``time_scale=1`` feeds DDPM step indices as the reference code does, which is
+how checkpoints converted by ``models.convert`` are configured), the fixed position embedding is a buffer rather than a frozen Parameter
 (``count_parameters`` counts it as DiT's ``parameters()`` does), ``num_classes = 0`` builds an unconditional model, the
 grid may be rectangular, and CFG is not in the model (a generic guidance wrapper does it on all channels).
 
@@ -95,6 +96,8 @@ class DiTConfig:
     qkv_bias: bool = True
     frequency_embedding_size: int = 256      # sinusoidal features fed to the timestep MLP
     time_scale: float = DEFAULT_TIME_SCALE   # c_noise multiplier before the frequencies
+    frequency_shift: float = 0.0             # omega_i = 10000^(-i/(half - shift)); diffusers' DiT port: 1
+    mlp_norm_eps: float | None = None        # eps of the norm before the MLP; None -> norm_eps (diffusers' DiT: 1e-5)
     grad_checkpointing: bool = False         # runtime: torch.utils.checkpoint around each block
     autocast: str | None = None              # runtime: None, "bf16" or "fp16" autocast inside forward
 
@@ -328,7 +331,8 @@ class DiTBlock(nn.Module):
         affine = config.norm_affine
         self.norm1 = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=affine)
         self.attn = Attention(d, config.num_heads, qkv_bias=config.qkv_bias)
-        self.norm2 = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=affine)
+        eps2 = config.norm_eps if config.mlp_norm_eps is None else config.mlp_norm_eps
+        self.norm2 = make_norm(config.norm, d, eps=eps2, elementwise_affine=affine)
         self.mlp = Mlp(d, config.mlp_hidden)
         if self.conditioning == "cross-attention":
             self.norm_cross = make_norm(config.norm, d, eps=config.norm_eps, elementwise_affine=affine)
@@ -410,7 +414,8 @@ class DiT(nn.Module):
         self.autocast_dtype = AUTOCAST_DTYPES[config.autocast]
 
         self.x_embedder = nn.Conv2d(config.in_channels, d, kernel_size=p, stride=p, bias=True)  # timm PatchEmbed
-        self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size, time_scale=config.time_scale)
+        self.t_embedder = TimestepEmbedder(d, config.frequency_embedding_size, time_scale=config.time_scale,
+                                           freq_shift=config.frequency_shift)
         self.y_embedder = (LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
                            if config.num_classes > 0 else None)
         self.register_buffer("pos_embed", torch.zeros(1, config.num_patches, d), persistent=False)

@@ -35,11 +35,14 @@ __all__ = [
 DEFAULT_TIME_SCALE = 1000.0 / 6.0  # maps c_noise in [-3, 3] onto a span of 1000, DiT's integer-step range
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, time_scale: float = 1.0):
-    r"""Sinusoidal features [cos(s t omega_i) | sin(s t omega_i)], omega_i = max_period^(-i/half), i < half = dim//2.
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, time_scale: float = 1.0,
+                       freq_shift: float = 0.0):
+    r"""Sinusoidal features [cos(s t omega_i) | sin(s t omega_i)], omega_i = max_period^(-i/(half - shift)),
+    i < half = dim//2.
 
     GLIDE / DiT ``TimestepEmbedder.timestep_embedding`` (t may be fractional or negative), with an input scale
-    s = ``time_scale``. An odd ``dim`` gets one zero column appended, as in DiT.
+    s = ``time_scale``. An odd ``dim`` gets one zero column appended, as in DiT. ``freq_shift`` = 0 is DiT's
+    spacing; diffusers' DiT port uses shift 1 (its ``downscale_freq_shift``).
 
     Args:
         t: (B,) real tensor.
@@ -50,7 +53,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, t
         raise ValueError(f"t must be a (batch,) tensor, got shape {tuple(t.shape)}")
     dtype = t.dtype if t.is_floating_point() else torch.float32
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    if half - freq_shift <= 0:
+        raise ValueError(f"freq_shift={freq_shift} must be below half the embedding size {half}")
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=t.device)
+                      / (half - freq_shift))
     args = (t.to(dtype)[:, None] * time_scale) * freqs.to(dtype)[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -63,9 +69,10 @@ class TimestepEmbedder(nn.Module):
     then Linear -> SiLU -> Linear (Peebles & Xie 2023; weights N(0, 0.02^2) as in DiT's ``initialize_weights``)."""
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, max_period: float = 10000.0,
-                 time_scale: float = DEFAULT_TIME_SCALE):
+                 time_scale: float = DEFAULT_TIME_SCALE, freq_shift: float = 0.0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.max_period = max_period
         self.time_scale = time_scale
         self.mlp = nn.Sequential(
@@ -81,7 +88,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         w = self.mlp[0].weight
-        t_freq = timestep_embedding(t, self.frequency_embedding_size, self.max_period, self.time_scale)
+        t_freq = timestep_embedding(t, self.frequency_embedding_size, self.max_period, self.time_scale,
+                                    self.freq_shift)
         return self.mlp(t_freq.to(w.dtype))
 
 

@@ -1,0 +1,172 @@
+"""DiT weights from the reference layout and from diffusers' DiTTransformer2DModel, into our DiT and back.
+
+Tolerance 1e-5 (outputs of size ~1): diffusers computes the timestep features in float32 whatever the model dtype
+(``get_timestep_embedding`` casts t to float32), ours in the input's dtype; the arguments t omega_i reach ~1000 rad,
+where a float32 ulp is 6e-5 rad, which moves the output by ~1e-6 (measured 7e-7 in float64, 1.3e-6 in float32).
+"""
+import pytest
+import torch
+
+from diffusion_lab import interop as I
+from diffusion_lab.models import DiT, get_config
+from diffusion_lab.models import convert as C
+
+diffusers = pytest.importorskip("diffusers")
+
+TOL = 1e-5
+
+
+def _tie_embedders(net):
+    """diffusers gives every block its own randomly initialised condition embedder; a converted reference
+    checkpoint has identical copies. Copy block 0's into the others."""
+    sd = net.state_dict()
+    for k in list(sd):
+        if k.startswith("transformer_blocks.0.norm1.emb."):
+            for i in range(1, net.config.num_layers):
+                sd[k.replace("transformer_blocks.0.", f"transformer_blocks.{i}.")] = sd[k].clone()
+    net.load_state_dict(sd)
+    return net
+
+
+@pytest.fixture(scope="module")
+def ddit():
+    torch.manual_seed(3)
+    net = diffusers.DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=2,
+                                          out_channels=4, num_layers=2, sample_size=8, patch_size=2,
+                                          num_embeds_ada_norm=10)
+    return _tie_embedders(net).eval()
+
+
+def _inputs(n=5, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 8, 8, generator=g, dtype=dtype)
+    t = torch.rand(n, generator=g, dtype=torch.float64) * 999  # fractional timesteps too
+    t[:2] = torch.tensor([0.0, 999.0])
+    y = torch.randint(0, 10, (n,), generator=g)
+    return x, t, y
+
+
+def _max_diff(ours, net, dtype, seed=0):
+    x, t, y = _inputs(dtype=dtype, seed=seed)
+    with torch.no_grad():
+        a = net(x, timestep=t, class_labels=y).sample
+        b = ours(x, t.to(dtype), y)
+    assert float(a.abs().max()) > 0.1  # a random diffusers DiT is not zero-initialised: the check has teeth
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_diffusers_dit_converted_gives_the_same_output(ddit, dtype):
+    net = ddit.to(dtype)
+    ours = C.dit_from_diffusers(net)
+    assert ours.config.frequency_shift == 1.0 and ours.config.mlp_norm_eps == 1e-5 and ours.out_channels == 4
+    assert next(ours.parameters()).dtype == dtype
+    for seed in range(3):
+        assert _max_diff(ours, net, dtype, seed) < TOL
+    ddit.float()
+
+
+def test_broken_head_split_or_qkv_order_fails(ddit):
+    """The check guards the attention head split and the q/k/v row order: a model with the right weights but
+    another head count, or with q and k swapped, is far off."""
+    ours = C.dit_from_diffusers(ddit)
+    wrong_heads = DiT(ours.config.replace(num_heads=2))
+    wrong_heads.load_state_dict(ours.state_dict())
+    assert _max_diff(wrong_heads.eval(), ddit, torch.float32) > 1e3 * TOL
+    swapped = C.dit_from_diffusers(ddit)
+    with torch.no_grad():
+        for blk in swapped.blocks:
+            q, k, v = blk.attn.qkv.weight.chunk(3, 0)
+            blk.attn.qkv.weight.copy_(torch.cat([k, q, v], 0))
+    assert _max_diff(swapped, ddit, torch.float32) > 1e3 * TOL
+
+
+def test_untied_embedders_are_refused():
+    torch.manual_seed(0)
+    net = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=2,
+                                          num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    with pytest.raises(ValueError, match="block 1's condition embedder differs"):
+        C.dit_from_diffusers(net)
+
+
+def test_diffusers_round_trip(ddit):
+    ours = C.dit_from_diffusers(ddit)
+    sd, cfg = C.diffusers_state_dict(ours)
+    back = diffusers.DiTTransformer2DModel(**cfg)
+    back.load_state_dict(sd, strict=True)
+    assert _max_diff(ours, back.eval(), torch.float32) < TOL
+    for k, v in ddit.state_dict().items():
+        assert torch.equal(v, back.state_dict()[k]), k
+    with pytest.raises(ValueError, match="frequency_shift=0.0"):
+        C.diffusers_config(get_config("DiT-micro/2"))
+
+
+# ------------------------------------------------------------------------------------------------
+# reference layout (facebookresearch/DiT models.py)
+
+
+def _reference_keys(depth: int) -> set[str]:
+    """The parameter names of the reference DiT (models.py: timm PatchEmbed / Attention / Mlp, TimestepEmbedder,
+    LabelEmbedder, DiTBlock, FinalLayer), written out."""
+    keys = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight",
+            "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+            "y_embedder.embedding_table.weight", "final_layer.linear.weight", "final_layer.linear.bias",
+            "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"}
+    for i in range(depth):
+        for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"):
+            keys |= {f"blocks.{i}.{m}.weight", f"blocks.{i}.{m}.bias"}
+    return keys
+
+
+def _reference_like(seed=0):
+    """Our DiT in the reference configuration (learn_sigma: 2C outputs, integer-step time input), random weights
+    everywhere (the zero init would make every output 0)."""
+    cfg = get_config("DiT-S/2", input_size=8, in_channels=2, out_channels=4, depth=2, num_classes=10,
+                     time_scale=1.0)
+    model = DiT(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def test_reference_layout_round_trip():
+    model = _reference_like()
+    sd = C.reference_state_dict(model)
+    assert set(sd) == _reference_keys(2)
+    assert sd["final_layer.linear.weight"].shape[0] == 2 * 2 * 4  # p^2 * 2C (learn_sigma)
+    cfg = C.config_from_reference(sd)
+    assert (cfg.hidden_size, cfg.num_heads, cfg.depth, cfg.in_channels, cfg.out_channels, cfg.input_size,
+            cfg.num_classes, cfg.class_dropout_prob, cfg.time_scale) == (384, 6, 2, 2, 4, 8, 10, 0.1, 1.0)
+    back = C.dit_from_reference({"ema": sd, "opt": {}})  # the training script's checkpoint dict
+    x, t, y = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model(x, t.float(), y), back(x, t.float(), y))
+    bad = dict(sd)
+    bad["pos_embed"] = bad["pos_embed"] + 0.1
+    with pytest.raises(ValueError, match="differs from the 2-D sin-cos table"):
+        C.dit_from_reference(bad)
+    with pytest.raises(ValueError, match="not one of the paper's widths"):
+        C.config_from_reference({**sd, "x_embedder.proj.weight": torch.zeros(40, 2, 2, 2)})
+    with pytest.raises(ValueError, match="frequency_shift=1.0"):
+        C.reference_state_dict(C.dit_from_diffusers(_tie_embedders(diffusers.DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=2, num_layers=1, sample_size=8,
+            num_embeds_ada_norm=10))))
+
+
+def test_reference_checkpoint_file_to_field(tmp_path):
+    """load_dit_checkpoint reads a reference .pt; dit_field drops the variance channels and calls the network at
+    integer DDPM steps k = N t - 1 on the linear schedule the reference was trained with."""
+    model = _reference_like(seed=1)
+    path = tmp_path / "DiT-test.pt"
+    torch.save(C.reference_state_dict(model), path)
+    loaded = I.load_dit_checkpoint(path)
+    y = torch.tensor([0, 3, 9])
+    field = I.dit_field(loaded, y)
+    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    t = I.t_of_timestep(field.schedule, 250)
+    with torch.no_grad():
+        eps = field.eps(x, t)
+        ref = model(x.float(), torch.full((3,), 250.0), y)[:, :2].double()
+    assert torch.equal(eps, ref)
