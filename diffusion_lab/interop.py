@@ -768,3 +768,9 @@ def __getattr__(name: str):
         globals()[name] = fn
         return fn
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    from .samplers import available
+
+    return sorted(set(globals()) | {f"sample_{m.name}" for m in available() if m.family != "auto"})

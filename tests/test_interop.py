@@ -126,12 +126,13 @@ SCHEDULERS = {  # ours, our options, scheduler class, scheduler options
 }
 
 
-def _compare(unet, x_T, name, prediction_type, beta_schedule, steps=10, timestep=None):
+def _compare(unet, x_T, name, prediction_type, beta_schedule, steps=10, timestep=None, spacing="trailing"):
     """Run diffusers' loop and ours on the same network and start; return (per-step rel. errors, final rel. error,
-    nfe ours, nfe theirs)."""
+    nfe ours, nfe theirs). ``spacing`` None: the scheduler's default timestep_spacing."""
     ours, our_opts, cls, opts = SCHEDULERS[name]
-    cfg = dict(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type,
-               timestep_spacing="trailing")
+    cfg = dict(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    if spacing is not None:
+        cfg["timestep_spacing"] = spacing
     sch = getattr(diffusers, cls)(**cfg, **opts)
     field = I.from_diffusers(unet, sch)
     sch.set_timesteps(steps)
@@ -173,6 +174,15 @@ def test_loops_match_diffusers_step_for_step(unet, x_T, name, prediction_type):
     errs, final, nfe, calls = _compare(unet, x_T, name, prediction_type, "scaled_linear")
     assert max(errs) < REL, errs
     assert final < REL, final
+    assert nfe == calls == 10
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_loops_match_with_default_spacing(unet, x_T, name):
+    """The schedulers' default timestep_spacing ("leading" for DDIM: 900, 800, ..., 0; "linspace" for the others:
+    999, 888, ..., 0) also lies on the knots, and the loops agree there too (our grid = their timesteps' times)."""
+    errs, final, nfe, calls = _compare(unet, x_T, name, "epsilon", "scaled_linear", spacing=None)
+    assert max(errs) < REL and final < REL, (errs, final)
     assert nfe == calls == 10
 
 
@@ -236,6 +246,51 @@ def test_dit_field_with_labels_and_learned_sigma(tiny_dit, x_T):
     assert _rel(ours.x, out) < REL
     with pytest.raises(ValueError, match="learn_sigma=True needs 2C = 4"):
         I.from_diffusers(lambda x, k: x, sch, learn_sigma=True).eps(x_T, 0.5)
+
+
+def test_dit_field_guidance_and_directory_checkpoint(tiny_dit, tmp_path, x_T):
+    """dit_field on a diffusers directory (save_pretrained) loaded by load_dit_checkpoint; classifier-free guidance
+    of the package passes [c; null] as labels: (1 + w) eps(x|c) - w eps(x|null)."""
+    from diffusion_lab.guidance import classifier_free_guidance
+    from diffusion_lab.models import convert
+
+    sd = tiny_dit.state_dict()
+    for k in list(sd):  # identical embedder copies, as in a converted reference checkpoint
+        if k.startswith("transformer_blocks.0.norm1.emb."):
+            sd[k.replace("transformer_blocks.0.", "transformer_blocks.1.")] = sd[k].clone()
+    net = diffusers.DiTTransformer2DModel(**{k: v for k, v in tiny_dit.config.items() if not k.startswith("_")})
+    net.load_state_dict(sd)
+    net.eval()  # in training mode diffusers' label embedder drops labels at random
+    net.save_pretrained(tmp_path / "dit")
+    ours = I.load_dit_checkpoint(tmp_path / "dit")
+    assert isinstance(ours, type(convert.dit_from_diffusers(net)))
+    y = torch.tensor([1, 7, 3])
+    field = I.dit_field(ours, y)
+    t = I.t_of_timestep(field.schedule, 600)
+    guided = classifier_free_guidance(field, 3.0, y)
+    with torch.no_grad():
+        e_c = net(x_T.float(), timestep=torch.full((3,), 600), class_labels=y).sample[:, :2].double()
+        e_u = net(x_T.float(), timestep=torch.full((3,), 600), class_labels=torch.full((3,), 10)).sample[:, :2]
+        ref = 4.0 * e_c - 3.0 * e_u.double()
+        got = guided.eps(x_T, t)
+        cond = field.eps(x_T, t)
+    assert float((cond - e_c).abs().max()) < 1e-5
+    assert float((got - ref).abs().max()) < 1e-4
+    assert guided.nfe == 2
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        I.load_dit_checkpoint(tmp_path / "missing.pt")
+
+
+def test_decode_latents_scales_by_the_vae_factor(tmp_path):
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, sample_size=8)
+    vae.save_pretrained(tmp_path / "vae")
+    vae2 = I.load_vae(tmp_path / "vae")
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        ref = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+    out = I.decode_latents(vae2, z)
+    assert out.shape == (2, 3, 8, 8) and torch.allclose(out, ref, atol=1e-6)
 
 
 def test_importing_the_package_does_not_import_diffusers():
