@@ -296,7 +296,7 @@ def sample_panels(samples: dict, path: str, titles: dict | None = None, lim: flo
 
 @_styled
 def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = None, floor=None,
-                  title: str = "", ylabel: str | None = None) -> None:
+                  title: str = "", ylabel: str | None = None, floor_label: str = "Monte-Carlo floor") -> None:
     """A metric against NFE, one line per sampler (distinct colour and marker), with +-2 ``err_key`` bars, plain NFE
     ticks, the legend outside the data and the Monte-Carlo floor ``floor`` (a number, or (mean, spread) drawn as a
     band). ``ylabel`` names the metric in words (default: ``key``)."""
@@ -310,7 +310,7 @@ def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = N
                     capsize=3)
     if floor is not None:
         mean, spread = floor if isinstance(floor, tuple) else (floor, 0.0)
-        floor_band(ax, mean, spread)
+        floor_band(ax, mean, spread, floor_label)
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=ylabel or key, title=title)
     nfe_ticks(ax, [r["nfe"] for r in rows])
     ax.grid(True, which="both", alpha=0.3)
@@ -335,9 +335,10 @@ def fokker_planck_heatmaps(panels: list[dict], extent: tuple, path: str, title: 
     times = sorted({round(float(p["t"]), 12) for p in panels})
     col = {t: j for j, t in enumerate(times)}
     ncol = len(times)
-    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.4 * ncol + 1.2, 2.5 * len(rows)), squeeze=False,
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(2.4 * ncol + 1.2, 2.5 * len(rows) + 0.3), squeeze=False,
                              sharex=True, sharey=True)
-    fig.subplots_adjust(hspace=0.45, wspace=0.12, right=0.9)  # before the colour bars take their room
+    height = 2.5 * len(rows)
+    fig.subplots_adjust(hspace=0.45, wspace=0.12, right=0.9, top=1 - 0.75 / height)  # before the colour bars
     for ax in axes.ravel():
         ax.set_visible(False)
     for i, r in enumerate(rows):
@@ -422,7 +423,7 @@ def convergence_orders(rows: list[dict], path: str) -> None:
 @_styled
 def ablation_vs_nfe(rows: list[dict], path: str, title: str = "") -> None:
     """EDM-style ablation: one column per ``target``; top row the flow-map error, bottom row the sliced W2 (with the
-    Monte-Carlo floor ``mc_floor``) against NFE; colour and marker = ``grid``, solid = Euler, dashed = Heun; one legend
+    Monte-Carlo floor ``mc_floor`` as a band of +-2 ``mc_floor_se`` when the rows carry it) against NFE; colour and marker = ``grid``, solid = Euler, dashed = Heun; one legend
     to the right of the figure."""
     plt = _mpl()
     targets = list(dict.fromkeys(r["target"] for r in rows))
@@ -441,7 +442,7 @@ def ablation_vs_nfe(rows: list[dict], path: str, title: str = "") -> None:
                 lab = f"{solver}, {gname} grid"
                 axes[0, j].loglog(nfe, [r["flow_error"] for r in rs], marker + ls, color=color, ms=3, label=lab)
                 axes[1, j].loglog(nfe, [r["sw2"] for r in rs], marker + ls, color=color, ms=3, label=lab)
-        floor_band(axes[1, j], rt[0]["mc_floor"], rt[0].get("mc_floor_spread", 0.0))
+        floor_band(axes[1, j], rt[0]["mc_floor"], 2 * rt[0].get("mc_floor_se", 0.0), "Monte-Carlo floor (+-2 SE)")
         axes[0, j].set(xlabel="NFE", ylabel="mean ||xbar - Phi(xbar_T)||", title=f"{tname}: flow-map error")
         axes[1, j].set(xlabel="NFE", ylabel="sliced W2", title=f"{tname}: sliced W2 to exact samples")
         for ax in axes[:, j]:

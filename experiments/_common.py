@@ -19,7 +19,28 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for CI)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--format", default="png", choices=("png", "pdf", "svg"), help="figure file format (default png)")
+    p.add_argument("--dpi", type=int, default=None, help="figure resolution (default: each figure's own)")
     return p
+
+
+def figure(args, name: str) -> str:
+    """The path of figure NAME in --out and --format; the figure's files in other formats are removed (so a folder
+    never holds a png of an older run beside the pdf of this one)."""
+    os.makedirs(args.out, exist_ok=True)
+    fmt = getattr(args, "format", "png")
+    for other in ("png", "pdf", "svg"):
+        stale = os.path.join(args.out, f"{name}.{other}")
+        if other != fmt and os.path.isfile(stale):
+            os.remove(stale)
+    return os.path.join(args.out, f"{name}.{fmt}")
+
+
+def figure_style(args):
+    """The package's figure style at --dpi (``diffusion_lab.plots.style``)."""
+    from diffusion_lab.plots import style
+
+    return style(dpi=getattr(args, "dpi", None))
 
 
 def versions() -> dict:
@@ -31,16 +52,26 @@ def versions() -> dict:
 
 
 def write(out: str, name: str, rows: list[dict], settings: dict, headline: dict) -> None:
-    """Write NAME.csv and NAME.json (settings, versions, headline numbers) into ``out``."""
+    """Write NAME.csv and NAME.json (settings, versions, headline numbers) into ``out``, each atomically."""
+    from diffusion_lab._io import atomic_write
+
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+
     doc = {"experiment": name, "settings": settings, "headline": headline, "versions": versions(),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    with open(os.path.join(out, f"{name}.json"), "w") as fh:
-        json.dump(doc, fh, indent=2, default=float)
+
+    def write_json(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=2, default=float)
+
+    atomic_write(os.path.join(out, f"{name}.csv"), write_csv)
+    atomic_write(os.path.join(out, f"{name}.json"), write_json)
 
 
 def table(rows: list[dict], cols: list[str]) -> str:

@@ -105,8 +105,9 @@ def main(argv=None):
 
     lo, hi, m = grid.lo[0], grid.hi[0], grid.n[0]
     x = lo + (hi - lo) / m * (np.arange(m) + 0.5)
-    density_curves(x, curves, f"{args.out}/cfg_counterexample.png", xlim=(-4, 6),
-                   title="CFG on two 1-D Gaussian classes: neither sampler gives the powered law")
+    with _common.figure_style(args):
+        density_curves(x, curves, _common.figure(args, "cfg_counterexample"), xlim=(-4, 6),
+                       title="CFG on two 1-D Gaussian classes: neither sampler gives the powered law")
     return meta["headline"]
 
 

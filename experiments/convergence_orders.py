@@ -88,7 +88,8 @@ def main(argv=None):
     _common.write(args.out, "convergence_orders", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import convergence_orders
 
-    convergence_orders(rows, f"{args.out}/convergence_orders.png")
+    with _common.figure_style(args):
+        convergence_orders(rows, _common.figure(args, "convergence_orders"))
     return h
 
 

@@ -85,8 +85,9 @@ def main(argv=None):
     _common.write(args.out, "ddim_eta", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import eta_sweep
 
-    eta_sweep(rows, f"{args.out}/ddim_eta.png", floor=meta["headline"]["mc_floor"],
-              title="DDIM eta sweep on ring8 / VP (exact eps): sliced W2 vs steps")
+    with _common.figure_style(args):
+        eta_sweep(rows, _common.figure(args, "ddim_eta"), floor=meta["headline"]["mc_floor"],
+                  title="DDIM eta sweep on ring8 / VP (exact eps): sliced W2 vs steps")
     return meta["headline"]
 
 

@@ -146,11 +146,13 @@ def main(argv=None):
         grid_rows.append(row)
     n_per = len(grid_rows[0]) // len(ws)
     col_titles = [f"w={w:g}" if j == 0 else "" for w in ws for j in range(n_per)]
-    image_grid(grid_rows, f"{args.out}/digits_dit.png", row_titles=[f"class {c}" for c in range(10)],
-               col_titles=col_titles,
-               title=f"{meta['settings']['model']}, {meta['settings']['sampler']}: rows = requested class, column blocks "
-                     f"= CFG weight w")
-    loss_curve(meta["history"], f"{args.out}/digits_dit_loss.png", title="DiT on digits: training loss")
+    with _common.figure_style(args):
+        image_grid(grid_rows, _common.figure(args, "digits_dit"), row_titles=[f"class {c}" for c in range(10)],
+                   col_titles=col_titles,
+                   title=f"{meta['settings']['model']}, {meta['settings']['sampler']}: rows = requested class, column blocks "
+                         f"= CFG weight w")
+    with _common.figure_style(args):
+        loss_curve(meta["history"], _common.figure(args, "digits_dit_loss"), title="DiT on digits: training loss")
     return h
 
 

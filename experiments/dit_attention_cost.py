@@ -209,7 +209,8 @@ def main(argv=None):
     _common.write(args.out, "dit_attention_cost", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import dit_attention_cost
 
-    dit_attention_cost(rows, f"{args.out}/dit_attention_cost.png")
+    with _common.figure_style(args):
+        dit_attention_cost(rows, _common.figure(args, "dit_attention_cost"))
     return meta["headline"]
 
 

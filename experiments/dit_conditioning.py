@@ -134,7 +134,8 @@ def main(argv=None):
     _common.write(args.out, "dit_conditioning", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import dit_conditioning
 
-    dit_conditioning(rows, f"{args.out}/dit_conditioning.png")
+    with _common.figure_style(args):
+        dit_conditioning(rows, _common.figure(args, "dit_conditioning"))
     return meta["headline"]
 
 

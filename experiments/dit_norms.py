@@ -213,7 +213,8 @@ def main(argv=None):
     _common.write(args.out, "dit_norms", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import dit_norms
 
-    dit_norms(rows, f"{args.out}/dit_norms.png")
+    with _common.figure_style(args):
+        dit_norms(rows, _common.figure(args, "dit_norms"))
     return meta["headline"]
 
 

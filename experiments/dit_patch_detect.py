@@ -155,7 +155,8 @@ def main(argv=None):
     _common.write(args.out, "dit_patch_detect", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import dit_patch_detect
 
-    dit_patch_detect(rows, f"{args.out}/dit_patch_detect.png")
+    with _common.figure_style(args):
+        dit_patch_detect(rows, _common.figure(args, "dit_patch_detect"))
     return meta["headline"]
 
 

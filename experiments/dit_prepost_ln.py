@@ -176,7 +176,8 @@ def main(argv=None):
     _common.write(args.out, "dit_prepost_ln", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import dit_prepost_ln
 
-    dit_prepost_ln(rows, f"{args.out}/dit_prepost_ln.png")
+    with _common.figure_style(args):
+        dit_prepost_ln(rows, _common.figure(args, "dit_prepost_ln"))
     return meta["headline"]
 
 

@@ -96,7 +96,7 @@ def run(quick: bool = False, seed: int = 0):
                                  "sampler": f"{solver}, {label}", "steps": len(grid) - 1,
                                  "flow_error": mean_error(xb[:n_ref], ref),
                                  "sw2": sliced_w2(xb, exact, 128, torch.Generator().manual_seed(seed + 7)),
-                                 "mc_floor": floor})
+                                 "mc_floor": floor, "mc_floor_se": floor_se})
         rs = [r for r in rows if r["target"] == tname]
         best = {}
         for nfe in nfes:
@@ -133,8 +133,9 @@ def main(argv=None):
     _common.write(args.out, "edm_ablation", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import ablation_vs_nfe
 
-    ablation_vs_nfe(rows, f"{args.out}/edm_ablation.png",
-                    title="EDM ablation: ODE solver x time grid at matched NFE, sigmabar in [0.002, 80]")
+    with _common.figure_style(args):
+        ablation_vs_nfe(rows, _common.figure(args, "edm_ablation"),
+                        title="EDM ablation: ODE solver x time grid at matched NFE, sigmabar in [0.002, 80]")
     return meta["headline"]
 
 

@@ -132,8 +132,9 @@ def main(argv=None):
     _common.write(args.out, "em_dimension", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import em_dimension
 
-    em_dimension(rows, f"{args.out}/em_dimension.png",
-                 title="Euler-Maruyama (reverse SDE, VP) on Gaussian data: exact KL and W2 vs N and d")
+    with _common.figure_style(args):
+        em_dimension(rows, _common.figure(args, "em_dimension"),
+                     title="Euler-Maruyama (reverse SDE, VP) on Gaussian data: exact KL and W2 vs N and d")
     return meta["headline"]
 
 

@@ -56,7 +56,8 @@ def main(argv=None):
     _common.write(args.out, "langevin_bias", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import langevin_bias
 
-    langevin_bias(rows, f"{args.out}/langevin_bias.png")
+    with _common.figure_style(args):
+        langevin_bias(rows, _common.figure(args, "langevin_bias"))
     return meta["headline"]
 
 

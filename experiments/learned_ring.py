@@ -125,7 +125,8 @@ def main(argv=None):
         if pred in tr:
             for m in ("heun", "em"):
                 panels[f"learned ({pred}), {m}"] = tr[pred]["samples"][m]
-    sample_panels(panels, f"{args.out}/learned_ring.png", lim=3.5)
+    with _common.figure_style(args):
+        sample_panels(panels, _common.figure(args, "learned_ring"), lim=3.5)
     return meta["headline"]
 
 

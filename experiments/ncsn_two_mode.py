@@ -55,9 +55,10 @@ def main(argv=None):
     _common.write(args.out, "ncsn_two_mode", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import sample_panels
 
-    sample_panels({k: v.numpy() for k, v in samples.items()}, f"{args.out}/ncsn_two_mode.png",
-                  titles={k: f"{k}: w(5,5) = {float((v.sum(1) > 0).double().mean()):.3f}" for k, v in samples.items()},
-                  lim=9)
+    with _common.figure_style(args):
+        sample_panels({k: v.numpy() for k, v in samples.items()}, _common.figure(args, "ncsn_two_mode"),
+                      titles={k: f"{k}: w(5,5) = {float((v.sum(1) > 0).double().mean()):.3f}" for k, v in samples.items()},
+                      lim=9)
     return meta["headline"]
 
 

@@ -63,8 +63,12 @@ def main(argv=None):
     _common.write(args.out, "pc_vs_predictor", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import metric_vs_nfe
 
-    metric_vs_nfe(rows, f"{args.out}/pc_vs_predictor.png", "sw2_mean", "sw2_se", floor=meta["headline"]["mc_floor"],
-                  title="ring8 / VP: PC vs predictor-only (2x steps) vs corrector-only at equal NFE")
+    with _common.figure_style(args):
+        h = meta["headline"]
+        metric_vs_nfe(rows, _common.figure(args, "pc_vs_predictor"), "sw2_mean", "sw2_se",
+                      floor=(h["mc_floor"], 2 * h["mc_floor_se"]), floor_label="Monte-Carlo floor (+-2 SE)",
+                      ylabel="sliced W2 to exact samples of p_t_min (mean +- 2 SE over seeds)",
+                      title="ring8 / VP: PC vs predictor-only (2x steps) vs corrector-only at equal NFE")
     return meta["headline"]
 
 

@@ -123,8 +123,9 @@ def main(argv=None):
     _common.write(args.out, "same_marginals", all_rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import same_marginals
 
-    same_marginals(paths, rows, path_rows, f"{args.out}/same_marginals.png",
-                   title="ring8 / VP: SDE family from the same x_T - same marginals, different paths")
+    with _common.figure_style(args):
+        same_marginals(paths, rows, path_rows, _common.figure(args, "same_marginals"),
+                       title="ring8 / VP: SDE family from the same x_T - same marginals, different paths")
     return meta["headline"]
 
 

@@ -49,14 +49,19 @@ def run(quick: bool = False, seed: int = 0):
             d = fp.tv(dens, exact, grid)
             rows.append({"t": t, "view": name, "tv_to_closed_form": d, "mc_floor": floor})
             panels.append({"row": name, "t": t, "density": dens, "note": f"TV {d:.3f}" if name[1] != "a" else ""})
-    # generation on the grid: reverse SDE from the exact prior back to t_min, against the data side p_{t_min}
-    gen = fp.solve_reverse(field, tg, grid, [sch.t_max, 0.5, 0.1, sch.t_min], steps=100 if quick else 200, target=tg)
+    # generation on the grid: reverse SDE from the exact prior back to t_min, shown at the same times as the other
+    # views (time increasing to the right in every row) with its TV to the closed form at each, the last at t_min
+    gen_times = [sch.t_max, *sorted(times, reverse=True), sch.t_min]
+    gen = fp.solve_reverse(field, tg, grid, gen_times, steps=100 if quick else 200, target=tg)
     exact_min = fp.exact_density(tg, sch, grid, sch.t_min)
+    panels.append({"row": "(a) closed form", "t": sch.t_min, "density": exact_min})
+    for t in [*times, sch.t_min]:
+        d = fp.tv(gen.density(t), exact_min if t == sch.t_min else fp.exact_density(tg, sch, grid, t), grid)
+        panels.append({"row": "(f) generation on the grid", "t": t, "density": gen.density(t),
+                       "note": f"TV {d:.3f}" + (" (final)" if t == sch.t_min else "")})
     tv_gen = fp.tv(gen.density(sch.t_min), exact_min, grid)
     rows.append({"t": sch.t_min, "view": "generation on the grid (reverse SDE FP)", "tv_to_closed_form": tv_gen,
                  "mc_floor": float("nan")})
-    panels.append({"row": "generation (grid)", "t": sch.t_min, "density": gen.density(sch.t_min), "note": f"TV {tv_gen:.3f}"})
-    panels.append({"row": "generation (grid)", "t": 0.0, "density": exact_min, "note": f"exact p at t_min={sch.t_min:g}"})
     headline = {f"tv[{r['view']}@t={r['t']:g}]": r["tv_to_closed_form"] for r in rows}
     headline["generation_tv"] = tv_gen
     headline["grid_mass_drift"] = gen.mass_drift
@@ -74,8 +79,11 @@ def main(argv=None):
     _common.write(args.out, "three_views", rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import fokker_planck_heatmaps
 
-    fokker_planck_heatmaps(panels, (grid.lo[0], grid.hi[0], grid.lo[1], grid.hi[1]), f"{args.out}/three_views.png",
-                           title="ring8 / VP: one field, three views (TV to the closed form)")
+    with _common.figure_style(args):
+        fokker_planck_heatmaps(panels, (grid.lo[0], grid.hi[0], grid.lo[1], grid.hi[1]),
+                               _common.figure(args, "three_views"),
+                               title="ring8 / VP: one field, three views (TV to the closed form; time increases to "
+                                     "the right in every row)")
     return meta["headline"]
 
 

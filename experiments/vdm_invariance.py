@@ -162,7 +162,8 @@ def main(argv=None):
         w = (-0.5 * 2.0 * sch.dlam(tt) * snr * d * s * s / (1 + snr * s * s)).numpy()
         curves[name] = {"u": (t - sch.t_min) / (sch.t_max - sch.t_min), "log_snr": sch.log_snr(tt).numpy(),
                         "integrand": w * (sch.t_max - sch.t_min)}
-    vdm_invariance(rows, curves, f"{args.out}/vdm_invariance.png")
+    with _common.figure_style(args):
+        vdm_invariance(rows, curves, _common.figure(args, "vdm_invariance"))
     return meta["headline"]
 
 
