@@ -17,6 +17,19 @@ from typing import Callable
 
 KINDS = ("exact", "quadrature", "mc", "order", "claim")
 
+#: check names used to start with a one- or two-letter code; they now start with their area's name
+RENAMED_PREFIXES = {"A.": "kernels.", "B.": "parameterisation.", "D.": "pde.", "E.": "solvers.", "F.": "langevin.",
+                    "G.": "likelihood.", "H.": "claims.", "T.": "training.", "FP.": "fokker_planck."}
+
+
+def current_name(pattern: str) -> str | None:
+    """The current spelling of a check name (or name pattern) written with a former letter prefix, e.g.
+    'F.corrector_keeps_p_t' -> 'langevin.corrector_keeps_p_t'; None if ``pattern`` does not use one."""
+    for old, new in sorted(RENAMED_PREFIXES.items(), key=lambda kv: -len(kv[0])):
+        if pattern.startswith(old):
+            return new + pattern[len(old):]
+    return None
+
 
 @dataclass
 class Outcome:
@@ -109,7 +122,16 @@ class Catalogue:
     checks: list[Check] = field(default_factory=list)
 
     def select(self, pattern: str | None = None, area: str | None = None) -> "Catalogue":
+        """Checks whose name contains ``pattern`` and whose area is ``area``. A pattern written with a former
+        letter prefix (``RENAMED_PREFIXES``) is translated, with a warning naming the current spelling."""
         cs = self.checks
+        new = current_name(pattern) if pattern else None
+        if new is not None and not any(pattern in c.name for c in cs):
+            import warnings
+
+            warnings.warn(f"check names now start with their area: {pattern!r} is now {new!r} (selecting {new!r})",
+                          UserWarning, stacklevel=2)
+            pattern = new
         if pattern:
             cs = [c for c in cs if pattern in c.name]
         if area:

@@ -363,7 +363,7 @@ def block_permutation_residual(seed: int, tokens: int = 7) -> tuple[float, float
 
 @check("dit.block_permutation_equivariant", area=AREA, kind="exact", tol=1e-12,
        case="DiT-micro block (d=32, 2 heads), float64, random nonzero adaLN modulation, 7 tokens, 10 seeds",
-       reference="Vaswani et al. 2017 (the published 'invariance' claim: H.claim_attention_permutation_invariant)")
+       reference="Vaswani et al. 2017 (the published 'invariance' claim: claims.claim_attention_permutation_invariant)")
 def _block_equivariance():
     """The adaLN-Zero DiT block (multi-head SDPA attention + MLP, per-sample modulation) is permutation-equivariant
     in its tokens, block(P z, c) = P block(z, c); a position embedding added after permuting breaks it."""

@@ -113,27 +113,27 @@ def reverse_sde_error(n: int = 256, steps: int = 200, L: float = 8.0) -> Outcome
 
 _REF = "Chang & Cooper 1970; Scharfetter & Gummel 1969"
 
-check("FP.mass_conservation", area="fokker_planck", kind="exact", tol=1e-12,
+check("fokker_planck.mass_conservation", area="fokker_planck", kind="exact", tol=1e-12,
       case="2-D ring8 forward VP 40^2 TR-BDF2; 1-D bimodal reverse SDE and periodic PF-ODE continuity, 128 cells",
       reference=_REF)(mass_drift_residual)
-check("FP.positivity_backward_euler", area="fokker_planck", kind="exact", tol=0.0,
+check("fokker_planck.positivity_backward_euler", area="fokker_planck", kind="exact", tol=0.0,
       case="2-D OU from a one-cell delta, 48^2, steps h = 0.5 (h max|L_jj| ~ 300)",
       reference="Buet & Dellacherie 2010; Chang & Cooper 1970")(positivity_residual)
-check("FP.discrete_equilibrium", area="fokker_planck", kind="exact", tol=1e-12,
+check("fokker_planck.discrete_equilibrium", area="fokker_planck", kind="exact", tol=1e-12,
       case="b = -x, D = 1 face ratios; 2-D VP operator at t = 0.4 on [-6, 6]^2, 96^2", reference=_REF)(
     equilibrium_residual)
-check("FP.space_order", area="fokker_planck", kind="order", tol=0.15,
+check("fokker_planck.space_order", area="fokker_planck", kind="order", tol=0.15,
       case="1-D bimodal VP forward t = 0.05 -> 0.5, n = 48..384 on [-8, 8], exact in time (expm)",
       reference="Mohammadi & Borzi 2015 (second order of CC)")(space_order_slope)
 # Tolerance: the measured L1 errors at n = 96 are 4.6e-3 (t = 0.05), 3.0e-3, 1.9e-4, 9.6e-4; at n = 192 they are
 # 1.2e-3, 7.4e-4, 4.8e-5, 2.4e-4, i.e. 3.9-4.0x smaller (second order), so the n = 96 values are the
 # discretisation error (at t = 1 mostly the O(dx^2) gap between the exact discrete equilibrium, a point-value
 # Gaussian, and the exact cell averages); tol = 1.5 x the largest.
-check("FP.forward_matches_closed_form", area="fokker_planck", kind="quadrature", tol=6.8e-3,
+check("fokker_planck.forward_matches_closed_form", area="fokker_planck", kind="quadrature", tol=6.8e-3,
       case="ring8 (std 0.3) from t = 0 to t = 0.05, 0.2, 0.5, 1 under VP, [-6, 6]^2 with 96^2 cells, expm",
       reference="Fokker-Planck equation of the VP SDE (Song et al. 2021); mixture p_t in closed form")(
     forward_closed_form_error)
 # Tolerance: measured 7.2e-4 at 256 cells, 2.7e-3 at 128 (ratio 3.8, second order); tol = 1.5 x 7.2e-4.
-check("FP.reverse_sde_marginals", area="fokker_planck", kind="quadrature", tol=1.1e-3,
+check("fokker_planck.reverse_sde_marginals", area="fokker_planck", kind="quadrature", tol=1.1e-3,
       case="1-D bimodal, exact score, p_1 -> p_0.01, 256 cells, TR-BDF2 200 steps",
       reference="Anderson 1982; Karras et al. 2022, eq. 6")(reverse_sde_error)

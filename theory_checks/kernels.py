@@ -1,4 +1,4 @@
-"""Area A: forward kernels and schedules (VP, sub-VP, VE, EDM, rectified flow, discrete DDPM).
+"""Area "kernels": forward kernels and schedules (VP, sub-VP, VE, EDM, rectified flow, discrete DDPM).
 
 Residual functions take their parameters explicitly so tests can draw them with Hypothesis; the
 catalogue entries at the bottom run them on fixed cases.
@@ -168,29 +168,29 @@ def _per_schedule(fn):
 
 
 register_many(
-    [(f"A.derivatives[{n}]", f) for n, f in _per_schedule(derivative_residual)],
+    [(f"kernels.derivatives[{n}]", f) for n, f in _per_schedule(derivative_residual)],
     doc=derivative_residual.__doc__, area="kernels", kind="exact", tol=1e-10, case="33 t in (t_min, t_max), float64",
     reference="Kingma et al. 2021; Lu et al. 2022, Sec. 2",
 )
 register_many(
-    [(f"A.f_g_consistency[{n}]", f) for n, f in _per_schedule(f_g_residual)],
+    [(f"kernels.f_g_consistency[{n}]", f) for n, f in _per_schedule(f_g_residual)],
     doc=f_g_residual.__doc__, area="kernels", kind="exact", tol=1e-10, case="33 t in (t_min, t_max), float64",
     reference="Kingma et al. 2021; Lu et al. 2022, Sec. 2",
 )
 register_many(
-    [(f"A.lambda_roundtrip[{n}]", f) for n, f in _per_schedule(lambda_roundtrip_residual)],
+    [(f"kernels.lambda_roundtrip[{n}]", f) for n, f in _per_schedule(lambda_roundtrip_residual)],
     doc=lambda_roundtrip_residual.__doc__, area="kernels", kind="exact", tol=1e-10, case="33 t in (t_min, t_max), float64",
     reference="Lu et al. 2022 (NoiseScheduleVP.inverse_lambda)",
 )
 register_many(
-    [(f"A.kernel_moments[{n}]", (lambda s=s: kernel_moment_residual(s)))
+    [(f"kernels.kernel_moments[{n}]", (lambda s=s: kernel_moment_residual(s)))
      for n, s in DEFAULT_SCHEDULES.items()],
     doc=kernel_moment_residual.__doc__, area="kernels", kind="quadrature", tol=1e-8, case="moment ODEs over [t_min, t_max], DOP853 rtol 1e-12",
     reference="Song et al. 2021, App. B; Karras et al. 2022; Liu et al. 2022",
 )
 
 
-@check("A.ddpm_posterior", area="kernels", kind="exact", tol=1e-10,
+@check("kernels.ddpm_posterior", area="kernels", kind="exact", tol=1e-10,
        case="N=1000, steps i in {2, 10, 500, 1000}, x0=0.7, x_i=-1.3", reference="Ho et al. 2020 eq. 7")
 def _ddpm_posterior():
     """DDPM posterior mean and variance equal Bayes' rule by completing the square."""
@@ -198,7 +198,7 @@ def _ddpm_posterior():
     return max(ddpm_posterior_residual(sch, i, 0.7, -1.3) for i in (2, 10, 500, 1000))
 
 
-@check("A.ddpm_continuum_order", area="kernels", kind="order", tol=0.15,
+@check("kernels.ddpm_continuum_order", area="kernels", kind="order", tol=0.15,
        case="N in {50..1600}, linear betas beta(t_i)/N",
        reference="Song et al. 2021, App. B (DDPM as a discretised VP SDE)")
 def _ddpm_order():

@@ -1,4 +1,4 @@
-"""Area F: Langevin samplers (ULA, MALA, the annealed / predictor-corrector step rules), run through the
+"""Area "langevin": Langevin samplers (ULA, MALA, the annealed / predictor-corrector step rules), run through the
 implementations themselves."""
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def _var_t(tg, schedule, t) -> float:
     return a * a * float(tg.cov[0, 0]) + s * s
 
 
-@check("F.ula_stationary_variance", area="langevin", kind="exact", tol=1e-12,
+@check("langevin.ula_stationary_variance", area="langevin", kind="exact", tol=1e-12,
        case="1-D Gaussian (v = 1.7 + sigma_min^2) under VE at t_min, h/v in {0.01, 0.3, 1, 1.9}",
        reference="Roberts & Tweedie 1996 (ULA); AR(1) variance recursion")
 def _ula_var():
@@ -80,7 +80,7 @@ def _ula_var():
     return max(ula_stationary_variance_residual(v, r * v, f, sch.t_min) for r in (0.01, 0.3, 1.0, 1.9))
 
 
-@check("F.ula_stability_bound", area="langevin", kind="exact", tol=0.0,
+@check("langevin.ula_stability_bound", area="langevin", kind="exact", tol=0.0,
        case="1-D Gaussian under VE at t_min; h = 2v (1 -+ 1e-9)",
        reference="Roberts & Tweedie 1996 (ULA); AR(1) stability |1 - h/v| < 1")
 def _ula_stab():
@@ -97,7 +97,7 @@ def _ula_stab():
     return Outcome(0.0 if ok else 1.0, f"|A| just below the bound = {A_below:.12f}; h above the bound refused: {refused}")
 
 
-@check("F.langevin_gaussian_transition", area="langevin", kind="order", tol=0.15,
+@check("langevin.langevin_gaussian_transition", area="langevin", kind="order", tol=0.15,
        case="1-D Gaussian under VE at t_min, x0 = 2.5, T = 1, k in {8..64} steps",
        reference="Ornstein-Uhlenbeck transition in closed form; Roberts & Tweedie 1996")
 def _transition():
@@ -135,7 +135,7 @@ def mala_invariance_zscores(h_ratio: float = 0.5, n_chains: int = 4000, n_steps:
     return float(torch.cat([z_mean, z_var]).abs().max()), res.acceptance_rate
 
 
-@check("F.mala_invariance", area="langevin", kind="mc", tol=5.0,
+@check("langevin.mala_invariance", area="langevin", kind="mc", tol=5.0,
        case="2-D Gaussian, VP t=0.05, 4000 chains from p_t, 30 steps, h = 0.5 lambda_min",
        reference="Roberts & Tweedie 1996 (MALA: Metropolis-Hastings detailed balance)")
 def _mala():
@@ -144,8 +144,8 @@ def _mala():
     return Outcome(z, f"max |z| = {z:.2f}; acceptance rate {acc:.3f}")
 
 
-@check("F.ula_bias_detected", area="langevin", kind="mc", tol=0.0,
-       case="as F.mala_invariance, with ULA instead of MALA",
+@check("langevin.ula_bias_detected", area="langevin", kind="mc", tol=0.0,
+       case="as langevin.mala_invariance, with ULA instead of MALA",
        reference="Roberts & Tweedie 1996 (ULA bias O(h))")
 def _ula_detect():
     """At the same step the same test resolves ULA's bias (|z| >= 5), so MALA's pass is not for want of power:
@@ -176,7 +176,7 @@ def corrector_variance_zscore(snr: float = 0.16, d: int = 64, n_chains: int = 10
     return (emp - pred) / se, (emp - v) / (v * math.sqrt(2.0 / (n_chains * d)))
 
 
-@check("F.corrector_keeps_p_t", area="langevin", kind="mc", tol=5.0,
+@check("langevin.corrector_keeps_p_t", area="langevin", kind="mc", tol=5.0,
        case="VE, 64-D Gaussian, t=0.3, 1000 chains from p_t, 40 corrector steps, r in {0.16, 0.4}",
        reference="Song et al. 2021 (predictor-corrector sampling, Alg. 5: e = 2 alpha (r ||z|| / ||s||)^2)")
 def _corrector():
@@ -214,7 +214,7 @@ def corrector_step_residual(snr: float = 0.16, alpha: float = 0.97, d: int = 8, 
     return max(float((out - expected).abs().max() / expected.abs().max()), abs(steps[0] / e - 1))
 
 
-@check("F.corrector_step_published_rule", area="langevin", kind="exact", tol=1e-12,
+@check("langevin.corrector_step_published_rule", area="langevin", kind="exact", tol=1e-12,
        case="VE, 8-D Gaussian at t = 0.3, 16 chains, r in {0.05, 0.16, 0.4}, alpha in {1, 0.97}",
        reference="Song et al. 2021, Alg. 5 (Langevin corrector, SNR step rule)")
 def _corrector_step():
@@ -263,7 +263,7 @@ def baoab_stationary_residual(h: float, friction: float, mean: float = 0.3, var:
                abs(m_s[0] - mean) / math.sqrt(v), abs(m_s[1]))
 
 
-@check("F.baoab_stationary_law", area="langevin", kind="exact", tol=1e-12,
+@check("langevin.baoab_stationary_law", area="langevin", kind="exact", tol=1e-12,
        case="1-D Gaussian (m = 0.3, v = 1.7 + sigma_min^2) under VE at t_min, h in {0.1, 0.5, 1, 2}, "
             "friction in {0.5, 1, 3}",
        reference="Leimkuhler & Matthews 2013 (BAOAB exact in configuration for harmonic forces)")
@@ -302,7 +302,7 @@ def baoab_transition_order(friction: float, x0: float = 2.5, v0: float = -0.7, T
     return slope, errs
 
 
-@check("F.kinetic_langevin_weak_order", area="langevin", kind="order", tol=0.15,
+@check("langevin.kinetic_langevin_weak_order", area="langevin", kind="order", tol=0.15,
        case="1-D Gaussian under VE at t_min, (x0, v0) = (2.5, -0.7), T = 1, k in {8..64} steps, friction 0.5 and 2",
        reference="Leimkuhler & Matthews 2013 (BAOAB, weak order 2); underdamped Ornstein-Uhlenbeck transition")
 def _kinetic_order():

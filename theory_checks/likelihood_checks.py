@@ -1,4 +1,4 @@
-"""Area G: likelihood, inversion, guidance and flow maps (change of variables, Hutchinson's
+"""Area "likelihood": likelihood, inversion, guidance and flow maps (change of variables, Hutchinson's
 trace estimator, classifier guidance by Bayes, PF-ODE flow maps and consistency parameterisations)."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def loglik_hutchinson_z(target, schedule, probe: str, n: int = 64, n_probes: int
     return float(err.sum().abs() / torch.sqrt((res.se**2).sum() + n * 1e-12))
 
 
-@check("G.pf_ode_loglik_exact_divergence", area="likelihood", kind="quadrature", tol=1e-6,
+@check("likelihood.pf_ode_loglik_exact_divergence", area="likelihood", kind="quadrature", tol=1e-6,
        case="ring8/VP, gaussian_2d/VE, bimodal_1d/DDPM; 32 exact samples of p_t_min; DOP853 rtol 1e-10",
        reference="Chen et al. 2018; Song et al. 2021, Sec. 4.3")
 def _loglik_exact():
@@ -45,7 +45,7 @@ def _loglik_exact():
     return max(loglik_exact_residual(tg(), sch()) for _, tg, sch in CASES)
 
 
-@check("G.pf_ode_loglik_hutchinson", area="likelihood", kind="mc", tol=5.0,
+@check("likelihood.pf_ode_loglik_hutchinson", area="likelihood", kind="mc", tol=5.0,
        case="ring8/VP and gaussian_2d/VE, 64 samples x 8 probes, Rademacher and Gaussian",
        reference="Hutchinson 1989; Grathwohl et al. 2019 (FFJORD)")
 def _loglik_hutch():
@@ -79,7 +79,7 @@ def hutchinson_enumeration_residual(d: int = 6, seed: int = 0, n: int = 3) -> fl
     return worst
 
 
-@check("G.hutchinson_rademacher_enumeration", area="likelihood", kind="exact", tol=1e-12,
+@check("likelihood.hutchinson_rademacher_enumeration", area="likelihood", kind="exact", tol=1e-12,
        case="the package's Hutchinson divergence estimator, d = 6, all 64 Rademacher probes at 3 points; A = Jacobian "
             "of eps_hat (random 3-component GMM, VP, t=0.3)",
        reference="Hutchinson 1989")
@@ -89,7 +89,7 @@ def _hutch_enum():
     return hutchinson_enumeration_residual()
 
 
-@check("G.flow_map_gaussian_closed_form", area="likelihood", kind="quadrature", tol=1e-8,
+@check("likelihood.flow_map_gaussian_closed_form", area="likelihood", kind="quadrature", tol=1e-8,
        case="gaussian_2d under VP, cosine, VE; (s, t) = (t_max, 0.1), (0.1, 0.7), (t_min, t_max)",
        reference="PF-ODE flow map of Gaussian data in closed form")
 def _flow_closed():
@@ -105,7 +105,7 @@ def _flow_closed():
     return worst
 
 
-@check("G.flow_map_semigroup_closed_form", area="likelihood", kind="exact", tol=1e-12,
+@check("likelihood.flow_map_semigroup_closed_form", area="likelihood", kind="exact", tol=1e-12,
        case="gaussian_2d under VP; (s, u, t) = (0.9, 0.4, 0.05) and (0.05, 0.6, 0.95)",
        reference="flow-map semigroup Phi_{u->t} o Phi_{s->u} = Phi_{s->t}")
 def _semigroup_exact():
@@ -135,7 +135,7 @@ def semigroup_order(method: str = "heun", ns=(4, 8, 16, 32), seed: int = 0, **op
     return slope, defects
 
 
-@check("G.flow_map_semigroup_order", area="likelihood", kind="order", tol=0.15,
+@check("likelihood.flow_map_semigroup_order", area="likelihood", kind="order", tol=0.15,
        case="heun (final step Euler off), bimodal_1d/VP, N in {32..256} steps per sub-interval "
             "(N = 4..32 is pre-asymptotic: 1.79)",
        reference="flow-map semigroup; Heun order 2 (Karras et al. 2022)")
@@ -145,7 +145,7 @@ def _semigroup_order():
     return Outcome(abs(slope - 2), f"slope {slope:.3f} (expected 2); defects " + ", ".join(f"{v:.2e}" for v in d))
 
 
-@check("G.consistency_boundary", area="likelihood", kind="exact", tol=0.0,
+@check("likelihood.consistency_boundary", area="likelihood", kind="exact", tol=0.0,
        case="random F (a fixed random nonlinear map), eps = 0.002, sigma_d = 0.5, 2-D",
        reference="Song et al. 2023 (consistency models), Sec. 3")
 def _consistency():
@@ -185,7 +185,7 @@ def inversion_closed_form_residual(method: str = "adaptive", n: int = 256, **opt
     return (float((z - z_exact).abs().max() / z_exact.abs().max()), float((back - x).abs().max() / x.abs().max()))
 
 
-@check("G.inversion_reconstruction", area="likelihood", kind="quadrature", tol=1e-7,
+@check("likelihood.inversion_reconstruction", area="likelihood", kind="quadrature", tol=1e-7,
        case="gaussian_2d/VP, 256 samples of p_t_min, adaptive DP5 rtol 1e-9 each way, against the closed-form map",
        reference="PF-ODE inversion (Song, Meng & Ermon 2021, DDIM encoding); Gaussian flow map in closed form")
 def _inversion():
@@ -211,7 +211,7 @@ def classifier_bayes_residual(schedule, t: float, seed: int = 0) -> float:
     return worst
 
 
-@check("G.classifier_guidance_bayes", area="likelihood", kind="exact", tol=1e-10,
+@check("likelihood.classifier_guidance_bayes", area="likelihood", kind="exact", tol=1e-10,
        case="two 1-D classes N(-/+1.5, 0.7^2), VP and VE at t = 0.3, 32 points",
        reference="Song et al. 2021, Sec. 5; Dhariwal & Nichol 2021")
 def _bayes():

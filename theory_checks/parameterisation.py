@@ -1,4 +1,4 @@
-"""Area B: parameterisations, Tweedie's formula (first and second order) and exact mixture scores."""
+"""Area "parameterisation": parameterisations, Tweedie's formula (first and second order) and exact mixture scores."""
 from __future__ import annotations
 
 import itertools
@@ -172,14 +172,14 @@ def _roundtrip(s):
 
 
 register_many(
-    [(f"B.param_roundtrip[{n}]", (lambda s=s: _roundtrip(s))) for n, s in DEFAULT_SCHEDULES.items()],
+    [(f"parameterisation.param_roundtrip[{n}]", (lambda s=s: _roundtrip(s))) for n, s in DEFAULT_SCHEDULES.items()],
     doc=roundtrip_residual.__doc__, area="parameterisation", kind="exact", tol=1e-10, case="closed forms of eps/x0/v/score/velocity and all ordered conversions between them, 16 (x0, eps, t) "
          "with t from t_min to t_max",
     reference="Ho et al. 2020; Salimans & Ho 2022; Karras et al. 2022 (prediction types)",
 )
 
 
-@check("B.v_prediction[vp,cosine]", area="parameterisation", kind="exact", tol=1e-10,
+@check("parameterisation.v_prediction[vp,cosine]", area="parameterisation", kind="exact", tol=1e-10,
        case="VP linear and cosine, 16 (x0, eps, t)", reference="Salimans & Ho 2022")
 def _vpred():
     """v = alpha eps - sigma x0 inverts to (x0, eps) on VP, equals dx/dphi, and differs from the flow velocity."""
@@ -194,14 +194,14 @@ def _vpred():
 
 
 register_many(
-    [(f"B.velocity_is_pf_drift[{n}]", (lambda s=s: velocity_residual(_case()[0], s, _case()[1], _mid_t(s))))
+    [(f"parameterisation.velocity_is_pf_drift[{n}]", (lambda s=s: velocity_residual(_case()[0], s, _case()[1], _mid_t(s))))
      for n, s in DEFAULT_SCHEDULES.items()],
     doc=velocity_residual.__doc__, area="parameterisation", kind="exact", tol=1e-10, case="random 3-component 3-D GMM, 16 x, mid-lambda t",
     reference="Song et al. 2021, eq. 13; Lipman et al. 2023",
 )
 
 
-@check("B.tweedie", area="parameterisation", kind="exact", tol=1e-10,
+@check("parameterisation.tweedie", area="parameterisation", kind="exact", tol=1e-10,
        case="random 3-D GMM, 16 x, every schedule at mid-lambda t", reference="Efron 2011 (Tweedie's formula)")
 def _tweedie():
     """E[x0|x_t] = (x_t + sigma^2 grad log p_t)/alpha against the mixture posterior mean."""
@@ -209,7 +209,7 @@ def _tweedie():
     return max(tweedie_residual(tg, s, x, _mid_t(s)) for s in DEFAULT_SCHEDULES.values())
 
 
-@check("B.tweedie_second_order", area="parameterisation", kind="exact", tol=1e-10,
+@check("parameterisation.tweedie_second_order", area="parameterisation", kind="exact", tol=1e-10,
        case="random 3-D GMM, 8 x, VP / VE / RF at mid-lambda t",
        reference="Efron 2011 (second-order Tweedie)")
 def _tweedie2():
@@ -218,7 +218,7 @@ def _tweedie2():
     return max(tweedie2_residual(tg, DEFAULT_SCHEDULES[n], x, _mid_t(DEFAULT_SCHEDULES[n])) for n in ("vp", "ve", "rf"))
 
 
-@check("B.score_autograd", area="parameterisation", kind="exact", tol=1e-10,
+@check("parameterisation.score_autograd", area="parameterisation", kind="exact", tol=1e-10,
        case="ring8, bimodal_1d, random 3-D GMM; every schedule", reference="Gaussian mixture noised in closed form")
 def _score():
     """Closed-form GMM score = autograd gradient of the closed-form log p_t (ring8, 1-D, random 3-D)."""
@@ -231,7 +231,7 @@ def _score():
     return res
 
 
-@check("B.score_fd_order", area="parameterisation", kind="order", tol=0.15,
+@check("parameterisation.score_fd_order", area="parameterisation", kind="order", tol=0.15,
        case="ring8 under VP at t=0.3, h in {0.2..0.025}", reference="central differences, O(h^2)")
 def _score_fd():
     """Central differences of log p_t converge to the closed-form score at order 2 in h."""
@@ -241,7 +241,7 @@ def _score_fd():
     return Outcome(abs(slope - 2.0), f"slope {slope:.3f} (expected 2)")
 
 
-@check("B.dsm_eps_scaling", area="parameterisation", kind="exact", tol=1e-10,
+@check("parameterisation.dsm_eps_scaling", area="parameterisation", kind="exact", tol=1e-10,
        case="random 3-D GMM, 16 (x0, eps), VP and EDM", reference="Vincent 2011; Ho et al. 2020 (eps-loss)")
 def _dsm():
     """||s + eps/sigma||^2 = ||eps_hat - eps||^2 / sigma^2."""

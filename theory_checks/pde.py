@@ -1,4 +1,4 @@
-r"""Area D: the SDE / ODE / PDE views as pointwise PDE residuals on Gaussian mixtures (forward
+r"""Area "pde": the SDE / ODE / PDE views as pointwise PDE residuals on Gaussian mixtures (forward
 Fokker-Planck, PF-ODE continuity equation, the marginal-preserving SDE family).
 
 All residuals are written for L = log p_t (dividing the PDE by p > 0) and evaluated with autograd in
@@ -99,21 +99,21 @@ def _points(schedule: Schedule, n: int = 12, seed: int = 0):
 
 
 register_many(
-    [(f"D.fokker_planck[{n}]", (lambda s=s: _on_points(fokker_planck_residual, s)))
+    [(f"pde.fokker_planck[{n}]", (lambda s=s: _on_points(fokker_planck_residual, s)))
      for n, s in DEFAULT_SCHEDULES.items() if n != "ddpm"],
     doc=fokker_planck_residual.__doc__, area="pde", kind="exact", tol=1e-10,
     case="random 2-component 2-D GMM, 12 (x, t) spread in log-SNR, autograd float64",
     reference="Fokker-Planck equation of dx = f x dt + g dw (Song et al. 2021)",
 )
 register_many(
-    [(f"D.continuity_pf_ode[{n}]", (lambda s=s: _on_points(continuity_residual, s, seed=1)))
+    [(f"pde.continuity_pf_ode[{n}]", (lambda s=s: _on_points(continuity_residual, s, seed=1)))
      for n in ("vp", "ve", "edm", "rf") for s in [DEFAULT_SCHEDULES[n]]],
     doc=continuity_residual.__doc__, area="pde", kind="exact", tol=1e-10,
     case="random 2-D GMM, 12 (x, t); v from the field (x0 prediction), div by autograd",
     reference="Song et al. 2021, eq. 13 (probability-flow ODE)",
 )
 register_many(
-    [(f"D.sde_family[gamma={g}]", (lambda g=g: max(_on_points(sde_family_residual, DEFAULT_SCHEDULES[n], seed=2, gamma=g)
+    [(f"pde.sde_family[gamma={g}]", (lambda g=g: max(_on_points(sde_family_residual, DEFAULT_SCHEDULES[n], seed=2, gamma=g)
                                                    for n in ("vp", "subvp", "rf"))))
      for g in (0.0, 0.5, 1.0, 2.0)],
     doc=sde_family_residual.__doc__, area="pde", kind="exact", tol=1e-10,

@@ -1,4 +1,4 @@
-"""Area E: deterministic solvers -- convergence orders against the exact 1-D flow map, and solver identities
+"""Area "solvers": deterministic solvers -- convergence orders against the exact 1-D flow map, and solver identities
 (the exact 1-D flow map is the quantile map; DDIM = DPM-Solver-1 = Euler in (x/alpha, sigma/alpha))."""
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _register_orders(cases):
     for method, p, ns, opts in cases:
         get_method(method)  # an unregistered method is an error, not a silently dropped check
         suffix = "" if not opts else "[" + ",".join(f"{k}={v}" for k, v in opts.items()) + "]"
-        check(f"E.order[{method}{suffix}]", area="solvers", kind="order", tol=0.15,
+        check(f"solvers.order[{method}{suffix}]", area="solvers", kind="order", tol=0.15,
               case=f"bimodal_1d, VP, log-SNR grid, N in {ns}, 256 samples, exact quantile map",
               reference="Hairer, Norsett & Wanner (1993) ch. II.3; the method's paper")(_order_check(method, p, ns, **opts))
 
@@ -83,7 +83,7 @@ def _register_orders(cases):
 _register_orders(ORDER_CASES)
 
 
-@check("E.reference_flow_map", area="solvers", kind="quadrature", tol=1e-9,
+@check("solvers.reference_flow_map", area="solvers", kind="quadrature", tol=1e-9,
        case="bimodal_1d, VP, 512 samples from p_{t_max} to t_min", reference="Song et al. 2021 (PF-ODE); quantile map F_t^{-1} o F_s in 1-D")
 def _reference():
     """The 1-D PF-ODE flow map is the monotone quantile map F_t^{-1} o F_s: scipy DOP853 (rtol 1e-10) against it."""
@@ -109,7 +109,7 @@ def ddim_identity_residual(schedule, n_steps: int = 7, seed: int = 0) -> float:
 
 
 for _name in ("vp", "ve", "rf", "edm"):  # registered unconditionally: a missing method fails, never drops out
-    check(f"E.ddim_is_dpm_solver_1_is_edm_euler[{_name}]", area="solvers", kind="exact", tol=1e-12,
+    check(f"solvers.ddim_is_dpm_solver_1_is_edm_euler[{_name}]", area="solvers", kind="exact", tol=1e-12,
           case="bimodal_1d, 7 log-SNR steps, 64 samples",
           reference="Lu et al. 2022 sec. 4.1; Song, Meng & Ermon 2021 sec. 4.3",
           doc=ddim_identity_residual.__doc__)(lambda s=S.SCHEDULES[_name](): ddim_identity_residual(s))

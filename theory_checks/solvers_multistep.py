@@ -1,4 +1,4 @@
-"""Area E (continued): linear multistep samplers -- measured global orders against the exact 1-D flow map, and
+"""Area "solvers" (continued): linear multistep samplers -- measured global orders against the exact 1-D flow map, and
 identities between the multistep families.
 
 Two effects set the orders measured here (see diffusion_lab.samplers.multistep):
@@ -54,7 +54,7 @@ def _register(cases):
         get_method(method)  # an unregistered method is an error, not a silently dropped check
         parts = [f"{k}={v}" for k, v in opts.items()] + ([f"t_max={t_max:g}"] if t_max != 1.0 else [])
         suffix = "[" + ",".join(parts) + "]" if parts else ""
-        check(f"E.order[{method}{suffix}]", area="solvers", kind="order", tol=0.15,
+        check(f"solvers.order[{method}{suffix}]", area="solvers", kind="order", tol=0.15,
               case=f"bimodal_1d, VP (t_max={t_max:g}), log-SNR grid, N in {ns}, 256 samples, exact quantile map",
               reference="Karras et al. 2022; Liu et al. 2022; Zhang & Chen 2023")(
             _order_check(method, p, ns, t_max=t_max, **opts))
@@ -75,7 +75,7 @@ def _sigmabar_uniform_slope(method: str, ns, **options):
     return float(np.polyfit(np.log(1.0 / np.asarray(ns, dtype=float)), np.log(errs), 1)[0]), errs
 
 
-@check("E.order[pndm,sigmabar_uniform_grid]", area="solvers", kind="order", tol=0.3,
+@check("solvers.order[pndm,sigmabar_uniform_grid]", area="solvers", kind="order", tol=0.3,
        case="bimodal_1d, EDM sigma 2 -> 0.2, sigma-uniform grid, N in (16, 32, 64, 128), 256 samples",
        reference="Liu et al. 2022 (F-PNDM)")
 def _pndm_uniform():
@@ -98,7 +98,7 @@ def _setup(schedule, t_max=None, n=64):
     return tg.field(schedule), tg.marginal(schedule, t0).sample(n, torch.Generator().manual_seed(3))
 
 
-@check("E.multistep.ipndm_is_lms_on_sigmabar_uniform_grid", area="solvers", kind="exact", tol=1e-11,
+@check("solvers.multistep.ipndm_is_lms_on_sigmabar_uniform_grid", area="solvers", kind="exact", tol=1e-11,
        case="bimodal_1d, VP from t = 0.5, 10 sigma/alpha-uniform steps, 64 samples",
        reference="Zhang & Chen 2023 (iPNDM, rho-AB-DEIS); k-diffusion sample_lms")
 def _ipndm_lms():
@@ -110,7 +110,7 @@ def _ipndm_lms():
     return _identity(sample(field, x, "ipndm", grid=grid).x, sample(field, x, "lms", grid=grid).x)
 
 
-@check("E.multistep.deis_tab_is_lms_on_edm", area="solvers", kind="exact", tol=1e-11,
+@check("solvers.multistep.deis_tab_is_lms_on_edm", area="solvers", kind="exact", tol=1e-11,
        case="bimodal_1d, EDM, 11 Karras steps, orders 2-4, 64 samples", reference="Zhang & Chen 2023 eq. 14")
 def _tab_lms():
     """On EDM the time is t = sigma = sigma/alpha, so tAB-DEIS (eps a polynomial in t, integrated in sigmabar) is
@@ -122,7 +122,7 @@ def _tab_lms():
                for k in (2, 3, 4))
 
 
-@check("E.multistep.pndm_warm_up_is_rk4_in_edm_coordinates", area="solvers", kind="exact", tol=1e-12,
+@check("solvers.multistep.pndm_warm_up_is_rk4_in_edm_coordinates", area="solvers", kind="exact", tol=1e-12,
        case="bimodal_1d, VP, 3 log-SNR steps, 64 samples", reference="Liu et al. 2022 eq. 13")
 def _prk_rk4():
     """PNDM's pseudo Runge-Kutta step with the stage point at the sigma/alpha midpoint is classical RK4 on

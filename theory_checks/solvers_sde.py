@@ -1,4 +1,4 @@
-r"""Area E (stochastic): SDE solver checks: reverse SDE, the marginal-preserving family, DDPM = DDIM(eta = 1), weak and strong orders.
+r"""Area "solvers" (stochastic): SDE solver checks: reverse SDE, the marginal-preserving family, DDPM = DDIM(eta = 1), weak orders.
 
 With Gaussian data N(mu, Sigma) the exact score is affine in x, so every sampler step here is an affine map
 of the state and of the step's standard normals. The output of N steps from x_0 is then
@@ -13,7 +13,7 @@ are computed with no Monte Carlo. ``sampler_gaussian_law`` reads (Phi, beta, K_i
     m' = A m + b,   C' = A C A^T + gamma^2 g^2 h I,   A = (1 - f h) I - (1+gamma^2)/2 g^2 h C_t^{-1},
     b = (1+gamma^2)/2 g^2 h C_t^{-1} alpha_t mu,   C_t = alpha_t^2 Sigma + sigma_t^2 I,
 
-and the two agree to rounding (``E.em_law_closed_form``). Every order check here runs the package's samplers.
+and the two agree to rounding (``solvers.em_law_closed_form``). Every order check here runs the package's samplers.
 (A strong-order check on geometric Brownian motion used to be listed here; it ran torchsde's own solvers on an SDE
 no sampler of this package integrates, so it was removed from the catalogue: the package's Euler-Maruyama is checked
 by its weak order, its exact law and its path-by-path identity with torchsde's Euler.)
@@ -128,7 +128,7 @@ def _order_outcome(slope: float, errs, p: float, steps=STEPS, what: str = "W2 er
     return Outcome(abs(slope - p), f"slope {slope:.3f} (expected {p:g}); {what} {pairs}")
 
 
-@check("E.em_weak_order", area="solvers", kind="order", tol=0.15,
+@check("solvers.em_weak_order", area="solvers", kind="order", tol=0.15,
        case="em, gamma=0.5, VP linear, gaussian_2d, uniform t, N in {16..256}, moments from the sampler's affine map",
        reference="Kloeden & Platen 1992 Thm 14.5.1")
 def _em_weak():
@@ -138,7 +138,7 @@ def _em_weak():
     return _order_outcome(slope, errs, 1.0)
 
 
-@check("E.reverse_sde_gaussian_weak_order[gamma=1]", area="solvers", kind="order", tol=0.15,
+@check("solvers.reverse_sde_gaussian_weak_order[gamma=1]", area="solvers", kind="order", tol=0.15,
        case="the package's em sampler, gamma=1, VP linear, gaussian_2d, uniform t, N in {16..256}, exact output law",
        reference="Anderson 1982")
 def _reverse_sde_weak():
@@ -149,7 +149,7 @@ def _reverse_sde_weak():
     return _order_outcome(slope, errs, 1.0)
 
 
-@check("E.reverse_sde_gaussian_weak_order[gamma=2]", area="solvers", kind="order", tol=0.15,
+@check("solvers.reverse_sde_gaussian_weak_order[gamma=2]", area="solvers", kind="order", tol=0.15,
        case="the package's em sampler, gamma=2, VP linear, gaussian_2d, uniform t, N in {32..512}, exact output law",
        reference="Huang et al. 2021; Karras et al. 2022 eq. 6")
 def _family_weak():
@@ -164,7 +164,7 @@ def _family_weak():
     return _order_outcome(slope, errs, 1.0, steps=steps)
 
 
-@check("E.ddpm_ancestral_weak_order", area="solvers", kind="order", tol=0.15,
+@check("solvers.ddpm_ancestral_weak_order", area="solvers", kind="order", tol=0.15,
        case="ddpm_ancestral, VP linear, gaussian_2d, quadratic t grid, N in {32..256}, moments from the sampler's affine map",
        reference="Ho et al. 2020 Alg. 2 and eq. 7")
 def _ddpm_weak():
@@ -178,7 +178,7 @@ def _ddpm_weak():
     return _order_outcome(slope, errs, 1.0, steps=steps)
 
 
-@check("E.ddim_eta_weak_order[eta=0.5]", area="solvers", kind="order", tol=0.15,
+@check("solvers.ddim_eta_weak_order[eta=0.5]", area="solvers", kind="order", tol=0.15,
        case="ddim eta=0.5, VP linear, gaussian_2d, quadratic t grid, N in {32..256}, moments from the sampler's "
             "affine map",
        reference="Song, Meng & Ermon 2021 eq. 12 and 16")
@@ -202,7 +202,7 @@ def em_law_residual(gamma: float = 0.5, n: int = 32) -> float:
     return max(float((m1 - m2).abs().max() / m2.abs().max()), float((C1 - C2).abs().max() / C2.abs().max()))
 
 
-@check("E.em_law_closed_form", area="solvers", kind="exact", tol=1e-12,
+@check("solvers.em_law_closed_form", area="solvers", kind="exact", tol=1e-12,
        case="gamma=0.5, VP linear, gaussian_2d, 32 log-SNR steps", reference="exact Gaussian law of an affine sampler")
 def _em_law():
     """The law of the "em" sampler's output read off its affine map equals the closed-form EM moment recursion."""
@@ -226,7 +226,7 @@ def ddim_eta1_residual(n: int = 20, seed: int = 0, schedule=None) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@check("E.ddim_eta1_is_ddpm", area="solvers", kind="exact", tol=1e-12,
+@check("solvers.ddim_eta1_is_ddpm", area="solvers", kind="exact", tol=1e-12,
        case="ring8, VP linear and EDM schedules, 20 log-SNR steps, 256 samples, same noise",
        reference="Song, Meng & Ermon 2021 eq. 16; Ho et al. 2020 eq. 7")
 def _ddim_ddpm():
@@ -247,7 +247,7 @@ def edm_heun_residual(n: int = 12, schedule=None) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@check("E.edm_sde_churn0_is_heun", area="solvers", kind="exact", tol=1e-12,
+@check("solvers.edm_sde_churn0_is_heun", area="solvers", kind="exact", tol=1e-12,
        case="ring8, VP linear and EDM schedules, 12 Karras steps", reference="Karras et al. 2022 Alg. 1-2")
 def _edm_heun():
     """EDM's stochastic sampler with S_churn = 0 equals its deterministic Heun sampler (NFE 2N - 1)."""
@@ -270,7 +270,7 @@ def torchsde_em_residual(n: int = 40, gamma: float = 1.0) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@check("E.torchsde_euler_is_em", area="solvers", kind="exact", tol=1e-12,
+@check("solvers.torchsde_euler_is_em", area="solvers", kind="exact", tol=1e-12,
        case="ring8, VP linear, 40 log-SNR steps, gamma=1, one BrownianInterval", reference="Li et al. 2020 (torchsde); Kloeden & Platen 1992")
 def _torchsde_em():
     """torchsde Euler (step-index time, one step per grid interval) and the native Euler-Maruyama sampler are the

@@ -1,4 +1,4 @@
-r"""Area E (stochastic samplers built on exponential integrators and on Heun): weak orders against the exact law.
+r"""Area "solvers" (stochastic samplers built on exponential integrators and on Heun): weak orders against the exact law.
 
 On Gaussian data N(mu, Sigma) the exact denoiser is affine in x, so each of these samplers is an affine map of
 its start x_T and of the K standard normals it draws; ``metrics.sampler_gaussian_law`` reads that map off one
@@ -86,7 +86,7 @@ def _register(cases):
     for method, opts, p, ns, per_step in cases:
         get_method(method)  # an unregistered method is an error, not a silently dropped check
         suffix = "" if not opts else "[" + ",".join(f"{k}={v}" for k, v in opts.items()) + "]"
-        check(f"E.weak_order[{method}{suffix}]", area="solvers", kind="order", tol=0.15,
+        check(f"solvers.weak_order[{method}{suffix}]", area="solvers", kind="order", tol=0.15,
               case=f"gaussian_2d, VP linear, log-SNR grid, N in {ns}, exact output law (affine in start and noise)",
               reference="Kloeden & Platen 1992 ch. 14; Lu et al. 2022b; Xue et al. 2023; Xu et al. 2023")(
             _order_fn(method, opts, p, ns, per_step))

@@ -107,14 +107,14 @@ def edm_precond_mc_zscore(n: int = 200_000, seed: int = 0) -> float:
     return worst
 
 
-@check("T.edm_precond_unit_variance", area="training", kind="exact", tol=1e-12,
+@check("training.edm_precond_unit_variance", area="training", kind="exact", tol=1e-12,
        case="VP, cosine, VE, EDM, RF, sub-VP; 41 times each; sigma_d = 0.5", reference="Karras et al. 2022 Table 1")
 def _edm_exact():
     """EDM preconditioning for any schedule: Var(c_in x) = 1 and Var((x0 - c_skip x)/c_out) = 1 when Var x0 = sigma_d^2."""
     return edm_precond_variance_residual()
 
 
-@check("T.edm_precond_unit_variance_mc", area="training", kind="mc", tol=5.0,
+@check("training.edm_precond_unit_variance_mc", area="training", kind="mc", tol=5.0,
        case="ring8 rescaled to variance 0.25 per coordinate, VP, t in {0.05, 0.3, 0.9}, 200k samples",
        reference="Karras et al. 2022, App. B.6")
 def _edm_mc():
@@ -148,7 +148,7 @@ def dsm_optimum(d: int = 4, s2: float = 0.7, t: float = 0.3, n: int = 200_000, s
     return z1, z2, float(j_star.mean()), C
 
 
-@check("T.dsm_optimum_constant", area="training", kind="mc", tol=5.0,
+@check("training.dsm_optimum_constant", area="training", kind="mc", tol=5.0,
        case="N(0, 0.7 I_4), VP t = 0.3, score prediction, 200k samples; perturbation s* + 0.3",
        reference="Vincent 2011")
 def _dsm():
@@ -183,7 +183,7 @@ def loss_equivalence_residual(n: int = 512, seed: int = 1) -> float:
     return worst
 
 
-@check("T.eps_loss_is_sigma2_score_loss", area="training", kind="exact", tol=1e-9,
+@check("training.eps_loss_is_sigma2_score_loss", area="training", kind="exact", tol=1e-9,
        case="ring8, VP/VE/EDM/RF/cosine, 512 samples, eps_hat = exact + 0.1 sin(3x), all prediction types",
        reference="Kingma & Gao 2023 (weighted losses); Vincent 2011")
 def _loss_equiv():
@@ -235,7 +235,7 @@ def cfg_residuals(n: int = 256, seed: int = 2) -> tuple[float, float, float]:
     return r0, r2, r3
 
 
-@check("T.cfg_identities", area="training", kind="exact", tol=1e-10,
+@check("training.cfg_identities", area="training", kind="exact", tol=1e-10,
        case="ring8 components as 8 classes, VP t = 0.4, 256 points, w in {-1, 0, 0.5, 2, 3}",
        reference="Ho & Salimans 2022, eq. 6")
 def _cfg():
@@ -259,7 +259,7 @@ def cfg_nfe_residual(steps: int = 6) -> float:
     return float(err)
 
 
-@check("T.cfg_nfe_counted_twice", area="training", kind="exact", tol=0.0,
+@check("training.cfg_nfe_counted_twice", area="training", kind="exact", tol=0.0,
        case="heun, ddim, dpmpp_2m with 6 steps on a guided exact conditional field",
        reference="Ho & Salimans 2022 (two passes per guided step)")
 def _cfg_nfe():
