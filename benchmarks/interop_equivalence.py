@@ -1,0 +1,220 @@
+#!/usr/bin/env python
+r"""diffusers and k-diffusion through ``diffusion_lab.interop``: the max differences table.
+
+Three blocks, every network a small random one (nothing is downloaded), float64 unless stated:
+
+1. diffusers schedulers: a random UNet2DModel as a field (``interop.from_diffusers``); diffusers' own loop
+   (DDIM, DPM-Solver++ 2M, UniPC, Euler; timestep_spacing "trailing" and the scheduler's default) against ours
+   on the scheduler's timesteps (``grid = t_of_timestep(schedule, scheduler.timesteps)``, final="denoise"), for
+   every prediction type and beta schedule. Column "step": max over steps of max |ours - theirs| / max(1, max
+   |theirs|) of the states at the timesteps; "final": the same for the output; "NFE": ours / theirs. A row with a
+   deliberately broken timestep map (the network called at k + 1) shows what a wrong mapping gives.
+2. k-diffusion: our exported ``sample_<name>`` against k-diffusion's on a smooth random denoiser and Karras sigmas
+   (max |ours - theirs|, model calls).
+3. DiT weights: a random diffusers DiTTransformer2DModel converted to ``diffusion_lab.models.DiT``, max |ours -
+   theirs| over random inputs, timesteps (integer and fractional) and labels, float32 and float64; the round
+   trip back to diffusers' layout; and the same with a wrong head count (must be large).
+
+Run:  python benchmarks/interop_equivalence.py [--steps 10] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+import torch
+
+try:
+    from diffusion_lab import interop as I
+    from diffusion_lab.models import DiT
+    from diffusion_lab.models import convert as C
+    from diffusion_lab.samplers import sample
+except ImportError:  # running from a checkout without installation
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    from diffusion_lab import interop as I
+    from diffusion_lab.models import DiT
+    from diffusion_lab.models import convert as C
+    from diffusion_lab.samplers import sample
+
+SCHEDULERS = {  # ours, our options (to match the scheduler's last steps), diffusers class, its options
+    "ddim": ("ddim", {}, "DDIMScheduler", dict(clip_sample=False)),
+    "dpmpp_2m": ("dpmpp_2m", dict(lower_order_final=False), "DPMSolverMultistepScheduler", {}),
+    "unipc": ("unipc", dict(lower_order_final=False), "UniPCMultistepScheduler", {}),
+    "euler": ("euler", dict(coords="edm"), "EulerDiscreteScheduler", {}),
+}
+BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+def tiny_unet(seed=0):
+    import diffusers
+
+    torch.manual_seed(seed)
+    net = diffusers.UNet2DModel(sample_size=8, in_channels=2, out_channels=2, layers_per_block=1,
+                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    return net.double().eval()
+
+
+def scheduler_row(unet, x_T, name, prediction_type, beta_schedule, spacing, steps, shift=0):
+    import diffusers
+
+    ours, our_opts, cls, opts = SCHEDULERS[name]
+    b0, b1 = BETAS[beta_schedule]
+    cfg = dict(beta_schedule=beta_schedule, beta_start=b0, beta_end=b1, prediction_type=prediction_type, **opts)
+    if spacing != "default":
+        cfg["timestep_spacing"] = spacing
+    sch = getattr(diffusers, cls)(**cfg)
+    field = I.from_diffusers(unet, sch)
+    sch.set_timesteps(steps)
+    grid = I.t_of_timestep(field.schedule, sch.timesteps)
+    alpha = field.schedule.alpha(grid)
+    states, calls = [], [0]
+
+    def net(x, k):
+        calls[0] += 1
+        return unet(x, k + shift)
+
+    def keep(i, k, x, s):  # the state at the next timestep in x-space (see tests/test_interop.py)
+        if name == "unipc":
+            if 1 <= i <= steps - 2:
+                states.append(s.last_sample.clone())
+            if i == steps - 2:
+                states.append(x.clone())
+        elif i + 1 < steps:
+            states.append(x * alpha[i + 1] if name == "euler" else x.clone())
+
+    with torch.no_grad():
+        out = I.diffusers_loop(sch, net, x_T, steps, alpha_start=float(alpha[0]), callback=keep)
+        res = sample(field, x_T, ours, grid=grid, final="denoise", return_trajectory=True, **our_opts)
+    step = max(_rel(res.trajectory[i + 1], s) for i, s in enumerate(states))
+    return {"block": "diffusers", "ours": ours, "theirs": cls, "prediction_type": prediction_type,
+            "beta_schedule": beta_schedule, "spacing": spacing, "steps": steps, "broken": bool(shift),
+            "step": step, "final": _rel(res.x, out), "nfe_ours": res.nfe, "nfe_theirs": calls[0]}
+
+
+class SmoothDenoiser:
+    def __init__(self, seed=5):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(6, 6, dtype=torch.float64, generator=g) / 3
+        self.calls = 0
+
+    def __call__(self, x, sigma):
+        self.calls += 1
+        c = 1.0 / (1.0 + sigma.reshape(-1, 1) ** 2)
+        return c * x + (1 - c) * torch.tanh(x @ self.w)
+
+
+def kdiffusion_rows(steps):
+    K = I.k_diffusion_sampling()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        sigmas = K.get_sigmas_karras(steps, 0.02, 20.0, rho=7.0).to(torch.float64)
+    finally:
+        torch.set_default_dtype(old)
+    x = 20.0 * torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    rows = []
+    for name in ("euler", "heun", "dpmpp_2m"):
+        a, b = SmoothDenoiser(), SmoothDenoiser()
+        ref = getattr(K, f"sample_{name}")(a, x, sigmas, disable=True)
+        out = getattr(I, f"sample_{name}")(b, x, sigmas)
+        rows.append({"block": "k-diffusion", "method": name, "steps": steps,
+                     "max_abs": float((out - ref).abs().max()), "calls_ours": b.calls, "calls_theirs": a.calls})
+    return rows
+
+
+def dit_rows():
+    import diffusers
+
+    torch.manual_seed(3)
+    net = diffusers.DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=2,
+                                          out_channels=4, num_layers=2, sample_size=8, patch_size=2,
+                                          num_embeds_ada_norm=10).eval()
+    sd = net.state_dict()
+    for k in list(sd):  # identical embedder copies, as in a converted reference checkpoint
+        if k.startswith("transformer_blocks.0.norm1.emb."):
+            sd[k.replace("transformer_blocks.0.", "transformer_blocks.1.")] = sd[k].clone()
+    net.load_state_dict(sd)
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        n = net.to(dtype)
+        ours = C.dit_from_diffusers(n)
+        back_sd, back_cfg = C.diffusers_state_dict(ours)
+        back = diffusers.DiTTransformer2DModel(**back_cfg).to(dtype).eval()
+        back.load_state_dict(back_sd)
+        wrong = DiT(ours.config.replace(num_heads=2)).to(dtype)
+        wrong.load_state_dict(ours.state_dict())
+        diff = {"ours": 0.0, "round_trip": 0.0, "wrong_heads": 0.0}
+        scale = 0.0
+        for seed in range(5):
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(8, 2, 8, 8, generator=g, dtype=dtype)
+            t = torch.rand(8, generator=g, dtype=torch.float64) * 999
+            t[:4] = torch.randint(0, 1000, (4,), generator=g).double()
+            y = torch.randint(0, 10, (8,), generator=g)
+            with torch.no_grad():
+                ref = n(x, timestep=t, class_labels=y).sample
+                scale = max(scale, float(ref.abs().max()))
+                diff["ours"] = max(diff["ours"], float((ours(x, t.to(dtype), y) - ref).abs().max()))
+                diff["round_trip"] = max(diff["round_trip"],
+                                         float((back(x, timestep=t, class_labels=y).sample - ref).abs().max()))
+                diff["wrong_heads"] = max(diff["wrong_heads"], float((wrong.eval()(x, t.to(dtype), y) - ref)
+                                                                     .abs().max()))
+        rows.append({"block": "DiT", "dtype": str(dtype).removeprefix("torch."), "output_scale": scale, **diff})
+    net.float()
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=10, help="inference steps (a divisor of 1000 for DDIM)")
+    p.add_argument("--json", default=None, metavar="PATH")
+    a = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+    unet = tiny_unet()
+    x_T = torch.randn(4, 2, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    rows = []
+    for beta in BETAS:
+        for pt in ("epsilon", "v_prediction", "sample"):
+            for name in SCHEDULERS:
+                for spacing in ("trailing", "default"):
+                    rows.append(scheduler_row(unet, x_T, name, pt, beta, spacing, a.steps))
+    rows.append(scheduler_row(unet, x_T, "dpmpp_2m", "epsilon", "scaled_linear", "trailing", a.steps, shift=1))
+    print("== diffusers schedulers vs ours (rel. max difference; same UNet, same x_T) ==")
+    print(f"{'ours':9s} {'scheduler':28s} {'prediction':13s} {'betas':18s} {'spacing':9s} {'step':>9s} "
+          f"{'final':>9s} {'NFE':>7s}")
+    for r in rows:
+        tag = "  <- broken map (k + 1)" if r["broken"] else ""
+        print(f"{r['ours']:9s} {r['theirs']:28s} {r['prediction_type']:13s} {r['beta_schedule']:18s} "
+              f"{r['spacing']:9s} {r['step']:9.2e} {r['final']:9.2e} {r['nfe_ours']:>3d}/{r['nfe_theirs']:<3d}{tag}")
+    kd = kdiffusion_rows(a.steps)
+    print("\n== k-diffusion samplers vs ours exported as sample_<name> (max abs difference) ==")
+    for r in kd:
+        print(f"{r['method']:9s} steps {r['steps']:3d}  max|diff| {r['max_abs']:9.2e}  calls "
+              f"{r['calls_ours']}/{r['calls_theirs']}")
+    dit = dit_rows()
+    print("\n== DiT: diffusers DiTTransformer2DModel -> diffusion_lab DiT (max abs difference) ==")
+    for r in dit:
+        print(f"{r['dtype']:8s} output scale {r['output_scale']:.3g}  converted {r['ours']:9.2e}  round trip "
+              f"{r['round_trip']:9.2e}  wrong head count {r['wrong_heads']:9.2e}")
+    good = [r for r in rows if not r["broken"]]
+    summary = {"diffusers_max_step": max(r["step"] for r in good), "diffusers_max_final": max(r["final"] for r in good),
+               "kdiffusion_max": max(r["max_abs"] for r in kd), "dit_max": max(r["ours"] for r in dit)}
+    print("\nsummary:", {k: f"{v:.2e}" for k, v in summary.items()})
+    if a.json:
+        import diffusers
+
+        with open(a.json, "w") as f:
+            json.dump({"settings": {"steps": a.steps, "torch": torch.__version__, "diffusers": diffusers.__version__},
+                       "diffusers": rows, "kdiffusion": kd, "dit": dit, "summary": summary}, f, indent=1)
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
