@@ -1,4 +1,4 @@
-"""Interop with diffusers and k-diffusion: the same network and start noise give the same samples, step for step.
+"""diffusers networks as fields: the same network and start noise give diffusers' samples, step for step.
 
 Tolerances. diffusers keeps its schedule in float32 (alphas_cumprod, sigmas) and evaluates the step coefficients
 from it in float32 (square roots, 1 - alphabar; Euler steps its state in float32), so with a float64 network and
@@ -6,16 +6,12 @@ state its loop carries relative round-off of a few float32 ulps (6e-8) per step:
 <= 1e-6 relative to their size, which is what is asserted. Our field uses the scheduler's own alphas_cumprod
 (exact in float64), so no schedule mismatch enters. k-diffusion runs in float64 throughout: 1e-10.
 """
-import math
-
 import pytest
 import torch
 
 from diffusion_lab import interop as I
 from diffusion_lab import schedules as S
-from diffusion_lab.samplers import available, sample
-
-from _peers import k_diffusion_sampling
+from diffusion_lab.samplers import sample
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -62,44 +58,6 @@ def test_schedule_matches_alphas_cumprod(kind):
     # float32 cumprod of 1000 factors: relative error grows ~ sqrt(k) ulp; at the tail alphabar ~ 1e-9 (cosine)
     assert torch.allclose(from_cfg.alpha(t) ** 2, acp, rtol=2e-5, atol=0)
     assert torch.allclose(I.diffusers_alphas_cumprod(cfg), acp, rtol=2e-5, atol=0)
-
-
-def test_explicit_alphas_cumprod_and_trained_betas():
-    betas = torch.linspace(1e-3, 0.05, 50, dtype=torch.float64)
-    acp = torch.cumprod(1 - betas, 0)
-    s1 = I.schedule_from_diffusers(alphas_cumprod=acp)
-    s2 = I.schedule_from_diffusers(dict(num_train_timesteps=50, trained_betas=betas.tolist()))
-    t = I.t_of_timestep(s1, torch.arange(50))
-    assert torch.allclose(s1.alpha(t) ** 2, acp, rtol=1e-14)
-    assert torch.allclose(s2.alpha(t) ** 2, acp, rtol=1e-14)
-    assert s1.t_min == 1 / 50 and s1.n_steps == 50
-    assert torch.allclose(s1.betas, betas, rtol=1e-10)
-
-
-def test_schedule_errors():
-    with pytest.raises(ValueError, match="strictly decreasing"):
-        I.DiscreteVP(alphas_cumprod_table=(0.9, 0.95, 0.5))
-    with pytest.raises(ValueError, match=r"alphabar\[2\] = 0.0"):
-        I.DiscreteVP(alphas_cumprod_table=(0.9, 0.5, 0.0))
-    with pytest.raises(ValueError, match="zero terminal SNR"):
-        I.schedule_from_diffusers(dict(rescale_betas_zero_snr=True))
-    with pytest.raises(ValueError, match="'sigmoid' is not mapped"):
-        I.schedule_from_diffusers(dict(beta_schedule="sigmoid"))
-    with pytest.raises(ValueError, match="prediction_type 'flow'"):
-        I.from_diffusers(lambda x, k: x, dict(), prediction_type="flow")
-
-
-def test_timesteps_exact_at_knots_and_affine_between():
-    sch = I.schedule_from_diffusers(dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
-    k = torch.arange(1000)
-    t = I.t_of_timestep(sch, k)
-    kk = I.timestep_of_t(sch, t)
-    assert torch.equal(kk, k.to(torch.float64))  # exact integers at every knot
-    mid = 0.5 * (t[:-1] + t[1:])
-    assert torch.allclose(I.timestep_of_t(sch, mid), k[:-1].double() + 0.5, atol=1e-9)
-    # the schedule between knots: log alpha linear in t
-    la = sch.log_alpha(mid)
-    assert torch.allclose(la, 0.5 * (sch.log_alpha(t[:-1]) + sch.log_alpha(t[1:])), atol=1e-15)
 
 
 def test_adapter_calls_network_at_the_knot_timesteps(unet, x_T):
@@ -291,95 +249,3 @@ def test_decode_latents_scales_by_the_vae_factor(tmp_path):
         ref = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
     out = I.decode_latents(vae2, z)
     assert out.shape == (2, 3, 8, 8) and torch.allclose(out, ref, atol=1e-6)
-
-
-def test_importing_the_package_does_not_import_diffusers():
-    import subprocess
-    import sys
-
-    code = "import sys, diffusion_lab, diffusion_lab.interop; print('diffusers' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
-# ------------------------------------------------------------------------------------------------
-# k-diffusion both ways
-
-
-class _Denoiser:
-    """A smooth nonlinear denoiser D(x; sigma) with conditioning (a stand-in for a network)."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(5)
-        self.w = torch.randn(6, 6, dtype=torch.float64, generator=g) / 3
-        self.calls = 0
-
-    def __call__(self, x, sigma, shift=0.0):
-        self.calls += 1
-        s = sigma.reshape(-1, 1)
-        c = 1.0 / (1.0 + s ** 2)
-        return c * x + (1 - c) * torch.tanh(x @ self.w) + shift
-
-
-def _kd_sigmas(K, n, lo=0.02, hi=20.0):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return K.get_sigmas_karras(n, lo, hi, rho=7.0).to(torch.float64)
-    finally:
-        torch.set_default_dtype(old)
-
-
-@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m"])
-def test_exported_samplers_match_k_diffusion(name):
-    """sample_<name> of ours, called exactly as a k-diffusion user interface calls k-diffusion's, gives k-diffusion's
-    result with the same number of model calls (Karras sigmas ending at 0, conditioning through extra_args)."""
-    K = k_diffusion_sampling()
-    sigmas = _kd_sigmas(K, 8)
-    x = 20.0 * torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    theirs_model, ours_model = _Denoiser(), _Denoiser()
-    ref = getattr(K, f"sample_{name}")(theirs_model, x, sigmas, extra_args={"shift": 0.1}, disable=True)
-    seen = []
-    out = getattr(I, f"sample_{name}")(ours_model, x, sigmas, extra_args={"shift": 0.1},
-                                       callback=lambda d: seen.append(d["i"]))
-    assert float((out - ref).abs().max()) < 1e-10
-    assert ours_model.calls == theirs_model.calls
-    assert seen == list(range(len(sigmas) - 1))
-
-
-def test_exported_sampler_without_final_zero_matches_k_diffusion():
-    K = k_diffusion_sampling()
-    sigmas = _kd_sigmas(K, 6)[:-1]  # stop at sigma_min > 0
-    x = 20.0 * torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    ref = K.sample_euler(_Denoiser(), x, sigmas, disable=True)
-    assert float((I.sample_euler(_Denoiser(), x, sigmas) - ref).abs().max()) < 1e-10
-
-
-def test_every_registered_method_is_exported():
-    names = I.k_diffusion_samplers()
-    expected = {f"sample_{m.name}" for m in available() if m.family != "auto"}
-    assert set(names) == expected
-    x = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 10
-    sigmas = torch.cat([torch.logspace(1.3, -1.7, 8, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
-    for key, fn in names.items():  # every one runs in the convention (a few ms each)
-        out = fn(_Denoiser(), x, sigmas, generator=torch.Generator().manual_seed(0))
-        assert out.shape == x.shape and torch.isfinite(out).all(), key
-    x0 = names["sample_ddim"](_Denoiser(), x, sigmas)
-    assert float((x0 - names["sample_euler"](_Denoiser(), x, sigmas)).abs().max()) < 1e-12  # DDIM = Euler in EDM
-    with pytest.raises(AttributeError, match="no registered method 'nope'"):
-        I.sample_nope  # noqa: B018
-    with pytest.raises(ValueError, match="takes no sigma list"):
-        I.k_diffusion_sampler("auto")
-    with pytest.raises(ValueError, match="positive except a final 0"):
-        I.sample_euler(_Denoiser(), x, torch.tensor([1.0, 0.0, 0.0]))
-
-
-def test_k_diffusion_denoiser_as_field():
-    """from_k_diffusion: EDM schedule, x0 prediction; the PF-ODE velocity is (x - D)/sigma (Karras et al. eq. 3)."""
-    d = _Denoiser()
-    field = from_kd = I.from_k_diffusion(d, 0.02, 20.0, extra_args={"shift": 0.1})
-    assert isinstance(from_kd.schedule, S.EDM) and field.prediction == "x0"
-    x = torch.randn(4, 6, dtype=torch.float64)
-    sig = torch.tensor(1.5, dtype=torch.float64)
-    v = field.velocity(x, sig)
-    assert torch.allclose(v, (x - d(x, sig.expand(4), shift=0.1)) / 1.5, rtol=1e-13)

@@ -1,4 +1,5 @@
-"""DiT weights from the reference layout and from diffusers' DiTTransformer2DModel, into our DiT and back.
+"""DiT weights from diffusers' DiTTransformer2DModel into our DiT and back (the reference layout, which needs no
+diffusers: tests/test_interop_core.py).
 
 Tolerance 1e-5 (outputs of size ~1): diffusers computes the timestep features in float32 whatever the model dtype
 (``get_timestep_embedding`` casts t to float32), ours in the input's dtype; the arguments t omega_i reach ~1000 rad,
@@ -7,7 +8,6 @@ where a float32 ulp is 6e-5 rad, which moves the output by ~1e-6 (measured 7e-7 
 import pytest
 import torch
 
-from diffusion_lab import interop as I
 from diffusion_lab.models import DiT, get_config
 from diffusion_lab.models import convert as C
 
@@ -99,74 +99,3 @@ def test_diffusers_round_trip(ddit):
         assert torch.equal(v, back.state_dict()[k]), k
     with pytest.raises(ValueError, match="frequency_shift=0.0"):
         C.diffusers_config(get_config("DiT-micro/2"))
-
-
-# ------------------------------------------------------------------------------------------------
-# reference layout (facebookresearch/DiT models.py)
-
-
-def _reference_keys(depth: int) -> set[str]:
-    """The parameter names of the reference DiT (models.py: timm PatchEmbed / Attention / Mlp, TimestepEmbedder,
-    LabelEmbedder, DiTBlock, FinalLayer), written out."""
-    keys = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight",
-            "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
-            "y_embedder.embedding_table.weight", "final_layer.linear.weight", "final_layer.linear.bias",
-            "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"}
-    for i in range(depth):
-        for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"):
-            keys |= {f"blocks.{i}.{m}.weight", f"blocks.{i}.{m}.bias"}
-    return keys
-
-
-def _reference_like(seed=0):
-    """Our DiT in the reference configuration (learn_sigma: 2C outputs, integer-step time input), random weights
-    everywhere (the zero init would make every output 0)."""
-    cfg = get_config("DiT-S/2", input_size=8, in_channels=2, out_channels=4, depth=2, num_classes=10,
-                     time_scale=1.0)
-    model = DiT(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model.eval()
-
-
-def test_reference_layout_round_trip():
-    model = _reference_like()
-    sd = C.reference_state_dict(model)
-    assert set(sd) == _reference_keys(2)
-    assert sd["final_layer.linear.weight"].shape[0] == 2 * 2 * 4  # p^2 * 2C (learn_sigma)
-    cfg = C.config_from_reference(sd)
-    assert (cfg.hidden_size, cfg.num_heads, cfg.depth, cfg.in_channels, cfg.out_channels, cfg.input_size,
-            cfg.num_classes, cfg.class_dropout_prob, cfg.time_scale) == (384, 6, 2, 2, 4, 8, 10, 0.1, 1.0)
-    back = C.dit_from_reference({"ema": sd, "opt": {}})  # the training script's checkpoint dict
-    x, t, y = _inputs()
-    with torch.no_grad():
-        assert torch.equal(model(x, t.float(), y), back(x, t.float(), y))
-    bad = dict(sd)
-    bad["pos_embed"] = bad["pos_embed"] + 0.1
-    with pytest.raises(ValueError, match="differs from the 2-D sin-cos table"):
-        C.dit_from_reference(bad)
-    with pytest.raises(ValueError, match="not one of the paper's widths"):
-        C.config_from_reference({**sd, "x_embedder.proj.weight": torch.zeros(40, 2, 2, 2)})
-    with pytest.raises(ValueError, match="frequency_shift=1.0"):
-        C.reference_state_dict(C.dit_from_diffusers(_tie_embedders(diffusers.DiTTransformer2DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=2, num_layers=1, sample_size=8,
-            num_embeds_ada_norm=10))))
-
-
-def test_reference_checkpoint_file_to_field(tmp_path):
-    """load_dit_checkpoint reads a reference .pt; dit_field drops the variance channels and calls the network at
-    integer DDPM steps k = N t - 1 on the linear schedule the reference was trained with."""
-    model = _reference_like(seed=1)
-    path = tmp_path / "DiT-test.pt"
-    torch.save(C.reference_state_dict(model), path)
-    loaded = I.load_dit_checkpoint(path)
-    y = torch.tensor([0, 3, 9])
-    field = I.dit_field(loaded, y)
-    x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
-    t = I.t_of_timestep(field.schedule, 250)
-    with torch.no_grad():
-        eps = field.eps(x, t)
-        ref = model(x.float(), torch.full((3,), 250.0), y)[:, :2].double()
-    assert torch.equal(eps, ref)
