@@ -44,9 +44,12 @@ DESIGN_TARGETS = [("ring8", {}), ("bimodal_1d", {}), ("gaussian_2d", {}), ("ncsn
 SCHEDULES = {"vp_linear": schedules.VPLinear, "vp_cosine": schedules.VPCosine, "edm": schedules.EDM,
              "ddpm_discrete": schedules.DDPMDiscrete, "ve": schedules.VE, "rectified_flow": schedules.RectifiedFlow}
 FINALS = ("step", "denoise", "denoise_early")
-#: schedules with t in [0, 1] on which the "denoise_early" ending applies: the grid stops at t_e = 1/K for a
-#: budget of K evaluations and the denoiser is taken there, as samplers with K "trailing" steps do
-EARLY = ("vp_linear", "vp_cosine", "ddpm_discrete")
+#: the "denoise_early" ending: the grid stops at t_e and the denoiser is taken there, as samplers whose K
+#: "leading" steps end at timestep 1000/K do. On VP-linear t_e = 1/K; on every other schedule t_e is the time of
+#: the same half log-SNR, lambda(t_e) = lambda_VP-linear(1/K) (from -0.38 at K = 3 to 2.56 at K = 50), so the
+#: cases differ by schedule and not by how far they integrate. (The first version of this study ran the early
+#: ending only on the three VP schedules, at t_e = 1/K: --early-schedules vp.)
+EARLY_VP = ("vp_linear", "vp_cosine", "ddpm_discrete")
 GRIDS = ("logsnr", "karras", "uniform", "quadratic")
 EXCLUDE = {"adaptive", "auto"}
 
@@ -56,8 +59,14 @@ def main(argv=None):
     p.add_argument("--nfe", default="3 4 5 6 8 10 12 15 20 25 30 50")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--methods", default=None, help="restrict the methods (space separated)")
+    p.add_argument("--finals", default=" ".join(FINALS), help=f"endings to run (default: all of {FINALS})")
+    p.add_argument("--early-schedules", choices=("all", "vp"), default="all",
+                   help="schedules of the denoise_early ending (vp: the first version, t_e = 1/K on VP only)")
     p.add_argument("--json", default=None, metavar="PATH")
     a = p.parse_args(argv)
+    finals = a.finals.replace(",", " ").split()
+    if set(finals) - set(FINALS):
+        raise SystemExit(f"error: --finals: unknown {sorted(set(finals) - set(FINALS))}; choose from {FINALS}")
     torch.set_num_threads(1)
     nfes = [int(v) for v in a.nfe.replace(",", " ").split()]
     methods = [m.name for m in samplers.available() if not m.stochastic and m.name not in EXCLUDE
@@ -93,11 +102,16 @@ def main(argv=None):
             field = target.field(sch)
             x_T = target.marginal(sch, sch.t_max).sample(a.samples, torch.Generator().manual_seed(0))
             ref, _ = flow_map(field, x_T, sch.t_max, sch.t_min)
-            for final in FINALS:
+            for final in finals:
                 if final == "denoise_early":
-                    if sname not in EARLY:
-                        continue
-                    t_end = {n: max(1.0 / n, sch.t_min) for n in nfes}
+                    if a.early_schedules == "vp":
+                        if sname not in EARLY_VP:
+                            continue
+                        t_end = {n: max(1.0 / n, sch.t_min) for n in nfes}
+                    else:
+                        vp = schedules.VPLinear()
+                        t_end = {n: max(float(sch.t_from_lam(vp.lam(torch.tensor(1.0 / n, dtype=torch.float64)))),
+                                        sch.t_min) for n in nfes}
                     refs = {n: field.denoiser(flow_map(field, x_T, sch.t_max, t_end[n])[0], t_end[n]) for n in nfes}
                     run_case(f"{tname}/{sname}/{final}", field, x_T, refs, final, t_end)
                     continue
@@ -117,7 +131,7 @@ def main(argv=None):
             nested.setdefault(c, {})[str(n)] = {f"{m}/{g}": float(f"{e:.4g}") for (m, g), e in d.items()}
         with open(a.json, "w") as fh:
             json.dump({"settings": {"targets": DESIGN_TARGETS, "schedules": list(SCHEDULES), "grids": GRIDS,
-                                    "finals": FINALS,
+                                    "finals": finals, "early_schedules": a.early_schedules,
                                     "nfes": nfes, "samples": a.samples, "methods": methods,
                                     "torch": torch.__version__},
                        "summary": {str(k): v for k, v in summary.items()},

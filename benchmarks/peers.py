@@ -359,12 +359,14 @@ def our_plan(method: str, nfe: int, final: str) -> tuple[int, dict]:
     return samplers.steps_for_nfe(method, nfe, final), {}
 
 
-def resolve(method: str, nfe: int, final: str, grids) -> tuple[str, list, list]:
+def resolve(method: str, nfe: int, final: str, grids, lam_end: float | None = None) -> tuple[str, list, list]:
     """(method to run, [(grid label, grid kind)], plan) -- the declared defaults "auto" / "auto_sde" resolve to
-    their rule's method and grid kind for this budget (``samplers.auto.resolve``), labelled grid "auto"."""
+    their rule's method and grid kind for this budget and the grid's end (``samplers.auto.resolve``, with the
+    half log-SNR ``lam_end`` at the end time, exactly as ``sample(..., t_min=t_e)`` resolves it), labelled grid
+    "auto"."""
     from diffusion_lab.samplers.auto import resolve as auto_resolve
 
-    choice = auto_resolve(method, nfe, final)
+    choice = auto_resolve(method, nfe, final, lam_end=lam_end)
     if choice is not None:
         return choice.method, [("auto", choice.grid_kind)], {"resolved": f"{choice.method}/{choice.grid_kind}"}
     return method, [(g, g) for g in grids], {}
@@ -373,7 +375,8 @@ def resolve(method: str, nfe: int, final: str, grids) -> tuple[str, list, list]:
 def run_ours(field, x_start, t_s, t_e, final, nfe, ref, methods, grids) -> list[dict]:
     rows = []
     for m in methods:
-        name, kinds, extra = resolve(m.name, nfe, final, grids)
+        lam_end = float(field.schedule.lam(torch.tensor(float(t_e), dtype=torch.float64)))
+        name, kinds, extra = resolve(m.name, nfe, final, grids, lam_end)
         try:
             n, opts = our_plan(name, nfe, final)
         except ValueError as e:

@@ -6,7 +6,8 @@ import torch
 from diffusion_lab import schedules as S
 from diffusion_lab import targets as T
 from diffusion_lab.samplers import available, get_method, sample
-from diffusion_lab.samplers.auto import AUTO_RULES, auto_choice
+from diffusion_lab.samplers import time_grid
+from diffusion_lab.samplers.auto import AUTO_RULES, AUTO_RULES_EARLY, EARLY_LAMBDA, auto_choice
 
 
 @pytest.mark.parametrize("nfe,method,grid", [(1, "ipndm", "logsnr"), (5, "ipndm", "logsnr"), (11, "ipndm", "logsnr"),
@@ -25,8 +26,57 @@ def test_rule_sde(nfe, method):
     assert auto_choice(nfe, stochastic=True).method == method
 
 
+@pytest.mark.parametrize("nfe,method,grid", [(3, "ipndm", "quadratic"), (13, "ipndm", "quadratic"),
+                                             (14, "deis", "logsnr"), (17, "deis", "logsnr"),
+                                             (18, "unipc", "logsnr"), (100, "unipc", "logsnr")])
+def test_rule_for_grids_that_end_early(nfe, method, grid):
+    c = auto_choice(nfe, lam_end=EARLY_LAMBDA)  # the threshold itself counts as early
+    assert (c.method, c.grid_kind) == (method, grid)
+    assert auto_choice(nfe, lam_end=EARLY_LAMBDA + 1e-9) == auto_choice(nfe)  # just above: the full-range rule
+    assert auto_choice(nfe, stochastic=True, lam_end=0.0) == auto_choice(nfe, stochastic=True)  # no early SDE rule
+
+
+def test_early_threshold_separates_the_design_endings():
+    # every schedule of the design study ends above the threshold at its own t_min; the early endings are below
+    for cls in (S.VPLinear, S.VPCosine, S.EDM, S.DDPMDiscrete, S.VE, S.RectifiedFlow):
+        sch = cls()
+        assert float(sch.lam(torch.tensor(sch.t_min, dtype=torch.float64))) > EARLY_LAMBDA, cls.__name__
+    vp = S.VPLinear()
+    assert float(vp.lam(torch.tensor(1 / 50, dtype=torch.float64))) < EARLY_LAMBDA
+
+
+@pytest.mark.parametrize("nfe", [5, 10, 20])
+def test_auto_on_a_grid_that_ends_early_equals_the_early_choice(nfe):
+    sch = S.DDPMDiscrete()
+    tg = T.ring8()
+    field = tg.field(sch)
+    x = tg.marginal(sch, sch.t_max).sample(16, torch.Generator().manual_seed(0))
+    t_e = 1.0 / nfe
+    res = sample(field, x, "auto", nfe=nfe, final="denoise", t_min=t_e)
+    lam_e = float(sch.lam(torch.tensor(t_e, dtype=torch.float64)))
+    assert lam_e <= EARLY_LAMBDA
+    c = auto_choice(nfe - 1, lam_end=lam_e)
+    assert (c.method, c.grid_kind) == next((m, g) for hi, m, g, _ in AUTO_RULES_EARLY["auto"]
+                                           if hi is None or nfe - 1 <= hi)
+    from diffusion_lab.samplers import plan_for_nfe
+
+    steps, opts = plan_for_nfe(c.method, nfe, "denoise")
+    grid = time_grid(sch, steps, c.grid_kind, t_min=t_e)
+    by_hand = sample(field, x, c.method, grid=grid, final="denoise", **opts)
+    assert torch.equal(res.x, by_hand.x) and res.nfe == by_hand.nfe <= nfe
+    assert float(res.grid[-1]) == t_e and res.settings["t_min"] == t_e
+
+
+def test_t_range_with_an_explicit_grid_is_refused():
+    sch = S.VPLinear()
+    tg = T.ring8()
+    x = tg.marginal(sch, sch.t_max).sample(4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="t_min / t_max"):
+        sample(tg.field(sch), x, "heun", grid=time_grid(sch, 4), t_min=0.1)
+
+
 def test_rules_name_registered_methods_with_matching_stochasticity():
-    for name, rules in AUTO_RULES.items():
+    for name, rules in list(AUTO_RULES.items()) + list(AUTO_RULES_EARLY.items()):
         for _, method, _, _ in rules:
             assert get_method(method).stochastic == (name == "auto_sde")
     names = {m.name for m in available()}

@@ -6,6 +6,12 @@ A rule fixed by a design study alone (below) picks the method, its options and t
               12 <= K <= 17  unipc (bh2, UniP-2 + UniC), DPM-Solver's time-quadratic grid
               18 <= K <= 40  dpmpp_3m (official coefficients), log-SNR grid
               K > 40         unipc, log-SNR grid
+    auto, on a grid that ends early (half log-SNR lambda(t_e) = log(alpha/sigma) <= EARLY_LAMBDA = 3.5 at its
+          last time, i.e. sigma/alpha >= 0.03 there: ``sample(..., t_min=t_e)``, as samplers whose last model
+          call is far from the data and whose final denoiser covers the rest)
+              K <= 13        ipndm, time-quadratic grid
+              14 <= K <= 17  deis (tAB-3), log-SNR grid
+              K >= 18        unipc, log-SNR grid
     auto_sde  K <= 14        dpmpp_2m_sde (eta = 1, midpoint), log-SNR grid
               K >= 15        dpmpp_3m_sde (eta = 1), log-SNR grid
 
@@ -14,8 +20,13 @@ method on every grid kind at budgets 3 to 50 on a DESIGN set only -- the targets
 ncsn_two_mode and a 16-D anisotropic Gaussian under six schedules (VP-linear, VP-cosine, EDM, DDPM-discrete, VE,
 rectified flow; the stochastic study without VP-cosine, scored by exact W2 on the Gaussians and MMD^2 to the exact
 law on the mixtures) and three endings: the state at t_min, the denoiser there, and on the VP schedules the
-denoiser at t_e = 1/K after a grid that stops there, as K-step "trailing" schedulers end (results in
-benchmarks/results/auto_design*.txt). Selection, in two steps:
+denoiser at t_e = 1/K after a grid that stops there, as K-step "leading" schedulers end (results in
+benchmarks/results/auto_design*.txt). The early-ending rule comes from a second run of the same study
+(``--finals denoise_early``, benchmarks/results/auto_design_early.txt) on all six schedules, each ending at the
+half log-SNR lambda_VP-linear(1/K) (from -0.38 at K = 3 to 2.56 at K = 50), with the same selection; its
+robust choices were ipndm/quadratic at K = 3-12, deis/logsnr at 15 and unipc/logsnr at 20-50 (there the
+time-quadratic grid, best at the full range on VP schedules, fails on VE: worst-schedule factor 43 against 18).
+Selection, in two steps:
 
 1. the method per budget: among the (method, grid) pairs that do not fail on any schedule (worst per-schedule
    geometric-mean error within 3x of the best worst case), the best geometric-mean error relative to the
@@ -30,11 +41,12 @@ dimensions, conditionings and component counts) was not used to make the rule: i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .base import register
 
-__all__ = ["AutoChoice", "auto_choice", "resolve", "AUTO_RULES"]
+__all__ = ["AutoChoice", "auto_choice", "resolve", "AUTO_RULES", "AUTO_RULES_EARLY", "EARLY_LAMBDA"]
 
 
 @dataclass(frozen=True)
@@ -56,35 +68,75 @@ AUTO_RULES = {
 }
 
 
-def _describe(name: str) -> str:
+#: a grid "ends early" when the half log-SNR at its last time is at most this: lambda(t_e) = log(alpha/sigma) <= 3.5,
+#: i.e. sigma/alpha >= 0.030 there. The design study's early endings have lambda(t_e) in [-0.38, 2.56] and its
+#: full-range endings (t_min of the six design schedules) lambda in [4.56, 6.91]; 3.5 is the midpoint of the gap,
+#: fixed before any suite run.
+EARLY_LAMBDA = 3.5
+
+#: the rule for grids that end early (same layout as AUTO_RULES); "auto_sde" has no early table and uses its
+#: full-range rule whatever the end
+AUTO_RULES_EARLY = {
+    "auto": ((13, "ipndm", "quadratic", {}), (17, "deis", "logsnr", {}), (None, "unipc", "logsnr", {})),
+}
+
+
+def _rules(name: str, lam_end: float | None):
+    if lam_end is not None and lam_end <= EARLY_LAMBDA and name in AUTO_RULES_EARLY:
+        return AUTO_RULES_EARLY[name]
+    return AUTO_RULES[name]
+
+
+def _describe(name: str, lam_end: float | None = None) -> str:
     parts, lo = [], 1
-    for hi, method, grid, _ in AUTO_RULES[name]:
+    for hi, method, grid, _ in _rules(name, lam_end):
         span = f"NFE {lo}-{hi}" if hi is not None else f"NFE >= {lo}"
         parts.append(f"{span}: {method}/{grid}")
         lo = (hi or 0) + 1
     return "; ".join(parts)
 
 
-def auto_choice(nfe: int, stochastic: bool = False) -> AutoChoice:
-    """The declared default for a budget of ``nfe`` model evaluations (see the module docstring)."""
+def _describe_all(name: str) -> str:
+    text = _describe(name)
+    if name in AUTO_RULES_EARLY:
+        text += f" (grids ending at lambda <= {EARLY_LAMBDA}: {_describe(name, -math.inf)})"
+    return text
+
+
+def auto_choice(nfe: int, stochastic: bool = False, lam_end: float | None = None) -> AutoChoice:
+    """The declared default for a budget of ``nfe`` model evaluations (see the module docstring).
+
+    Parameters
+    ----------
+    nfe : int
+        Model evaluations available to the sampler (after the final denoiser's, if any).
+    stochastic : bool
+        The rule of ``"auto_sde"`` instead of ``"auto"``.
+    lam_end : float, optional
+        Half log-SNR lambda(t_e) = log(alpha(t_e)/sigma(t_e)) where the grid ends; at or below ``EARLY_LAMBDA``
+        the early-ending rule ``AUTO_RULES_EARLY`` applies. None: the grid runs to the schedule's t_min.
+    """
     if int(nfe) != nfe or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    if lam_end is not None and math.isnan(float(lam_end)):
+        raise ValueError(f"lam_end must be a number (+-inf allowed), got {lam_end!r}")
     name = "auto_sde" if stochastic else "auto"
-    for hi, method, grid, options in AUTO_RULES[name]:
+    for hi, method, grid, options in _rules(name, lam_end):
         if hi is None or nfe <= hi:
-            return AutoChoice(method, grid, dict(options), _describe(name))
+            return AutoChoice(method, grid, dict(options), _describe(name, lam_end))
     raise AssertionError("unreachable: the last rule has no bound")
 
 
-def resolve(name: str, nfe: int, final: str = "step") -> AutoChoice | None:
+def resolve(name: str, nfe: int, final: str = "step", lam_end: float | None = None) -> AutoChoice | None:
     """What method ``name`` runs at a budget of ``nfe`` model evaluations: the rule's choice for "auto" /
-    "auto_sde" (the final denoiser's evaluation comes out of the budget first), None for any other method."""
+    "auto_sde" (the final denoiser's evaluation comes out of the budget first; ``lam_end`` as in
+    ``auto_choice``), None for any other method."""
     from .base import get_method
 
     info = get_method(name)
     if info.family != "auto":
         return None
-    return auto_choice(int(nfe) - (1 if final == "denoise" else 0), stochastic=info.stochastic)
+    return auto_choice(int(nfe) - (1 if final == "denoise" else 0), stochastic=info.stochastic, lam_end=lam_end)
 
 
 def _no_direct_call(name):
@@ -92,11 +144,11 @@ def _no_direct_call(name):
         raise ValueError(f"method {name!r} chooses its own method and grid from an NFE budget: call "
                          f"sample(field, x, {name!r}, nfe=K)")
 
-    fn.__doc__ = f"The declared default ({_describe(name)}); resolved by ``sample(..., nfe=K)``."
+    fn.__doc__ = f"The declared default ({_describe_all(name)}); resolved by ``sample(..., nfe=K)``."
     return fn
 
 
 for _name, _stoch in (("auto", False), ("auto_sde", True)):
     register(_name, family="auto", order=2, stochastic=_stoch, nfe_per_step=1,
-             description=f"declared default from the budget: {_describe(_name)}",
-             budget_rule=_describe(_name))(_no_direct_call(_name))
+             description=f"declared default from the budget: {_describe_all(_name)}",
+             budget_rule=_describe_all(_name))(_no_direct_call(_name))
