@@ -195,3 +195,36 @@ def test_threads_option_goes_through_the_library_switch(monkeypatch, tmp_path):
     assert main(["likelihood", "--n", "2", "--threads", "3"]) == 0
     assert calls == [3]
     assert torch.get_num_threads() >= 1
+
+
+def test_compare_checkpoint_measures_samplers_against_the_adaptive_solve_of_the_network(tmp_path, capsys):
+    import json
+
+    from diffusion_lab import training as T
+    from diffusion_lab.metrics import mean_error, mmd2_exact
+    from diffusion_lab.samplers import sample
+    from diffusion_lab.targets import ring8
+
+    ckpt_dir = tmp_path / "train"
+    assert main([*TRAIN, "--out", str(ckpt_dir), "--no-plot", "--eval-n", "0"]) == 0
+    out = tmp_path / "cmp"
+    assert main(["compare", "--checkpoint", str(ckpt_dir / "checkpoint.pt"), "--methods", "heun", "em", "--nfe", "8",
+                 "--n", "64", "--rtol", "1e-5", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "adaptively" in text and f"to {out}" in text.strip().splitlines()[-1]
+    with open(out / "results.csv") as fh:
+        rows = {r["sampler"]: r for r in csv.DictReader(fh)}
+    assert (out / "error_vs_nfe.png").exists()
+    ref = json.loads((out / "settings.json").read_text())["reference"]
+    assert ref["nfe"] > 8 and ref["law"] == "p_t_min"
+    # the numbers are what the library gives for the same starts: heun's flow error against the adaptive solve
+    state = T.load_checkpoint(str(ckpt_dir / "checkpoint.pt"))
+    field = T.field_from_checkpoint(state)
+    sigma_T = float(field.schedule.sigma(torch.tensor(field.schedule.t_max, dtype=torch.float64)))
+    x_T = torch.randn((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigma_T
+    exact_flow = sample(field, x_T, "adaptive", rtol=1e-5, atol=1e-5).x
+    heun = sample(field, x_T, "heun", nfe=8).x
+    assert float(rows["heun"]["flow_error"]) == pytest.approx(mean_error(heun, exact_flow), rel=1e-9)
+    assert rows["em"]["flow_error"] == "nan"  # a stochastic sampler does not approximate the flow map
+    law = ring8().marginal(field.schedule, field.schedule.t_min)
+    assert float(rows["heun"]["mmd2"]) == pytest.approx(mmd2_exact(heun, law).mmd2, rel=1e-9)
