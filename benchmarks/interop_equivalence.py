@@ -14,8 +14,14 @@ Three blocks, every network a small random one (nothing is downloaded), float64 
 3. DiT weights: a random diffusers DiTTransformer2DModel converted to ``diffusion_lab.models.DiT``, max |ours -
    theirs| over random inputs, timesteps (integer and fractional) and labels, float32 and float64; the round
    trip back to diffusers' layout; and the same with a wrong head count (must be large).
+4. With ``--reference-dit PATH`` (facebookresearch/DiT ``models.py``, a local copy; nothing is downloaded): the
+   reference DiT itself, built with random weights in every tensor (its zero initialisation would make the output
+   0), saved as a state dict, loaded by ``models.convert.dit_from_reference`` and compared on random inputs,
+   integer timesteps and labels. models.py imports ``PatchEmbed``, ``Attention`` and ``Mlp`` from timm; when timm is
+   not installed they are replaced by minimal modules with timm's parameter names and forward passes (conv patch
+   embedding + flatten; fused-qkv multi-head attention; Linear-GELU(tanh)-Linear), which the table says.
 
-Run:  python benchmarks/interop_equivalence.py [--steps 10] [--json out.json]
+Run:  python benchmarks/interop_equivalence.py [--steps 10] [--reference-dit PATH/models.py] [--json out.json]
 """
 from __future__ import annotations
 
@@ -171,9 +177,107 @@ def dit_rows():
     return rows
 
 
+def _timm_stand_in():
+    """Minimal ``timm.models.vision_transformer`` with the three layers the reference models.py imports."""
+    import types
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    class PatchEmbed(nn.Module):
+        def __init__(self, img_size, patch_size, in_chans, embed_dim, bias=True):
+            super().__init__()
+            self.patch_size = (patch_size, patch_size)
+            self.num_patches = (img_size // patch_size) ** 2
+            self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, bias=bias)
+
+        def forward(self, x):
+            return self.proj(x).flatten(2).transpose(1, 2)
+
+    class Attention(nn.Module):
+        def __init__(self, dim, num_heads=8, qkv_bias=False, **_):
+            super().__init__()
+            self.num_heads = num_heads
+            self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+            self.proj = nn.Linear(dim, dim)
+
+        def forward(self, x):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+    class Mlp(nn.Module):
+        def __init__(self, in_features, hidden_features, act_layer=nn.GELU, drop=0.0, **_):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(in_features, hidden_features), act_layer(), \
+                nn.Linear(hidden_features, in_features)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    mod = types.ModuleType("timm.models.vision_transformer")
+    mod.PatchEmbed, mod.Attention, mod.Mlp = PatchEmbed, Attention, Mlp
+    return mod
+
+
+def reference_dit_rows(path):
+    """Our DiT loaded from a reference DiT's state dict against the reference forward (block 4 above)."""
+    import importlib.util
+    import types
+
+    saved = {k: sys.modules.get(k) for k in ("timm", "timm.models", "timm.models.vision_transformer")}
+    try:
+        import timm.models.vision_transformer  # noqa: F401
+        layers = "timm"
+    except ImportError:
+        vt = _timm_stand_in()
+        timm, models = types.ModuleType("timm"), types.ModuleType("timm.models")
+        timm.models, models.vision_transformer = models, vt
+        sys.modules.update({"timm": timm, "timm.models": models, "timm.models.vision_transformer": vt})
+        layers = "stand-in for timm (PatchEmbed, Attention, Mlp)"
+    try:
+        spec = importlib.util.spec_from_file_location("reference_dit_models", path)
+        ref = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(ref)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    rows = []
+    for learn_sigma in (True, False):
+        torch.manual_seed(0)
+        net = ref.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=384, depth=2, num_heads=6,
+                      num_classes=10, learn_sigma=learn_sigma).eval()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                if name != "pos_embed":
+                    p.copy_(0.05 * torch.randn(p.shape, generator=g))
+        ours = C.dit_from_reference({k: v.clone() for k, v in net.state_dict().items()})
+        diff, scale = 0.0, 0.0
+        for seed in range(5):
+            g = torch.Generator().manual_seed(10 + seed)
+            x = torch.randn(8, 4, 8, 8, generator=g)
+            t = torch.randint(0, 1000, (8,), generator=g)
+            y = torch.randint(0, 11, (8,), generator=g)  # 10 = the null class of classifier-free guidance
+            with torch.no_grad():
+                a = net(x, t, y)
+                b = ours(x, t.float(), y)
+            diff, scale = max(diff, float((a - b).abs().max())), max(scale, float(a.abs().max()))
+        back = C.reference_state_dict(ours)
+        same = set(back) == set(net.state_dict()) and all(torch.equal(back[k], v) for k, v in net.state_dict().items())
+        rows.append({"block": "reference DiT", "learn_sigma": learn_sigma, "out_channels": ours.out_channels,
+                     "num_heads": ours.num_heads, "max_abs": diff, "output_scale": scale,
+                     "saved_back_identical": bool(same), "layers": layers})
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10, help="inference steps (a divisor of 1000 for DDIM)")
+    p.add_argument("--reference-dit", default=None, metavar="PATH", help="facebookresearch/DiT models.py (local)")
     p.add_argument("--json", default=None, metavar="PATH")
     a = p.parse_args(argv)
     warnings.simplefilter("ignore")
@@ -203,6 +307,14 @@ def main(argv=None):
     for r in dit:
         print(f"{r['dtype']:8s} output scale {r['output_scale']:.3g}  converted {r['ours']:9.2e}  round trip "
               f"{r['round_trip']:9.2e}  wrong head count {r['wrong_heads']:9.2e}")
+    ref_rows = []
+    if a.reference_dit:
+        ref_rows = reference_dit_rows(a.reference_dit)
+        print("\n== reference DiT (facebookresearch/DiT models.py) -> diffusion_lab DiT (max abs difference) ==")
+        for r in ref_rows:
+            print(f"learn_sigma={r['learn_sigma']!s:5s} out_channels {r['out_channels']}  heads {r['num_heads']}  "
+                  f"output scale {r['output_scale']:.3g}  max|diff| {r['max_abs']:9.2e}  saved back identical "
+                  f"{r['saved_back_identical']}  [{r['layers']}]")
     good = [r for r in rows if not r["broken"]]
     summary = {"diffusers_max_step": max(r["step"] for r in good), "diffusers_max_final": max(r["final"] for r in good),
                "kdiffusion_max": max(r["max_abs"] for r in kd), "dit_max": max(r["ours"] for r in dit)}
@@ -212,7 +324,8 @@ def main(argv=None):
 
         with open(a.json, "w") as f:
             json.dump({"settings": {"steps": a.steps, "torch": torch.__version__, "diffusers": diffusers.__version__},
-                       "diffusers": rows, "kdiffusion": kd, "dit": dit, "summary": summary}, f, indent=1)
+                       "diffusers": rows, "kdiffusion": kd, "dit": dit, "reference_dit": ref_rows,
+                       "summary": summary}, f, indent=1)
         print(f"wrote {a.json}")
 
 
