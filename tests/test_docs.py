@@ -47,3 +47,48 @@ def test_page_examples_run(page):
     result = run_page(path)
     assert result.attempted >= 20, f"{page}: only {result.attempted} examples found"
     assert result.failed == 0, f"{page}: {result.failed} of {result.attempted} examples failed (output above)"
+
+
+def test_readme_python_snippet_prints_what_it_says(capsys):
+    """README's Python block runs and prints what its ``# -> `` comment promises."""
+    text = (DOCS.parent / "README.md").read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1, f"expected one Python block in README.md, found {len(blocks)}"
+    promised = re.findall(r"# -> (.*)$", blocks[0], re.MULTILINE)
+    exec(compile(blocks[0], "README.md", "exec"), {})
+    printed = capsys.readouterr().out.split("\n")
+    assert promised and [p.strip() for p in promised] == [line.strip() for line in printed if line.strip()]
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
+    lines = (DOCS.parent / "README.md").read_text().split("\n")
+    commands = [lines[i + 1] for i in range(len(lines) - 1) if lines[i] == "```bash"][:2]
+    assert commands[0].endswith("pip install -e . && diffusion-lab compare")
+    assert commands[1].endswith('pip install -e ".[dev]" && python -m pytest -q')
+    ci = (DOCS.parent / ".ci" / "run").read_text()
+    first = next(line for line in ci.split("\n") if line and not line.startswith(("#", "set ", "cd ")))
+    assert first == commands[1]
+
+
+def test_license_and_citation_match_the_package():
+    root = DOCS.parent
+    import diffusion_lab
+
+    pyproject = (root / "pyproject.toml").read_text()
+    assert re.search(r'^license = \{ text = "MIT" \}$', pyproject, re.MULTILINE)
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    version = re.search(r'^version = "(.+)"$', pyproject, re.MULTILINE).group(1)
+    cff = (root / "CITATION.cff").read_text()
+    fields = dict(re.findall(r"^([a-z-]+): (.+)$", cff, re.MULTILINE))
+    assert fields["cff-version"] == "1.2.0" and fields["license"] == "MIT"
+    assert fields["version"] == version == diffusion_lab.__version__
+    assert "message" in fields and "title" in fields and re.search(r"^authors:\n  - ", cff, re.MULTILINE)
+
+
+def test_user_facing_text_names_no_internal_notes():
+    root = DOCS.parent
+    pattern = re.compile(r"shared/|THEORY\.md|seed note|closing note|\bissue \d+", re.IGNORECASE)
+    files = [root / "README.md", root / "CHANGELOG.md", *DOCS.glob("**/*.md"), *DOCS.glob("examples/*.py")]
+    hits = [f"{f.relative_to(root)}:{i + 1}" for f in files if "_build" not in f.parts
+            for i, line in enumerate(f.read_text().split("\n")) if pattern.search(line)]
+    assert not hits, f"internal references in user-facing text: {hits}"
