@@ -403,9 +403,11 @@ def from_diffusers(model: Callable, scheduler_or_config=None, *, prediction_type
     ----------
     model : callable
         UNet2DModel, DiTTransformer2DModel (pass ``class_labels=``; a learn_sigma output of 2C channels is split),
-        or any model with diffusers' ``(sample, timestep, ...)`` call.
+        or any model with diffusers' ``(sample, timestep, ...)`` call; or a pipeline (its ``.unet`` or
+        ``.transformer`` with its ``.scheduler``).
     scheduler_or_config : diffusers scheduler or config dict
-        Gives the schedule (``schedule_from_diffusers``) and the default ``prediction_type``.
+        Gives the schedule (``schedule_from_diffusers``) and the default ``prediction_type``; optional for a
+        pipeline.
     prediction_type : str, optional
         "epsilon", "v_prediction" or "sample"; default the config's (else "epsilon").
     alphas_cumprod : sequence of float, optional
@@ -421,6 +423,11 @@ def from_diffusers(model: Callable, scheduler_or_config=None, *, prediction_type
     -------
     VelocityField
     """
+    if scheduler_or_config is None and alphas_cumprod is None and hasattr(model, "scheduler"):
+        net = getattr(model, "unet", None) or getattr(model, "transformer", None)
+        if net is None:
+            raise ValueError(f"{type(model).__name__} has a scheduler but neither .unet nor .transformer")
+        model, scheduler_or_config = net, model.scheduler
     schedule = schedule_from_diffusers(scheduler_or_config, alphas_cumprod=alphas_cumprod)
     if prediction_type is None:
         cfg = _config_of(scheduler_or_config) if scheduler_or_config is not None else {}

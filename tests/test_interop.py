@@ -72,6 +72,14 @@ def test_adapter_calls_network_at_the_knot_timesteps(unet, x_T):
     assert field.nfe == 1
 
 
+def test_pipeline_gives_its_network_and_scheduler(unet, x_T):
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(prediction_type="sample"))
+    field = I.from_diffusers(pipe)
+    assert field.model.net is unet and field.prediction == "x0"
+    with torch.no_grad():
+        assert torch.equal(field.denoiser(x_T, 0.5), unet(x_T, 499).sample)
+
+
 # ------------------------------------------------------------------------------------------------
 # sampler loops against diffusers' schedulers
 
