@@ -330,8 +330,8 @@ class DiffusersAdapter:
     schedule : DDPMDiscrete
         The N-step schedule the timesteps refer to.
     model_kwargs : dict, optional
-        Extra keyword arguments of every call (``class_labels``, ``encoder_hidden_states``, ...); tensors whose
-        first dimension is the batch size are used as they are.
+        Extra keyword arguments of every call (``class_labels``, ``encoder_hidden_states``, ...), passed as given
+        (their batch dimension must match x's).
     learn_sigma : bool or None
         None: split when the output has 2C channels for C input channels.
     label_key : str
@@ -703,7 +703,8 @@ def k_diffusion_sampler(method: str) -> Callable:
     ``generator``, ``order``, ...). ``callback`` receives, after each step i (0-based) from sigmas[i] to
     sigmas[i+1], the dict {"x": state at sigmas[i+1], "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i+1],
     "denoised": the latest denoiser output}; k-diffusion's own samplers call it before the step, with the state at
-    sigmas[i]. ``disable`` False shows a progress bar; None and True do not.
+    sigmas[i]. ``disable`` False shows a progress bar; None and True do not. Runs under ``torch.no_grad()``, as
+    k-diffusion's samplers do.
 
     Parameters
     ----------
@@ -721,6 +722,7 @@ def k_diffusion_sampler(method: str) -> Callable:
     if info.family == "auto":
         raise ValueError(f"method {method!r} chooses its own grid from an NFE budget; it takes no sigma list")
 
+    @torch.no_grad()  # as k-diffusion's samplers
     def sampler(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         s = torch.as_tensor(sigmas).detach().to(torch.float64).reshape(-1).cpu()
         if s.numel() < 2:
