@@ -159,6 +159,24 @@ def test_loops_match_other_beta_schedules(unet, x_T, beta_schedule):
         assert max(errs) < REL and final < REL, (name, errs, final)
 
 
+def test_field_as_diffusers_model_drives_a_scheduler():
+    """The other direction: an exact field of the package answering diffusers' model(x, k) (FieldAsDiffusers) in
+    DPMSolverMultistepScheduler's loop gives our dpmpp_2m on the same timesteps."""
+    from diffusion_lab import targets
+
+    schedule = S.DDPMDiscrete()
+    tg = targets.ring8()
+    field = tg.field(schedule, "eps")
+    x_T = tg.marginal(schedule, 1.0).sample(64, torch.Generator().manual_seed(0))
+    sch = diffusers.DPMSolverMultistepScheduler(timestep_spacing="trailing")
+    model = I.FieldAsDiffusers(field)
+    out = I.diffusers_loop(sch, model, x_T, 12)
+    grid = I.t_of_timestep(schedule, sch.timesteps)
+    ours = sample(field, x_T, "dpmpp_2m", grid=grid, final="denoise", lower_order_final=False)
+    assert model.calls == ours.nfe == 12 and model.timesteps[0] == 999.0
+    assert _rel(ours.x, out) < REL
+
+
 def test_broken_timestep_mapping_fails(unet, x_T):
     """The check can fail: a network called one timestep late (k + 1, the classic off-by-one between 0- and
     1-based steps) moves the states far beyond the tolerance."""
