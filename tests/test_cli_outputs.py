@@ -103,12 +103,12 @@ def test_check_json_refuses_an_existing_file_without_overwrite(tmp_path, capsys)
     path = tmp_path / "checks.json"
     path.write_text("{}")
     with pytest.raises(SystemExit):
-        main(["check", "-k", "E.order[euler]", "--json", str(path)])
+        main(["check", "-k", "solvers.order[euler]", "--json", str(path)])
     _one_line_error(capsys, str(path), "--overwrite")
     assert path.read_text() == "{}"
-    assert main(["check", "-k", "E.order[euler]", "--json", str(path), "--overwrite"]) == 0
+    assert main(["check", "-k", "solvers.order[euler]", "--json", str(path), "--overwrite"]) == 0
     doc = json.loads(path.read_text())
-    assert [c["name"] for c in doc["checks"]] == ["E.order[euler]"]
+    assert [c["name"] for c in doc["checks"]] == ["solvers.order[euler]"]
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {path}"
 
 
