@@ -143,7 +143,7 @@ def slope_guides(ax, points, orders=(1, 2, 3), span: float = 4.0) -> None:
         return
     for p in orders:
         e0 = e1 * (n1 / n0) ** p
-        ax.plot([n0, n1], [e0, e1], ":", color="0.45", lw=1)
+        ax.plot([n0, n1], [e0, e1], "--", color="0.45", lw=0.9, dashes=(4, 3))
         ax.annotate(f"slope -{p:g}", (n0, e0), textcoords="offset points", xytext=(-2, 0), ha="right", va="center",
                     fontsize=7, color="0.35")
 

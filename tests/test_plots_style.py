@@ -145,7 +145,7 @@ def test_error_vs_nfe_guides_are_anchored_at_the_largest_budget(captured):
             rows.append({"sampler": name, "nfe": n, "flow_error": e, "sw2": 0.1, "stochastic": stoch})
     plots.error_vs_nfe(rows, "e.png", floor=(0.05, 0.01))
     ax0 = captured[0].axes[0]
-    guides = [ln for ln in ax0.get_lines() if ln.get_linestyle() == ":"]
+    guides = [ln for ln in ax0.get_lines() if ln.get_linestyle() == "--" and ln.get_color() == "0.45"]
     assert len(guides) == 3
     assert all(ln.get_data()[0][1] == 50 for ln in guides)
     assert all(ln.get_data()[1][1] == pytest.approx(np.median([1e-5, 0.02])) for ln in guides)
