@@ -102,12 +102,37 @@ _style = line_style  # the name used before it was public
 
 
 def nfe_ticks(ax, nfes) -> None:
-    """Plain integer ticks at the NFE budgets (5 10 20 50, not 5x10^0) on a log x axis."""
-    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+    """Plain integer ticks on a log NFE axis (5 10 20 50, not 5x10^0): at the budgets themselves when they are few
+    and spread out (each at least 1.3x the previous), else at 1-2-5 multiples of powers of ten inside their range."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    ax.xaxis.set_major_locator(FixedLocator(sorted(set(nfes))))
+    vals = sorted({float(v) for v in nfes if v > 0})
+    if not vals:
+        return
+    crowded = len(vals) > 8 or any(b / a < 1.3 for a, b in zip(vals, vals[1:]))
+    if crowded:
+        lo, hi = vals[0], vals[-1]
+        ticks = [m * 10 ** k for k in range(int(math.floor(math.log10(lo))), int(math.ceil(math.log10(hi))) + 1)
+                 for m in (1, 2, 5) if lo <= m * 10 ** k <= hi]
+        vals = ticks if len(ticks) >= 2 else [lo, hi]
+    ax.xaxis.set_major_locator(FixedLocator(vals))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def plain_log_labels(axis) -> None:
+    """Decimal labels (0.04, 0.1, 0.2) on the major and minor ticks of a log axis spanning less than two decades,
+    where matplotlib would otherwise write 4x10^-2."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    lo, hi = sorted(axis.get_view_interval())
+    if lo > 0 and hi / lo < 100:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        axis.set_minor_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        from matplotlib.ticker import NullFormatter
+
+        axis.set_minor_formatter(NullFormatter())
 
 
 _nfe_ticks = nfe_ticks
@@ -116,8 +141,9 @@ _nfe_ticks = nfe_ticks
 def slope_guides(ax, points, orders=(1, 2, 3), span: float = 4.0) -> None:
     """Reference lines of slope -p (p in ``orders``) on a log-log axis, anchored in the asymptotic range.
 
-    All guides pass through (n1, e1): n1 the largest abscissa of ``points`` and e1 the median ordinate there, so an
-    outlier at small n (e.g. a third-order method at 3 NFE) cannot move them. Each guide covers n1 / span .. n1,
+    All guides pass through (n1, e1): n1 the largest abscissa of ``points`` reached by at least half as many lines
+    as the best-covered abscissa, e1 the median ordinate there, so neither an outlier at small n (e.g. a third-order
+    method at 3 NFE) nor the end of one long line can move them. Each guide covers n1 / span .. n1,
     where a line of slope -p at error e(n) = e1 (n1 / n)^p is what the asymptotic regime should follow.
 
     Parameters
@@ -136,7 +162,9 @@ def slope_guides(ax, points, orders=(1, 2, 3), span: float = 4.0) -> None:
     pts = [(n, e) for n, e in points if e == e and e > 0 and math.isfinite(e)]
     if not pts:
         return
-    n1 = max(n for n, _ in pts)
+    counts = {n: sum(1 for m, _ in pts if m == n) for n, _ in pts}
+    # the largest abscissa that at least half as many lines reach as the best-covered one (not one long line's end)
+    n1 = max(n for n, c in counts.items() if c >= max(counts.values()) / 2)
     e1 = statistics.median(e for n, e in pts if n == n1)
     n0 = max(min(n for n, _ in pts), n1 / span)
     if n0 >= n1:
@@ -313,6 +341,7 @@ def metric_vs_nfe(rows: list[dict], path: str, key: str, err_key: str | None = N
         floor_band(ax, mean, spread, floor_label)
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=ylabel or key, title=title)
     nfe_ticks(ax, [r["nfe"] for r in rows])
+    plain_log_labels(ax.yaxis)
     ax.grid(True, which="both", alpha=0.3)
     legend_outside(ax)
     _save(fig, path, dpi=110)

@@ -151,3 +151,28 @@ def test_error_vs_nfe_guides_are_anchored_at_the_largest_budget(captured):
     assert all(ln.get_data()[1][1] == pytest.approx(np.median([1e-5, 0.02])) for ln in guides)
     labels = [t.get_text() for t in captured[0].legends[0].get_texts()]
     assert labels[-1] == "exact samples (Monte-Carlo floor)"
+
+
+def test_crowded_nfe_budgets_get_1_2_5_ticks():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    nfes = [8, 15, 16, 24, 31, 32, 48, 63, 64, 96, 127, 128, 192, 255, 256, 384, 511, 512, 768]
+    ax.loglog(nfes, [1.0 / n for n in nfes])
+    plots.nfe_ticks(ax, nfes)
+    fig.canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["10", "20", "50", "100", "200", "500"]
+    plt.close(fig)
+
+
+def test_slope_guides_ignore_the_end_of_one_long_line():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    pts = [(n, e * 10 ** -k) for k in range(4) for n, e in ((16, 1e-1), (32, 1e-2), (64, 1e-3))] + [(128, 1e-9)]
+    plots.slope_guides(ax, pts, orders=(2,))
+    (n0, n1), (e0, e1) = ax.get_lines()[0].get_data()
+    assert n1 == 64 and e1 == pytest.approx(np.median([1e-3 * 10 ** -k for k in range(4)]))
+    plt.close(fig)
