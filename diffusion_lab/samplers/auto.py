@@ -1,6 +1,6 @@
 r"""The declared defaults: ``sample(field, x, method="auto", nfe=K)`` and ``method="auto_sde"``.
 
-A rule fixed by a design study alone (below) picks the method, its options and the grid from the budget K:
+A rule fixed by a design study alone (below) picks the method, its options and the grid from the budget K::
 
     auto      K <= 11        ipndm (fourth-order Adams-Bashforth on eps, warm-up 1-2-3-4), log-SNR grid
               12 <= K <= 17  unipc (bh2, UniP-2 + UniC), DPM-Solver's time-quadratic grid
