@@ -186,6 +186,8 @@ def diffusers_alphas_cumprod(config: dict) -> torch.Tensor:
     r"""The cumulative products alphabar_k = prod_{j <= k} (1 - beta_j), k = 0..N-1, of a diffusers scheduler
     config, computed in float64 from the config's formula (diffusers computes them in float32):
 
+    ::
+
         linear             beta_k = b0 + (b1 - b0) k/(N - 1)                       (Ho et al. 2020)
         scaled_linear      beta_k = (sqrt(b0) + (sqrt(b1) - sqrt(b0)) k/(N - 1))^2  (latent diffusion)
         squaredcos_cap_v2  beta_k = min(1 - abar(k+1)/abar(k), 0.999),  abar(s) = cos^2(((s/N + 0.008)/1.008) pi/2)

@@ -13,7 +13,7 @@ store the number of heads: it is read from the paper's table by width (S 384: 6,
 XL 1152: 16) unless given.
 
 diffusers layout (``DiTTransformer2DModel``)
--------------------------------------------
+---------------------------------------------
     pos_embed.proj                                       -> x_embedder
     transformer_blocks.i.norm1.emb.timestep_embedder.linear_{1,2} -> t_embedder.mlp.{0,2}   (copies in every block)
     transformer_blocks.i.norm1.emb.class_embedder.embedding_table -> y_embedder.embedding_table (copies)
