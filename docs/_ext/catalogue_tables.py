@@ -4,7 +4,7 @@ For each area of ``theory_checks`` this writes ``docs/_generated/theory_<area>.m
 checks verify (the statement in the check's docstring), its source, the names of the checks that verify it, their
 tolerance and the residual measured by the last run of
 
-    python -m theory_checks --json docs/theory/catalogue.json
+    python -m theory_checks --json docs/theory/catalogue.json --overwrite
 
 Names, identities, sources and tolerances come from the registry at build time; only the residuals come from the
 JSON file. A check with no measured residual (renamed or new since the last run), a measured row with no check,
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 DOCS = Path(__file__).resolve().parents[1]
 MEASURED = DOCS / "theory" / "catalogue.json"
 OUT = DOCS / "_generated"
-REFRESH = "python -m theory_checks --json docs/theory/catalogue.json"
+REFRESH = "python -m theory_checks --json docs/theory/catalogue.json --overwrite"
 
 AREAS = ("kernels", "parameterisation", "pde", "solvers", "langevin", "fokker_planck", "likelihood", "training",
          "dit", "claims")
@@ -148,6 +148,34 @@ def write_methods(app=None) -> str:
     return text
 
 
+def write_cli(app=None) -> str:
+    """``docs/_generated/cli.md``: ``diffusion-lab --help`` and every subcommand's ``--help``, from the parser at
+    build time (wrapped at 100 columns)."""
+    import argparse
+    import os
+
+    from diffusion_lab.cli import build_parser
+
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "100"
+    try:
+        parser = build_parser()
+        parts = ["## diffusion-lab", "", "```text", parser.format_help().rstrip(), "```", ""]
+        subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for name, sub in subs.choices.items():
+            parts += [f"## diffusion-lab {name}", "", "```text", sub.format_help().rstrip(), "```", ""]
+    finally:
+        if columns is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = columns
+    text = "\n".join(parts)
+    OUT.mkdir(parents=True, exist_ok=True)
+    _write(OUT / "cli.md", text)
+    return text
+
+
 def setup(app):
     app.connect("builder-inited", write_tables)
     app.connect("builder-inited", write_methods)
+    app.connect("builder-inited", write_cli)
