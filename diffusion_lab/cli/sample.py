@@ -113,12 +113,12 @@ def run(args, parser) -> int:
     device = C.choose_device(args, parser)
     if not os.path.exists(args.checkpoint):
         parser.error(f"no checkpoint at {args.checkpoint}")
-    C.prepare_out(args, parser, ["samples.pt", "settings.json", *C.figure_names("samples")])
     state = T.load_checkpoint(args.checkpoint, map_location="cpu")
     meta = state["meta"]
     image = len(meta["data_shape"]) == 3
     n = args.n or (100 if image else 2000)
-    labels = _labels(args, parser, int(meta.get("num_classes", 0)), n)
+    labels = _labels(args, parser, int(meta.get("num_classes", 0)), n)  # checks --cfg/--class against the model
+    C.prepare_out(args, parser, ["samples.pt", "settings.json", *C.figure_names("samples")])
     field = T.field_from_checkpoint(state, ema=not args.no_ema, device=device)
     t0 = time.perf_counter()
     res = preview(field, meta, n, args.seed, labels, args.cfg, method, args.steps, args.final, args.grid,
