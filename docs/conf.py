@@ -71,6 +71,8 @@ numpydoc_xref_param_type = False
 
 
 # -- Gallery: small scripts executed at build time ----------------------------------------------------------------
+from _ext.gallery import TightScraper  # noqa: E402
+
 sphinx_gallery_conf = {
     "examples_dirs": "examples",
     "gallery_dirs": "auto_examples",
@@ -82,7 +84,7 @@ sphinx_gallery_conf = {
     "only_warn_on_example_error": False,
     "show_memory": False,
     "matplotlib_animations": False,
-    "image_scrapers": ("matplotlib",),
+    "image_scrapers": (TightScraper(),),
     "reset_modules": ("matplotlib",),
     "plot_gallery": "True",
 }

@@ -27,7 +27,7 @@ exact, reference_nfe = reference.flow_map(field, x_T, schedule.t_max, schedule.t
 budgets = [5, 8, 10, 15, 20, 30, 50]
 methods = ["auto", "euler", "heun", "dpmpp_2m", "unipc", "ipndm"]
 markers = "o^sDvP"
-fig, ax = plt.subplots(figsize=(6.5, 4))
+fig, ax = plt.subplots(figsize=(7.5, 4), layout="constrained")
 for marker, name in zip(markers, methods):
     errors, used = [], []
     for k in budgets:
@@ -44,7 +44,6 @@ ax.set_xlabel("model evaluations (NFE)")
 ax.set_ylabel("mean |x - exact flow map|")
 ax.set_title("ring8 under VP: PF-ODE samplers at a budget")
 ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-fig.tight_layout()
 plt.show()
 
 # %%

@@ -40,7 +40,7 @@ sde = samplers.sample(guided, x_T, "em", steps=400, generator=gen).x
 densities = {"guided PF-ODE (heun)": fp.density_from_samples(ode, grid),
              "guided reverse SDE (em)": fp.density_from_samples(sde, grid)}
 
-fig, ax = plt.subplots(figsize=(6.5, 3.8))
+fig, ax = plt.subplots(figsize=(9, 3.8), layout="constrained")
 ax.plot(x, powered, color="k", lw=2, label=f"powered law, gamma = {1 + w:g}")
 ax.plot(x, fp.exact_density(target.conditional(c), schedule, grid, schedule.t_min), color="grey", ls="--",
         lw=1, label="class-conditional p(x | c)")
@@ -58,7 +58,6 @@ ax.set_xlabel("x")
 ax.set_ylabel("density")
 ax.set_title(f"two 1-D classes, class c = {c}, guidance weight w = {w:g}")
 ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-fig.tight_layout()
 plt.show()
 
 # %%

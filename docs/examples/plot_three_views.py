@@ -44,7 +44,7 @@ views = {
 # One colour scale for all panels, so that they can be compared by eye.
 
 vmax = max(float(d.max()) for d in views.values())
-fig, axes = plt.subplots(1, 4, figsize=(11, 3.1), sharey=True)
+fig, axes = plt.subplots(1, 4, figsize=(11, 3.3), sharey=True, layout="constrained")
 for ax, (name, dens) in zip(axes, views.items()):
     im = ax.imshow(dens.T, origin="lower", extent=(-4, 4, -4, 4), vmin=0, vmax=vmax, cmap="viridis")
     label = "" if name == "closed form" else f"\nTV {fp.tv(dens, exact, grid):.3f}"
@@ -54,5 +54,5 @@ for ax, (name, dens) in zip(axes, views.items()):
 print(f"Monte-Carlo floor of a {n}-sample histogram: TV {floor:.4f}")
 axes[0].set_ylabel("x2")
 fig.colorbar(im, ax=axes, shrink=0.85, label=f"p_t(x), t = {t}")
-fig.suptitle(f"ring8 under VP at t = {t}; Monte-Carlo floor of the sample panels: TV {floor:.3f}", y=1.04)
+fig.suptitle(f"ring8 under VP at t = {t}; Monte-Carlo floor of the sample panels: TV {floor:.3f}")
 plt.show()
