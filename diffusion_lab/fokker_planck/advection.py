@@ -2,14 +2,14 @@ r"""High-resolution finite volumes for advection-dominated densities: MUSCL reco
 strong-stability-preserving Runge-Kutta time stepping and an IMEX (Strang) split for drift-diffusion.
 
 Semi-discrete advection (van Leer 1979, "Towards the ultimate conservative difference scheme V"). For
-dp/ds = -div(b p) with face drifts b_{j+1/2} (``face_drifts`` of the coefficient objects), per axis a:
+dp/ds = -div(b p) with face drifts b_{j+1/2} (``face_drifts`` of the coefficient objects), per axis a::
 
     sigma_j = phi(Delta_{j-1/2}, Delta_{j+1/2}),          Delta_{j+1/2} = p_{j+1} - p_j,
     p^L_{j+1/2} = p_j + sigma_j / 2,   p^R_{j+1/2} = p_{j+1} - sigma_{j+1} / 2,
     F_{j+1/2} = b^+_{j+1/2} p^L_{j+1/2} + b^-_{j+1/2} p^R_{j+1/2},     b^+ = max(b, 0), b^- = min(b, 0),
     dp_j/ds = -sum_a (F_{j+1/2} - F_{j-1/2}) / dx_a,
 
-with the limited slope phi(a, b) = 0 when a b <= 0 and otherwise (Sweby 1984; LeVeque 2002, ch. 6)
+with the limited slope phi(a, b) = 0 when a b <= 0 and otherwise (Sweby 1984; LeVeque 2002, ch. 6)::
 
     minmod:   sign(a) min(|a|, |b|)
     van Leer: 2 a b / (a + b)                                  (van Leer 1974)
@@ -21,7 +21,7 @@ between the neighbouring cell averages: for p >= 0 they are in [0, 2 p_j] and su
 zero-flux box get sigma = 0 and the box faces carry F = 0 (mass exact); periodic boxes wrap.
 
 Positivity (CFL) condition. A forward-Euler step p + h dp/ds keeps p >= 0 when h r_j <= 1 in every cell, with
-the outflow rate
+the outflow rate::
 
     r_j = sum_a 2 max(b^+_{j+1/2}, -b^-_{j-1/2}) / dx_a
 
@@ -29,7 +29,7 @@ the outflow rate
 inflows are >= 0). For a constant speed in 1-D this is |b| h / dx <= 1/2, the classical MUSCL bound; under it the
 1-D scheme is TVD and every new value is a convex combination of old neighbours (Harten 1983), so no new extrema
 appear. The SSP Runge-Kutta methods (Shu & Osher 1988; Gottlieb, Shu & Tadmor 2001) are convex combinations of
-forward-Euler steps with SSP coefficient 1, so the same bound (checked at every stage's drift) carries over:
+forward-Euler steps with SSP coefficient 1, so the same bound (checked at every stage's drift) carries over::
 
     ssprk2:  p1 = p + h L(p, s);  p' = p/2 + (p1 + h L(p1, s + h))/2
     ssprk3:  p1 = p + h L(p, s);  p2 = 3p/4 + (p1 + h L(p1, s + h))/4;  p' = p/3 + 2(p2 + h L(p2, s + h/2))/3.

@@ -27,7 +27,7 @@ scheme for the pure-advection PF-ODE continuity equation (Peclet = infinity).
 cell Peclet number raises ``ValueError`` naming the worst face.
 
 ``scheme="fv4"`` (fourth-order finite volumes on uniform grids): the face value and face derivative of p are
-reconstructed from four cell averages to O(dx^4),
+reconstructed from four cell averages to O(dx^4)::
 
     p_{j+1/2}  = (-p_{j-1} + 7 p_j + 7 p_{j+1} - p_{j+2}) / 12,
     p'_{j+1/2} = (p_{j-1} - 15 p_j + 15 p_{j+1} - p_{j+2}) / (12 dx),

@@ -2,12 +2,12 @@ r"""Dimension splitting with tridiagonal solves (large 2-D / 3-D grids), and mem
 
 The Scharfetter-Gummel operator is a sum of one-axis operators, L(s) = sum_a L_a(s), where L_a only couples the
 cells of a grid line along axis a (``operators``: face j+1/2 adds -A/dx, +C/dx to row j and +A/dx, -C/dx to row
-j+1), so on every line
+j+1), so on every line::
 
     (L_a p)_j = (A_{j-1/2} p_{j-1} - (A_{j+1/2} + C_{j-1/2}) p_j + C_{j+1/2} p_{j+1}) / dx_a
 
 is tridiagonal (A = C = 0 on the zero-flux box faces). ``method="split"`` advances dp/ds = L(s) p by Strang
-splitting (Strang 1968) over one step [s, s + h]:
+splitting (Strang 1968) over one step [s, s + h]::
 
     p' = S_0(h/2) .. S_{d-2}(h/2) S_{d-1}(h) S_{d-2}(h/2) .. S_0(h/2) p,
 
@@ -261,7 +261,8 @@ def check_memory(shape, method: str = "trbdf2", n_times: int = 2, scheme: str = 
     need = estimate_memory(shape, method, n_times, scheme, exact_error)
     if need > limit:
         cells = "x".join(str(int(v)) for v in shape)
+        hint = " or method 'split'" if method in ("be", "cn", "trbdf2") and len(shape) > 1 else ""
         raise MemoryError(f"grid {cells} ({int(np.prod([int(v) for v in shape])):,} cells) with method {method!r} "
                           f"needs about {need / 2**30:.1f} GiB, over the limit of {limit / 2**30:.1f} GiB: use fewer "
-                          f"cells" + (" or method 'split'" if method in ("be", "cn", "trbdf2") and len(shape) > 1 else ""))
+                          f"cells{hint}")
     return need

@@ -30,7 +30,7 @@ and ``time_independent``. Methods (h = step, L_n = L(s_n)):
 
 Adaptive TR-BDF2 (``rtol`` given): the embedded error estimate of Hosea & Shampine (1996). Written as the
 three-stage ESDIRK with k_i = L(s_i) Y_i, c = (0, gamma, 1), w = sqrt(2)/4,
-y_{n+1} = y_n + h (w k_1 + w k_2 + d k_3), the estimate is
+y_{n+1} = y_n + h (w k_1 + w k_2 + d k_3), the estimate is::
 
     est = (I - d h L_{n+1})^{-1} h [ (4w - 1)/3 k_1 - 1/3 k_2 + 2d/3 k_3 ]
 
