@@ -35,6 +35,17 @@ def build_parser(prog: str = "diffusion-lab") -> argparse.ArgumentParser:
 
 
 def main(argv=None, prog: str = "diffusion-lab") -> int:
+    """Run the command line ``argv`` (default sys.argv[1:]); returns the exit status."""
+    try:
+        try:
+            return _main(argv, prog)
+        finally:  # flush here, not at interpreter exit, so that a closed pipe is caught below (also after --help)
+            sys.stdout.flush()
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _main(argv, prog: str) -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command is None:
@@ -44,7 +55,7 @@ def main(argv=None, prog: str = "diffusion-lab") -> int:
     try:
         return args.func(args, sub_parser)
     except BrokenPipeError:
-        return _closed_pipe()
+        raise
     except (ValueError, TypeError, OSError) as exc:
         sys.stderr.write(f"{prog} {args.command}: error: {exc}\n")
         return 2
