@@ -2,7 +2,7 @@
 
 One object -- a time-dependent velocity field built from a noise schedule and a model of the data --
 seen three ways: sample paths (SDE / PF-ODE / DDIM / DPM-Solver), Langevin dynamics, and
-Fokker-Planck density evolution. See README.md for what is implemented.
+Fokker-Planck density evolution. The documentation (docs/, built with Sphinx) describes what is implemented.
 
 Threads: small-tensor work (2-D targets, batches of thousands) runs fastest on one intra-op thread, and much
 slower with several when the CPU is shared; call ``diffusion_lab.set_threads(1)`` once, or wrap a block in
