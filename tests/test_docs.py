@@ -92,3 +92,16 @@ def test_user_facing_text_names_no_internal_notes():
     hits = [f"{f.relative_to(root)}:{i + 1}" for f in files if "_build" not in f.parts
             for i, line in enumerate(f.read_text().split("\n")) if pattern.search(line)]
     assert not hits, f"internal references in user-facing text: {hits}"
+
+
+def test_plain_text_math_in_docstrings_is_escaped_outside_literals():
+    """The docs build escapes |x| and stray * in docstrings (they are plain-text math, not reST markup)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plain_math", DOCS / "_ext" / "plain_math.py")
+    plain_math = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain_math)
+    assert plain_math.escape_line("max |z| and 2 * x") == "max \\|z\\| and 2 \\* x"
+    assert plain_math.escape_line("* ``|x|`` and *emphasis*") == "* ``|x|`` and *emphasis*"
+    lines = ["Table::", "", "    a | b * c", "", "after |x|"]
+    assert plain_math.escape_lines(lines) == ["Table::", "", "    a | b * c", "", "after \\|x\\|"]
