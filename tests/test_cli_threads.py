@@ -76,3 +76,26 @@ def test_langevin_methods_are_registered_whichever_module_is_imported_first(firs
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == len(diffusion_lab.available())
+
+
+def test_the_threads_benchmark_alternates_sides_and_restores_the_count(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("threads_bench", ROOT / "benchmarks" / "threads.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    seen = []
+    before = torch.get_num_threads()
+    m = bench.measure(lambda: seen.append(torch.get_num_threads()), threads=2, repeats=4)
+    # one warm-up per side, then the order flips on every repeat: 1 2 | 1 2, 2 1, 1 2, 2 1
+    assert seen == [1, 2, 1, 2, 2, 1, 1, 2, 2, 1]
+    assert len(m["all_1"]) == len(m["all_n"]) == 4 and m["ratio_n_over_1"] == m["seconds_n"] / m["seconds_1"]
+    assert torch.get_num_threads() == before
+    # the command: a table and the JSON, on one tiny workload
+    monkeypatch.setattr(bench, "workloads", lambda quick: [("noop", 1, lambda: None)])
+    assert bench.main(["--threads", "2", "--repeats", "2", "--json", str(tmp_path / "t.json")]) == 0
+    import json
+
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert [r["workload"] for r in doc["rows"]] == ["noop"] and doc["threads"] == 2
+    assert "t_N / t_1" in capsys.readouterr().out
