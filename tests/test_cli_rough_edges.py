@@ -234,3 +234,21 @@ def test_compare_checkpoint_measures_samplers_against_the_adaptive_solve_of_the_
     assert rows["em"]["flow_error"] == "nan"  # a stochastic sampler does not approximate the flow map
     law = ring8().marginal(field.schedule, field.schedule.t_min)
     assert float(rows["heun"]["mmd2"]) == pytest.approx(mmd2_exact(heun, law).mmd2, rel=1e-9)
+
+
+def test_train_throughput_excludes_the_exact_law_evaluation(monkeypatch, capsys):
+    import time
+
+    from diffusion_lab.cli import train as train_cmd
+
+    clock = iter([10.0, 10.25, 20.0, 20.25])  # each evaluation takes 0.25 s
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    cb = train_cmd._callback(lambda trainer: (1e-3, 1e-4), trainer=None)
+    r1 = {"step": 10, "loss": 1.0, "lr": 1e-3, "samples_per_s": 100.0, "seconds": 1.0}
+    r2 = {"step": 20, "loss": 0.9, "lr": 1e-3, "samples_per_s": 100.0, "seconds": 2.0}
+    cb(r1)
+    cb(r2)
+    assert r1["samples_per_s"] == 100.0  # nothing evaluated before the first record
+    # 100 samples/s over 1 s of wall time of which 0.25 s was the evaluation: 100 samples in 0.75 s of training
+    assert r2["samples_per_s"] == pytest.approx(100.0 / 0.75)
+    assert r2["mmd2"] == 1e-3 and "MMD^2 to exact law 1.00e-03" in capsys.readouterr().out
