@@ -142,3 +142,15 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*COMPARE, "--out", str(f)])
     _one_line_error(capsys, "is a file")
+
+
+def test_fokker_planck_no_plot_overwrite_leaves_no_old_figure_and_says_where(tmp_path, capsys):
+    out = tmp_path / "fp"
+    args = ["fokker-planck", "--n", "24", "--steps", "8", "--times", "0.5", "1.0", "--out", str(out)]
+    assert main(args) == 0
+    assert (out / "fokker_planck.png").exists()
+    assert main([*args, "--overwrite", "--no-plot"]) == 0
+    assert sorted(os.listdir(out)) == ["results.csv", "settings.json"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"wrote results.csv, settings.json to {out}")
+    assert main([*args, "--overwrite", "--format", "pdf", "--dpi", "80"]) == 0
+    assert (out / "fokker_planck.pdf").read_bytes()[:5] == b"%PDF-"
