@@ -122,7 +122,7 @@ def write_tables(app=None) -> dict[str, str]:
         _write(OUT / f"theory_{area}.md", text)
         written[area] = text
         if not (DOCS / "theory" / f"{area}.md").exists():
-            logger.warning(f"theory area {area!r} has checks but no page docs/theory/{area}.md")
+            logger.warning(f"theory area {area!r} has checks but no page docs/theory/{area}.md (see docs/README.md)")
     at_build = f"; {len(missing)} checks added or renamed since were measured during this build" if missing else ""
     summary = (f"The last full run: {data.get('passed', '?')} of {data.get('passed', 0) + data.get('failed', 0)} "
                f"checks passed in {fmt_number(data.get('seconds'))} s on {data.get('created', '?')} "
