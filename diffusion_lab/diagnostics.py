@@ -56,7 +56,7 @@ __all__ = [
     "SCORE_WEIGHTINGS", "score_weight", "gauss_legendre_times", "ScoreErrorProfile", "score_error_profile",
     "pointwise_score_error", "ErrorMap", "error_map", "PerturbedScoreModel", "perturbed_field",
     "linear_perturbation", "linear_perturbation_error", "kl_monte_carlo", "KLBound", "kl_bound",
-    "mmd2_two_sample", "decompose_sampler_error", "rank_samplers",
+    "mmd2_two_sample", "decompose_sampler_error", "rank_samplers", "ranking_agreement",
 ]
 
 SCORE_WEIGHTINGS = ("likelihood", "score", "eps", "x0")
@@ -672,8 +672,7 @@ def mmd2_two_sample(x, y, bandwidth: float, *, block: int = 1024) -> tuple[float
 def _total_row(x, law, bw, pp):
     from .metrics import mmd2_exact
 
-    r = mmd2_exact(x.reshape(x.shape[0], -1), law, bw, pp=pp)
-    return r.mmd2, r.se
+    return mmd2_exact(x.reshape(x.shape[0], -1), law, bw, pp=pp)
 
 
 def decompose_sampler_error(field: VelocityField, target: GaussianMixture, methods, nfes=(10, 50), *,
@@ -691,7 +690,8 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
         discretisation  MMD^2(q_K, q_inf)    ``mmd2_two_sample`` between the sampler's and the solve's samples
         flow_error      mean_i |x_i - Phi_theta(x_T,i)|   (deterministic samplers)
 
-    and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
+    ``mmd_rank`` (the SE-aware rank of the total within its budget, ``compare.mmd_ranks``: paired differences resolved
+at 2 SE), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
     inequality of the metric MMD).
 
     Parameters
@@ -715,7 +715,7 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
     dict
         {"rows": [...], "reference": {...}}.
     """
-    from .compare import MethodSpec, parse_method, plan_row
+    from .compare import MethodSpec, mmd_ranks, parse_method, plan_row
     from .metrics import mean_error, mmd_bandwidth, mmd_law_cross
     from .samplers import get_method, sample
 
@@ -736,14 +736,17 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
     nfe0 = field.nfe
     ref = sample(field, x_T, "adaptive", rtol=rtol, atol=rtol, final=final).x
     ref_nfe = field.nfe - nfe0
-    net2, net_se = _total_row(ref, law, bw, pp)
-    rows = []
+    net = _total_row(ref, law, bw, pp)
+    net2, net_se = net.mmd2, net.se
+    rows, results = [], []
     for k, (spec, nfe, run_) in enumerate(plan):
         info = get_method(run_.method)
         res = sample(field, x_T, run_.method, steps=run_.steps, grid_kind=run_.grid_kind, final=final,
                      generator=torch.Generator().manual_seed(seed + 1), **run_.options)
         deterministic = not info.stochastic and not dict(spec.options).get("eta", 0)
-        tot2, tot_se = _total_row(res.x, law, bw, pp)
+        tot = _total_row(res.x, law, bw, pp)
+        results.append(tot)
+        tot2, tot_se = tot.mmd2, tot.se
         dis2, dis_se = mmd2_two_sample(res.x, ref, bw)
         row = {"sampler": spec.label, "nfe_budget": nfe, "nfe": res.nfe, "steps": run_.steps,
                "stochastic": not deterministic,
@@ -751,10 +754,14 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
                "mmd2_discretisation": dis2, "mmd2_discretisation_se": dis_se,
                "mmd_total": math.sqrt(max(tot2, 0.0)), "mmd_network": math.sqrt(max(net2, 0.0)),
                "mmd_discretisation": math.sqrt(max(dis2, 0.0)),
-               "flow_error": mean_error(res.x, ref) if deterministic else math.nan}
+               "flow_error": mean_error(res.x, ref) if deterministic else math.nan, "mmd_rank": 0}
         rows.append(row)
         if progress is not None:
             progress(k + 1, len(plan), row)
+    for budget in dict.fromkeys(r["nfe_budget"] for r in rows):
+        idx = [i for i, r in enumerate(rows) if r["nfe_budget"] == budget]
+        for i, rk in zip(idx, mmd_ranks([results[i] for i in idx])):
+            rows[i]["mmd_rank"] = rk
     reference = {"solver": "adaptive (Dormand-Prince 5(4))", "rtol": rtol, "nfe": ref_nfe, "n": int(n),
                  "law": "p_0" if final == "denoise" else "p_t_min", "mmd_bandwidth": bw,
                  "mmd2_network": net2, "mmd2_network_se": net_se, "ranking": rank_samplers(rows)}
@@ -762,9 +769,41 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
 
 
 def rank_samplers(rows: list[dict], key: str = "mmd2_total") -> dict:
-    """Per NFE budget, the samplers ordered by ``key`` (ascending): {budget: [sampler, ...]}."""
+    """Per NFE budget, the samplers ordered by (``mmd_rank``, ``key``): {budget: [sampler, ...]}."""
     out = {}
     for budget in dict.fromkeys(r["nfe_budget"] for r in rows):
-        mine = sorted((r for r in rows if r["nfe_budget"] == budget), key=lambda r: r[key])
+        mine = sorted((r for r in rows if r["nfe_budget"] == budget), key=lambda r: (r.get("mmd_rank", 0), r[key]))
         out[budget] = [r["sampler"] for r in mine]
+    return out
+
+
+def ranking_agreement(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """Does the SE-aware ranking of ``rows_a`` (e.g. the exact field) survive in ``rows_b`` (a learned field)?
+
+    Per NFE budget, every pair of samplers that ``rows_a`` resolves (different ``mmd_rank``) is counted as ``kept``
+    (resolved the same way in b), ``tied`` (not resolved in b) or ``reversed`` (resolved the other way in b); the
+    pairs are listed as "winner<loser" of a.
+
+    Returns
+    -------
+    dict
+        {budget: {"kept": [...], "tied": [...], "reversed": [...], "resolved_in_b_only": [...]}}.
+    """
+    out = {}
+    for budget in dict.fromkeys(r["nfe_budget"] for r in rows_a):
+        ra = {r["sampler"]: r["mmd_rank"] for r in rows_a if r["nfe_budget"] == budget}
+        rb = {r["sampler"]: r["mmd_rank"] for r in rows_b if r["nfe_budget"] == budget}
+        res = {"kept": [], "tied": [], "reversed": [], "resolved_in_b_only": []}
+        names = [n for n in ra if n in rb]
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if ra[a] == ra[b]:
+                    if rb[a] != rb[b]:
+                        w, l_ = (a, b) if rb[a] < rb[b] else (b, a)
+                        res["resolved_in_b_only"].append(f"{w}<{l_}")
+                    continue
+                w, l_ = (a, b) if ra[a] < ra[b] else (b, a)
+                key = "tied" if rb[w] == rb[l_] else ("kept" if rb[w] < rb[l_] else "reversed")
+                res[key].append(f"{w}<{l_}")
+        out[budget] = res
     return out

@@ -92,6 +92,8 @@ EXPECTED_NAMES = {
     # training
     "training.edm_precond_unit_variance", "training.edm_precond_unit_variance_mc", "training.dsm_optimum_constant",
     "training.eps_loss_is_sigma2_score_loss", "training.cfg_identities", "training.cfg_nfe_counted_twice",
+    "training.kl_bound_equality_noised_law", "training.kl_bound_holds_perturbed_score",
+    "training.score_error_closed_form",
 }
 
 

@@ -179,3 +179,28 @@ def test_decomposition_on_the_exact_field():
     for r in out["rows"]:
         slack = 4 * (r["mmd2_total_se"] + r["mmd2_network_se"] + r["mmd2_discretisation_se"]) ** 0.5
         assert r["mmd_total"] <= r["mmd_network"] + r["mmd_discretisation"] + slack
+
+
+# -------------------------------------------------------------------------------------------- planted bugs
+def _wrong_factor(factor):
+    def term(self):
+        v, se = self.integral("likelihood")
+        return factor * v, factor * se
+    return term
+
+
+def _wrong_weight(self):  # g instead of g^2
+    v, se = self.integral(lambda sch, t: sch.g2(t).sqrt())
+    return 0.5 * v, 0.5 * se
+
+
+@pytest.mark.parametrize("planted", [_wrong_factor(1.0), _wrong_factor(0.25), _wrong_weight],
+                         ids=["factor 1", "factor 1/4", "weight g"])
+def test_catalogue_check_catches_a_wrong_bound(monkeypatch, planted):
+    """The catalogue's equality check fails when the bound's factor 1/2 or its weight g^2 is planted wrong."""
+    from theory_checks.learned_checks import kl_bound_equality_z
+
+    monkeypatch.setattr(Dg.ScoreErrorProfile, "kl_score_term", planted)
+    z, kb = kl_bound_equality_z(n=1000, cells=200, steps=50)
+    assert z > 5.0, kb
+

@@ -1,0 +1,185 @@
+"""Where a learned ring8 score is wrong, what it costs in KL, and whether sampler rankings survive on it.
+
+An MLP (diffusion_lab.models.MLPScore, hidden 128, depth 3) is trained on ring8 samples under the VP schedule with
+eps-prediction (DDPM's loss, the recipe of experiments/learned_ring.py). At a few training stages (EMA weights):
+
+- the score-error profile e(t) = E_{p_t} ||s_theta - grad log p_t||^2 with its Monte-Carlo SE (24 Gauss-Legendre nodes
+  in log-SNR, exact samples of p_t; ``diagnostics.score_error_profile``), and its eps-space version sigma^2 e(t);
+- the KL bound KL(p_{t_min} || q_theta) <= KL(p_{t_max} || pi) + 1/2 int g^2 e dt (Song, Durkan, Murray & Ermon
+  2021, Thm 1) against the truth from the Fokker-Planck solution of the learned reverse SDE from the exact p_{t_max}
+  (pi = p_{t_max}, so the first term is 0; ``diagnostics.kl_bound``), and the same truth for the exact field (the
+  grid's own floor);
+- for the final network, the sampler error split into network + discretisation (``decompose_sampler_error``) for
+  heun, dpmpp_2m, unipc and em at NFE 10 and 50, next to the same samplers on the exact field: does the ranking
+  survive?
+
+    python -m experiments.score_error [--out docs/figures] [--quick] [--checkpoint PATH]
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from diffusion_lab import diagnostics as Dg
+from diffusion_lab import schedules as S
+from diffusion_lab import training as T
+from diffusion_lab.models import get_model
+from diffusion_lab.targets import ring8
+
+from . import _common
+
+SAMPLERS = ("heun", "dpmpp_2m", "unipc", "em")
+NFES = (10, 50)
+MODEL = {"data_shape": [2], "hidden": 128, "depth": 3, "num_classes": 0}
+
+
+def train_stages(stages, quick: bool, seed: int):
+    """Train once, keeping a copy of the EMA network at each stage; returns ([(step, net, seconds)], trainer)."""
+    import copy
+
+    sch = S.VPLinear()
+    g = torch.Generator().manual_seed(seed)
+    data = ring8().sample(20_000 if quick else 100_000, g, dtype=torch.float32)
+    torch.manual_seed(seed)
+    net = get_model("mlp", **MODEL)
+    sigma_data = round(float(data.std()), 4)
+    obj = T.Objective(sch, "eps", sigma_data=sigma_data)
+    meta = {"data": "ring8", "data_desc": "ring8 samples", "n_train": int(data.shape[0]), "seed": seed,
+            "conditional": False, "num_classes": 0, "data_shape": [2], "model": "mlp", "model_kwargs": MODEL,
+            "schedule": sch.settings(), "prediction": "eps", "weighting": "uniform", "time_sampler": "uniform",
+            "sigma_data": sigma_data, "batch": 256 if quick else 1024, "lr": 2e-3, "warmup": 0, "ema": 0.999,
+            "grad_clip": None, "bf16": False, "world_size": 1}
+    tr = T.Trainer(net, obj, T.TensorLoader(data, batch_size=meta["batch"], seed=seed), lr=2e-3, ema_decay=0.999,
+                   seed=seed, meta=meta)
+    out, t0 = [], time.perf_counter()
+    for step in stages:
+        tr.run(step, log_every=50)
+        out.append((step, copy.deepcopy(tr.ema.module).eval(), time.perf_counter() - t0))
+    return out, tr
+
+
+def run(quick: bool = False, seed: int = 0, checkpoint: str | None = None):
+    torch.set_num_threads(1)
+    sch = S.VPLinear()
+    tg = ring8()
+    stages = (50, 150) if quick else (200, 600, 2000)
+    fp = dict(cells=48 if quick else 96, half_width=5.0, steps=30 if quick else 100)
+    prof_kw = dict(n_times=12 if quick else 24, n=500 if quick else 2000, seed=seed)
+    trained, trainer = train_stages(stages, quick, seed)
+    if checkpoint:
+        T.save_checkpoint(checkpoint, trainer.state_dict())
+    sigma_data = trainer.objective.sigma_data
+    rows, profiles = [], {}
+    for step, net, secs in trained:
+        field = T.learned_field(net, sch, "eps", sigma_data=sigma_data)
+        prof = Dg.score_error_profile(field, tg, **prof_kw)
+        kb = Dg.kl_bound(field, tg, profile=prof, **fp)
+        ints = prof.integrals()
+        rows.append({"stage": f"step {step}", "step": step, "train_seconds": secs, "kl_truth": kb.truth,
+                     "kl_bound": kb.bound, "kl_bound_se": kb.bound_se, "ratio": kb.ratio, "fp_tv": kb.tv,
+                     "I_likelihood": ints["likelihood"]["value"], "I_eps": ints["eps"]["value"],
+                     "I_eps_se": ints["eps"]["se"], "e_t_min": float(prof.e[0]), "e_eps_t_min": float(prof.e_eps[0])})
+        profiles[step] = prof
+    exact_kb = Dg.kl_bound(tg.field(sch), tg, n_times=4, n=50, **fp)
+    rows.append({"stage": "exact field", "step": -1, "train_seconds": 0.0, "kl_truth": exact_kb.truth,
+                 "kl_bound": exact_kb.bound, "kl_bound_se": exact_kb.bound_se, "ratio": float("nan"),
+                 "fp_tv": exact_kb.tv, "I_likelihood": 0.0, "I_eps": 0.0, "I_eps_se": 0.0, "e_t_min": 0.0,
+                 "e_eps_t_min": 0.0})
+    final = T.learned_field(trained[-1][1], sch, "eps", sigma_data=sigma_data)
+    n = 1000 if quick else 4000
+    dec = {name: Dg.decompose_sampler_error(f, tg, SAMPLERS, NFES, n=n, seed=seed)
+           for name, f in (("learned", final), ("exact", tg.field(sch)))}
+    dec_rows = [dict(r, field=name) for name, d in dec.items() for r in d["rows"]]
+    rank = {name: d["reference"]["ranking"] for name, d in dec.items()}
+    survives = Dg.ranking_agreement(dec["exact"]["rows"], dec["learned"]["rows"])
+    headline = {"kl": {r["stage"]: {"truth": r["kl_truth"], "bound": r["kl_bound"], "ratio": r["ratio"]}
+                       for r in rows},
+                "ranking_exact": rank["exact"], "ranking_learned": rank["learned"], "ranking_survives": survives,
+                "mmd2_network": dec["learned"]["reference"]["mmd2_network"],
+                "mmd2_network_se": dec["learned"]["reference"]["mmd2_network_se"]}
+    settings = {"target": tg.settings(), "schedule": sch.settings(), "model": MODEL, "stages": list(stages),
+                "fokker_planck": fp, "profile": prof_kw, "decomposition": {"samplers": SAMPLERS, "nfes": NFES, "n": n},
+                "optimizer": "AdamW lr 2e-3, EMA 0.999, batch 1024 (256 quick)", "seed": seed, "quick": quick}
+    return rows, {"settings": settings, "headline": headline, "profiles": profiles, "decomposition": dec_rows,
+                  "final_field": final}
+
+
+def figure(rows, profiles, dec_rows, path: str) -> None:
+    """Left: e(t) (score space) and sigma^2 e(t) (eps space) per stage with +-2 SE bands. Middle: the KL bound against
+    the Fokker-Planck truth per stage. Right: total MMD of each sampler on the learned field split into the network's
+    part (the adaptive solve) and the discretisation part, next to the exact field's total."""
+    from diffusion_lab.plots import _mpl, _save, line_style
+
+    plt = _mpl()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    for i, (step, p) in enumerate(profiles.items()):
+        col, mk = line_style(i)
+        t = p.t.numpy()
+        for y, se, ls, lab in ((p.e, p.se, "-", "score"), (p.e_eps, p.se_eps, "--", "eps")):
+            ax.plot(t, y.numpy(), ls, color=col, marker=mk, ms=3, label=f"step {step} ({lab})")
+            ax.fill_between(t, (y - 2 * se).clamp_min(1e-12).numpy(), (y + 2 * se).numpy(), color=col, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("t")
+    ax.set_ylabel("E_p_t |error|^2")
+    ax.set_title("score error e(t) (solid) and sigma^2 e(t) (dashed)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    st = [r for r in rows if r["step"] >= 0]
+    x = range(len(st))
+    ax.bar([i - 0.2 for i in x], [r["kl_bound"] for r in st], 0.4, yerr=[2 * r["kl_bound_se"] for r in st],
+           label="bound: 1/2 int g^2 e dt")
+    ax.bar([i + 0.2 for i in x], [r["kl_truth"] for r in st], 0.4, label="truth: KL(p_t_min || q_theta), Fokker-Planck")
+    floor = [r for r in rows if r["step"] < 0][0]["kl_truth"]
+    ax.axhline(max(floor, 1e-6), color="k", ls=":", lw=1, label=f"exact field on the grid ({floor:.1e})")
+    for i, r in enumerate(st):
+        ax.text(i, max(r["kl_bound"], r["kl_truth"]) * 1.15, f"x{r['ratio']:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(list(x), [r["stage"] for r in st])
+    ax.set_yscale("log")
+    ax.set_ylabel("nats")
+    ax.set_title("KL bound vs truth (ratio above)")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    learned = [r for r in dec_rows if r["field"] == "learned"]
+    exact = {(r["sampler"], r["nfe_budget"]): r for r in dec_rows if r["field"] == "exact"}
+    labels = [f"{r['sampler']}\n{r['nfe_budget']}" for r in learned]
+    xs = range(len(learned))
+    ax.bar([i - 0.27 for i in xs], [r["mmd_total"] for r in learned], 0.27, label="learned: total")
+    ax.bar(list(xs), [r["mmd_network"] for r in learned], 0.27, label="learned: network (adaptive solve)")
+    ax.bar([i + 0.27 for i in xs], [r["mmd_discretisation"] for r in learned], 0.27,
+           label="learned: discretisation")
+    ax.plot(list(xs), [exact[(r["sampler"], r["nfe_budget"])]["mmd_total"] for r in learned], "k_", ms=14, mew=2,
+            label="exact field: total")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylabel("MMD to the exact p_t_min")
+    ax.set_title("sampler error = network + discretisation")
+    ax.legend(fontsize=7)
+    _save(fig, path, dpi=120)
+
+
+def main(argv=None):
+    p = _common.parser(__doc__.split("\n")[0], "docs/figures")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="also save the final training state as a checkpoint (for diffusion-lab diagnose / compare)")
+    args = p.parse_args(argv)
+    rows, meta = run(args.quick, args.seed, args.checkpoint)
+    print(_common.table(rows, ["stage", "train_seconds", "I_eps", "kl_bound", "kl_truth", "ratio", "fp_tv"]))
+    print(_common.table(meta["decomposition"], ["field", "sampler", "nfe_budget", "mmd2_total", "mmd2_total_se",
+                                                "mmd_rank", "mmd2_network", "mmd2_discretisation",
+                                                "mmd2_discretisation_se", "flow_error"]))
+    h = meta["headline"]
+    for b in h["ranking_exact"]:
+        agr = h["ranking_survives"][b]
+        print(f"NFE {b}: exact field {' < '.join(h['ranking_exact'][b])}; learned {' < '.join(h['ranking_learned'][b])}"
+              f" (SE-aware). Pairs resolved on the exact field: kept {agr['kept']}, tied on the learned one "
+              f"{agr['tied']}, reversed {agr['reversed']}; resolved on the learned field only {agr['resolved_in_b_only']}")
+    _common.write(args.out, "score_error", rows, meta["settings"], h)
+    with _common.figure_style(args):
+        figure(rows, meta["profiles"], meta["decomposition"], _common.figure(args, "score_error"))
+    return h
+
+
+if __name__ == "__main__":
+    main()
