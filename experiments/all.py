@@ -2,7 +2,8 @@
 
     python -m experiments.all [--out docs/figures] [--quick] [--only NAME ...]
 
-Writes NAME.csv, NAME.json and NAME.png per experiment into --out and a summary headlines.json.
+Writes NAME.csv, NAME.json and NAME.png (or --format, at --dpi) per experiment into --out and a summary
+headlines.json.
 """
 from __future__ import annotations
 
@@ -40,12 +41,18 @@ def main(argv=None):
             print(f"== {name}: not available ({exc})", file=sys.stderr)
             continue
         print(f"== {name}")
-        argv_ = ["--out", args.out, "--seed", str(args.seed)] + (["--quick"] if args.quick else [])
+        argv_ = (["--out", args.out, "--seed", str(args.seed), "--format", args.format]
+                 + (["--dpi", str(args.dpi)] if args.dpi is not None else []) + (["--quick"] if args.quick else []))
         headline = mod.main(argv_)
         summary[name] = {"headline": headline, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"   ({summary[name]['seconds']} s)")
-    with open(os.path.join(args.out, "headlines.json"), "w") as fh:
-        json.dump(summary, fh, indent=2, default=float)
+    from diffusion_lab._io import atomic_write
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(summary, fh, indent=2, default=float)
+
+    atomic_write(os.path.join(args.out, "headlines.json"), write)
     return 1 if failed else 0
 
 

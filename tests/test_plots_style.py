@@ -176,3 +176,14 @@ def test_slope_guides_ignore_the_end_of_one_long_line():
     (n0, n1), (e0, e1) = ax.get_lines()[0].get_data()
     assert n1 == 64 and e1 == pytest.approx(np.median([1e-3 * 10 ** -k for k in range(4)]))
     plt.close(fig)
+
+
+def test_experiments_write_their_figure_in_the_chosen_format_and_remove_the_other_formats(tmp_path):
+    from experiments import all as run_all
+
+    (tmp_path / "langevin_bias.png").write_bytes(b"an older figure")
+    assert run_all.main(["--only", "langevin_bias", "--quick", "--out", str(tmp_path), "--format", "svg",
+                         "--dpi", "50"]) == 0
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["headlines.json", "langevin_bias.csv", "langevin_bias.json", "langevin_bias.svg"]
+    assert b"<svg" in (tmp_path / "langevin_bias.svg").read_bytes()[:2000]
