@@ -106,3 +106,5 @@ def test_plain_text_math_in_docstrings_is_escaped_outside_literals():
     assert plain_math.escape_line("* ``|x|`` and *emphasis*") == "* ``|x|`` and *emphasis*"
     lines = ["Table::", "", "    a | b * c", "", "after |x|"]
     assert plain_math.escape_lines(lines) == ["Table::", "", "    a | b * c", "", "after \\|x\\|"]
+    spanning = ["call ``f(a,", "  **kw)`` with |x|"]  # an inline literal over a line break stays literal
+    assert plain_math.escape_lines(spanning) == ["call ``f(a,", "  **kw)`` with \\|x\\|"]

@@ -47,12 +47,30 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
+def _escape_prose(line: str, in_literal: bool) -> tuple[str, bool]:
+    """Escape one prose line; an inline literal (````...````) may run over from the previous line and on to the
+    next. Returns the line and whether an inline literal is still open at its end."""
+    head = ""
+    if in_literal:
+        end = line.find("``")
+        if end < 0:
+            return line, True
+        head, line = line[:end + 2], line[end + 2:]
+    # an unmatched ``...`` at the end of the line opens a literal that continues on the next line
+    starts = [m.start() for m in re.finditer("``", _PROTECTED.sub(lambda m: " " * len(m.group(0)), line))]
+    if len(starts) % 2:
+        cut = starts[-1]
+        return head + escape_line(line[:cut]) + line[cut:], True
+    return head + escape_line(line), False
+
+
 def escape_lines(lines: list[str]) -> list[str]:
     """The docstring's lines with prose escaped; literal blocks and directive bodies untouched."""
     if any(line.lstrip().startswith("+--") for line in lines):
         return list(lines)
     out = []
     literal_from = None  # indentation of the line that opened a literal block / directive
+    in_literal = False  # inside an inline literal that runs over a line break
     for line in lines:
         stripped = line.strip()
         if literal_from is not None:
@@ -60,11 +78,18 @@ def escape_lines(lines: list[str]) -> list[str]:
                 out.append(line)
                 continue
             literal_from = None
-        if stripped.startswith(".. ") or stripped.endswith("::"):
-            literal_from = _indent(line)
-            out.append(line if stripped.startswith(".. ") else escape_line(line))
+        if not stripped:
+            in_literal = False
+            out.append(line)
             continue
-        out.append(escape_line(line))
+        if stripped.startswith(".. ") and not in_literal:
+            literal_from = _indent(line)
+            out.append(line)
+            continue
+        escaped, in_literal = _escape_prose(line, in_literal)
+        if stripped.endswith("::") and not in_literal:
+            literal_from = _indent(line)
+        out.append(escaped)
     return out
 
 
