@@ -204,3 +204,49 @@ def test_catalogue_check_catches_a_wrong_bound(monkeypatch, planted):
     z, kb = kl_bound_equality_z(n=1000, cells=200, steps=50)
     assert z > 5.0, kb
 
+
+
+# -------------------------------------------------------------------------------------------- the command
+TRAIN = ["train", "--steps", "20", "--log-every", "10", "--n-train", "1000", "--batch", "64", "--hidden", "16",
+         "--depth", "1", "--device", "cpu", "--eval-n", "200", "--no-plot"]
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    from diffusion_lab.cli import main
+
+    out = tmp_path_factory.mktemp("train")
+    assert main([*TRAIN, "--out", str(out)]) == 0
+    return str(out / "checkpoint.pt")
+
+
+def test_diagnose_writes_profile_maps_and_summary(small_checkpoint, tmp_path, capsys):
+    import json
+    import os
+
+    from diffusion_lab.cli import main
+
+    out = tmp_path / "diag"
+    args = ["diagnose", "--checkpoint", small_checkpoint, "--out", str(out), "--n", "100", "--n-times", "4",
+            "--cells", "16", "--fp-steps", "5", "--map-times", "0.01", "0.5"]
+    assert main(args) == 0
+    assert sorted(os.listdir(out)) == ["error_maps.png", "profile.csv", "score_error.png", "summary.json"]
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["target"] == "ring8" and len(doc["profile"]) == 4 and len(doc["maps"]) == 2
+    kb = doc["kl_bound"]
+    assert kb["bound"] == pytest.approx(0.5 * doc["integrals"]["likelihood"]["value"])  # exact start: no prior term
+    assert math.isfinite(kb["truth"]) and kb["ratio"] == pytest.approx(kb["bound"] / kb["truth"])
+    assert "KL bound" in capsys.readouterr().out
+    # --no-kl --no-plot with --overwrite leaves no figure of the earlier run
+    assert main([*args, "--overwrite", "--no-kl", "--no-plot"]) == 0
+    assert sorted(os.listdir(out)) == ["profile.csv", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["kl_bound"] is None
+
+
+def test_diagnose_refuses_a_target_of_another_dimension(small_checkpoint, tmp_path, capsys):
+    from diffusion_lab.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["diagnose", "--checkpoint", small_checkpoint, "--target", "bimodal_1d", "--out", str(tmp_path / "d")])
+    assert exc.value.code == 2
+    assert "dimension 1" in capsys.readouterr().err
