@@ -188,19 +188,38 @@ def outflow_rate(grid: Grid, face_drift, bc: str = "zero_flux") -> float:
     return float(r.max())
 
 
-def _heat_exps(grid: Grid, theta: float, bc: str) -> list:
-    """[exp(theta Lap_a)] per axis (three-point finite-volume Laplacian, unit diffusion), columns summing to 1."""
-    from .operators import assemble_1d
-    from .stepping import _stochastic_expm
+_EIG: dict = {}
 
-    periodic = bc == "periodic"
+
+def _laplacian_eig(length: float, n: int, bc: str):
+    """(lambda, V) of the symmetric three-point finite-volume Laplacian on n cells of a box of the given length
+    (zero-flux or periodic), cached per geometry."""
+    key = (float(length), int(n), bc)
+    if key not in _EIG:
+        from .operators import assemble_1d
+
+        nf = n if bc == "periodic" else n - 1
+        lap = assemble_1d(np.zeros(nf), 1.0, length / n, n, bc, "sg")
+        _EIG[key] = np.linalg.eigh(0.5 * (lap + lap.T))
+        if len(_EIG) > 16:
+            _EIG.pop(next(iter(_EIG)))
+    return _EIG[key]
+
+
+def _heat_exps(grid: Grid, theta: float, bc: str) -> list:
+    """[exp(theta Lap_a)] per axis (three-point finite-volume Laplacian, unit diffusion) from the cached
+    eigendecomposition Lap_a = V diag(lambda) V^T: E = V diag(e^{theta lambda}) V^T, with round-off negatives
+    (|E_ij| ~ 1e-17) moved onto the diagonal and the column sums set to 1, so E >= 0 and 1^T E = 1^T exactly as in
+    exact arithmetic."""
     mats, seen = [], {}
     for a in range(grid.dim):
         geo = (grid.hi[a] - grid.lo[a], grid.n[a])
         if geo not in seen:
-            nf = grid.n[a] if periodic else grid.n[a] - 1
-            lap = assemble_1d(np.zeros(nf), 1.0, grid.dx[a], grid.n[a], bc, "sg")
-            seen[geo] = _stochastic_expm(theta * lap)
+            lam, V = _laplacian_eig(geo[0], geo[1], bc)
+            E = (V * np.exp(theta * lam)[None, :]) @ V.T
+            np.maximum(E, 0.0, out=E)
+            E[np.diag_indices_from(E)] += 1.0 - E.sum(axis=0)
+            seen[geo] = E
         mats.append(seen[geo])
     return mats
 
