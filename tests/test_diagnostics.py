@@ -250,3 +250,29 @@ def test_diagnose_refuses_a_target_of_another_dimension(small_checkpoint, tmp_pa
         main(["diagnose", "--checkpoint", small_checkpoint, "--target", "bimodal_1d", "--out", str(tmp_path / "d")])
     assert exc.value.code == 2
     assert "dimension 1" in capsys.readouterr().err
+
+
+def test_compare_checkpoint_reports_network_and_discretisation(small_checkpoint, tmp_path):
+    import csv
+    import json
+
+    from diffusion_lab import training as T
+    from diffusion_lab.cli import main
+    from diffusion_lab.metrics import mmd_bandwidth
+    from diffusion_lab.samplers import sample
+
+    out = tmp_path / "cmp"
+    assert main(["compare", "--checkpoint", small_checkpoint, "--methods", "heun", "--nfe", "8", "--n", "64",
+                 "--rtol", "1e-5", "--out", str(out), "--no-plot"]) == 0
+    with open(out / "results.csv") as fh:
+        row = next(csv.DictReader(fh))
+    ref = json.loads((out / "settings.json").read_text())["reference"]
+    assert float(row["mmd2_network"]) == pytest.approx(ref["mmd2_adaptive"], rel=1e-12)
+    field = T.field_from_checkpoint(T.load_checkpoint(small_checkpoint))
+    sch = field.schedule
+    x_T = torch.randn((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64) \
+        * float(sch.sigma(torch.tensor(sch.t_max, dtype=torch.float64)))
+    flow = sample(field, x_T, "adaptive", rtol=1e-5, atol=1e-5).x
+    heun = sample(field, x_T, "heun", nfe=8).x
+    bw = mmd_bandwidth(ring8().marginal(sch, sch.t_min))
+    assert float(row["mmd2_discretisation"]) == pytest.approx(Dg.mmd2_two_sample(heun, flow, bw)[0], rel=1e-9)
