@@ -682,7 +682,7 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
 
     From the same starts x_T (default: exact samples of p_{t_max}), every (method, NFE budget) runs on ``field``;
     the reference is the same field solved by the adaptive Dormand-Prince 5(4) solver (rtol = atol = ``rtol``), its
-    converged law q_inf. Per row (MMD^2 with the exact law's kernel bandwidth ``metrics.mmd_bandwidth``):
+    converged law q_inf. Per row (MMD^2 with the exact law's kernel bandwidth ``metrics.mmd_bandwidth``)::
 
         total           MMD^2(q_K, p)        ``metrics.mmd2_exact`` against the exact law p (p_{t_min}, or p_0 with
                                              final="denoise")
@@ -691,7 +691,7 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
         flow_error      mean_i |x_i - Phi_theta(x_T,i)|   (deterministic samplers)
 
     ``mmd_rank`` (the SE-aware rank of the total within its budget, ``compare.mmd_ranks``: paired differences resolved
-at 2 SE), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
+    at 2 SE), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
     inequality of the metric MMD).
 
     Parameters
