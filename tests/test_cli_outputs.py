@@ -109,6 +109,8 @@ def test_check_json_refuses_an_existing_file_without_overwrite(tmp_path, capsys)
     assert main(["check", "-k", "solvers.order[euler]", "--json", str(path), "--overwrite"]) == 0
     doc = json.loads(path.read_text())
     assert [c["name"] for c in doc["checks"]] == ["solvers.order[euler]"]
+    row = doc["checks"][0]
+    assert row["theory_order"] == 1 and abs(row["measured_order"] - 1) == pytest.approx(row["residual"], abs=1e-3)
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {path}"
 
 

@@ -132,6 +132,19 @@ def run(args, parser) -> int:
     if args.json:
         from theory_checks.report import to_json
 
-        C.atomic_write(args.json, lambda tmp: to_json(results, tmp, seconds))
+        def write(tmp):
+            import json
+
+            to_json(results, tmp, seconds)
+            with open(tmp) as fh:
+                doc = json.load(fh)
+            for row, r in zip(doc["checks"], results):  # order checks: the measured order beside the theory's
+                mo = measured_order(r)
+                if mo is not None:
+                    row["measured_order"], row["theory_order"] = mo
+            with open(tmp, "w") as fh:
+                json.dump(doc, fh, indent=2)
+
+        C.atomic_write(args.json, write)
         print(f"wrote {args.json}")
     return 0 if n_pass == len(results) else 1
