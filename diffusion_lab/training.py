@@ -728,10 +728,33 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """torch.load(path, weights_only=True): tensors and primitive containers only, no code from the file."""
-    sd = torch.load(path, map_location=map_location, weights_only=True)
+    """torch.load(path, weights_only=True): tensors and primitive containers only, no code from the file.
+
+    A file torch cannot read (empty, truncated, random bytes, a pickle of other objects) or a checkpoint without
+    the entries sampling needs raises ValueError naming the path and the reason; a missing file raises
+    FileNotFoundError."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy (non-zip) files before failing on them
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), ...: the file is not a checkpoint
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        if "Weights only load failed" in reason:
+            reason = "not a file of tensors and plain containers"
+        raise ValueError(f"{path} is not a readable diffusion_lab training checkpoint "
+                         f"({type(exc).__name__}{': ' + reason if reason else ''})") from None
     if not isinstance(sd, dict) or sd.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a diffusion_lab training checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in ("meta", "model", "ema") if k not in sd]
+    missing += [f"meta.{k}" for k in ("model", "schedule", "prediction", "sigma_data", "data_shape")
+                if isinstance(sd.get("meta"), dict) and k not in sd["meta"]]
+    missing += ["ema.module"] if isinstance(sd.get("ema"), dict) and "module" not in sd["ema"] else []
+    if missing:
+        raise ValueError(f"{path} is an incomplete diffusion_lab checkpoint: missing {', '.join(missing)}")
     return sd
 
 
