@@ -276,3 +276,16 @@ def test_compare_checkpoint_reports_network_and_discretisation(small_checkpoint,
     heun = sample(field, x_T, "heun", nfe=8).x
     bw = mmd_bandwidth(ring8().marginal(sch, sch.t_min))
     assert float(row["mmd2_discretisation"]) == pytest.approx(Dg.mmd2_two_sample(heun, flow, bw)[0], rel=1e-9)
+
+
+def test_guide_page_examples_run():
+    import doctest
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "guide" / "score_error.md"
+    text = re.sub(r"^\s*(```|~~~).*$", "", path.read_text(), flags=re.MULTILINE)
+    test = doctest.DocTestParser().get_doctest(text, {}, path.stem, str(path), 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.tries >= 8 and runner.failures == 0
