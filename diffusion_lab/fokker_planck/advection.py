@@ -208,16 +208,16 @@ def _laplacian_eig(length: float, n: int, bc: str):
 
 def _heat_exps(grid: Grid, theta: float, bc: str) -> list:
     """[exp(theta Lap_a)] per axis (three-point finite-volume Laplacian, unit diffusion) from the cached
-    eigendecomposition Lap_a = V diag(lambda) V^T: E = V diag(e^{theta lambda}) V^T, with round-off negatives
-    (|E_ij| ~ 1e-17) moved onto the diagonal and the column sums set to 1, so E >= 0 and 1^T E = 1^T exactly as in
-    exact arithmetic."""
+    eigendecomposition Lap_a = V diag(lambda) V^T: E = V diag(e^{theta lambda}) V^T. Entries below 1e-14 times
+    their column's largest (round-off noise of the eigenvectors, of either sign) are set to 0 and the column sums
+    reset to 1 on the diagonal, so E >= 0 and 1^T E = 1^T as in exact arithmetic."""
     mats, seen = [], {}
     for a in range(grid.dim):
         geo = (grid.hi[a] - grid.lo[a], grid.n[a])
         if geo not in seen:
             lam, V = _laplacian_eig(geo[0], geo[1], bc)
             E = (V * np.exp(theta * lam)[None, :]) @ V.T
-            np.maximum(E, 0.0, out=E)
+            E[E < 1e-14 * E.max(axis=0)[None, :]] = 0.0  # round-off noise of the eigenvectors (and negatives)
             E[np.diag_indices_from(E)] += 1.0 - E.sum(axis=0)
             seen[geo] = E
         mats.append(seen[geo])
