@@ -58,6 +58,10 @@ class Schedule:
     variance_preserving: ClassVar[bool] = False
 
     def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                raise ValueError(f"{type(self).__name__}: {f.name} must be a finite number, got {v!r}")
         lo, hi = self.domain()
         if not (lo <= self.t_min < self.t_max <= hi):
             raise ValueError(

@@ -97,6 +97,10 @@ class GaussianMixture:
             cov = cov[None]
         if w.numel() != K:
             raise ValueError(f"weights has {w.numel()} entries but means has {K} components")
+        for label, v in (("weights", w), ("means", mu), ("covs", cov)):
+            if not torch.isfinite(v).all():
+                k = int(torch.nonzero((~torch.isfinite(v.reshape(v.shape[0], -1))).any(1))[0])
+                raise ValueError(f"{label} must be finite, got {v[k].tolist()} for component {k}")
         if cov.shape != (K, d, d):
             raise ValueError(f"covs must have shape {(K, d, d)}, got {tuple(cov.shape)}")
         if (w < 0).any() or not torch.isclose(w.sum(), torch.tensor(1.0, dtype=torch.float64), atol=1e-12):

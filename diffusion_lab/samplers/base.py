@@ -204,6 +204,10 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     """
     if not isinstance(field, VelocityField):
         raise TypeError(f"field must be a VelocityField, got {type(field).__name__}")
+    if not isinstance(x_init, torch.Tensor):
+        raise TypeError(f"x_init must be a torch.Tensor of shape (batch, *data_shape), got {type(x_init).__name__}")
+    if not x_init.is_floating_point():
+        raise TypeError(f"x_init must be a floating-point tensor, got dtype {x_init.dtype}")
     info = get_method(method)
     requested, auto = method, None
     if (t_min is not None or t_max is not None) and grid is not None:
@@ -215,7 +219,8 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
 
         t_end = field.schedule.t_min if t_min is None else t_min
         auto = resolve(method, nfe, final, lam_end=float(field.schedule.lam(torch.tensor(float(t_end),
-                                                                                         dtype=torch.float64))))
+                                                                                         dtype=torch.float64))),
+                       schedule=field.schedule)
         method, grid_kind, options = auto.method, auto.grid_kind, {**auto.options, **options}
         info = get_method(method)
     if final not in ("step", "denoise"):

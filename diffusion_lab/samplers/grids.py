@@ -20,6 +20,7 @@ import torch
 from ..schedules import Schedule
 
 GRID_KINDS = ("uniform", "logsnr", "karras", "quadratic")
+MAX_STEPS = 10**8  # a larger grid is a mistyped size, not a sampler setting
 
 __all__ = ["time_grid", "GRID_KINDS", "check_grid"]
 
@@ -56,6 +57,8 @@ def time_grid(schedule: Schedule, n: int | None = None, kind="logsnr", *, rho: f
                          f"and method=), 'ays' or pass a list of times")
     if n is None or int(n) != n or n < 1:
         raise ValueError(f"number of steps must be an integer >= 1, got {n!r}")
+    if n > MAX_STEPS:
+        raise ValueError(f"number of steps must be <= {MAX_STEPS:,} (a grid of n + 1 float64 times), got {n!r}")
     t_lo = schedule.t_min if t_min is None else float(t_min)
     t_hi = schedule.t_max if t_max is None else float(t_max)
     if not (schedule.t_min <= t_lo < t_hi <= schedule.t_max):
@@ -87,6 +90,9 @@ def check_grid(schedule: Schedule, grid: torch.Tensor, allow_increasing: bool = 
     g = torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
     if g.numel() < 2:
         raise ValueError(f"a time grid needs at least 2 points, got {g.tolist()}")
+    if not torch.isfinite(g).all():
+        i = int(torch.nonzero(~torch.isfinite(g))[0])
+        raise ValueError(f"time grid must be finite; t[{i}]={g[i].item()!r}")
     d = torch.diff(g)
     if allow_increasing and (d > 0).all():
         schedule.check_t(g, what="grid time")
