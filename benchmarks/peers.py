@@ -359,14 +359,15 @@ def our_plan(method: str, nfe: int, final: str) -> tuple[int, dict]:
     return samplers.steps_for_nfe(method, nfe, final), {}
 
 
-def resolve(method: str, nfe: int, final: str, grids, lam_end: float | None = None) -> tuple[str, list, list]:
+def resolve(method: str, nfe: int, final: str, grids, lam_end: float | None = None,
+            schedule=None) -> tuple[str, list, list]:
     """(method to run, [(grid label, grid kind)], plan) -- the declared defaults "auto" / "auto_sde" resolve to
     their rule's method and grid kind for this budget and the grid's end (``samplers.auto.resolve``, with the
     half log-SNR ``lam_end`` at the end time, exactly as ``sample(..., t_min=t_e)`` resolves it), labelled grid
     "auto"."""
     from diffusion_lab.samplers.auto import resolve as auto_resolve
 
-    choice = auto_resolve(method, nfe, final, lam_end=lam_end)
+    choice = auto_resolve(method, nfe, final, lam_end=lam_end, schedule=schedule)
     if choice is not None:
         return choice.method, [("auto", choice.grid_kind)], {"resolved": f"{choice.method}/{choice.grid_kind}"}
     return method, [(g, g) for g in grids], {}
@@ -376,7 +377,7 @@ def run_ours(field, x_start, t_s, t_e, final, nfe, ref, methods, grids) -> list[
     rows = []
     for m in methods:
         lam_end = float(field.schedule.lam(torch.tensor(float(t_e), dtype=torch.float64)))
-        name, kinds, extra = resolve(m.name, nfe, final, grids, lam_end)
+        name, kinds, extra = resolve(m.name, nfe, final, grids, lam_end, field.schedule)
         try:
             n, opts = our_plan(name, nfe, final)
         except ValueError as e:
@@ -789,7 +790,8 @@ def run_stochastic(label, tg, args, methods_sto, log):
             block["kdiffusion"].append(row)
         # ours
         for m in methods_sto:
-            name, kinds, extra = resolve(m.name, nfe, "denoise", grids)
+            lam_end = float(schedule.lam(torch.tensor(T_MIN_OURS, dtype=torch.float64)))
+            name, kinds, extra = resolve(m.name, nfe, "denoise", grids, lam_end, schedule)
             try:
                 n, opts = our_plan(name, nfe, "denoise")
             except ValueError as e:

@@ -132,10 +132,10 @@ class _Run:
     options: dict
 
 
-def plan_row(spec: MethodSpec, nfe: int, final: str, grid_kind: str) -> _Run:
-    """Resolve a (method, budget) pair: "auto"/"auto_sde" pick method and grid kind by their rule, then the
-    method's budget rule gives the step count and options."""
-    choice = resolve(spec.name, nfe, final)
+def plan_row(spec: MethodSpec, nfe: int, final: str, grid_kind: str, schedule: Schedule | None = None) -> _Run:
+    """Resolve a (method, budget) pair: "auto"/"auto_sde" pick method and grid kind by their rule (for
+    ``schedule``, as ``sample`` does), then the method's budget rule gives the step count and options."""
+    choice = resolve(spec.name, nfe, final, schedule=schedule)
     name, kind = (choice.method, choice.grid_kind) if choice else (spec.name, grid_kind)
     steps, options = plan_for_nfe(name, int(nfe), final, **dict(spec.options))
     return _Run(name, steps, kind, options)
@@ -187,7 +187,7 @@ def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DE
     plan = []
     for spec in specs:
         for nfe in nfes:
-            plan.append((spec, nfe, plan_row(spec, nfe, final, grid_kind)))
+            plan.append((spec, nfe, plan_row(spec, nfe, final, grid_kind, schedule)))
     g = torch.Generator().manual_seed(seed)
     p_T = target.marginal(schedule, schedule.t_max)
     x_T = p_T.sample(n_samples, g)

@@ -7,7 +7,8 @@ from diffusion_lab import schedules as S
 from diffusion_lab import targets as T
 from diffusion_lab.samplers import available, get_method, sample
 from diffusion_lab.samplers import time_grid
-from diffusion_lab.samplers.auto import AUTO_RULES, AUTO_RULES_EARLY, EARLY_LAMBDA, auto_choice
+from diffusion_lab.samplers.auto import (AUTO_RULES, AUTO_RULES_EARLY, AUTO_RULES_VP, AUTO_RULES_VP_EARLY,
+                                         EARLY_LAMBDA, auto_choice, is_variance_preserving)
 
 
 @pytest.mark.parametrize("nfe,method,grid", [(1, "ipndm", "logsnr"), (5, "ipndm", "logsnr"), (11, "ipndm", "logsnr"),
@@ -36,6 +37,26 @@ def test_rule_for_grids_that_end_early(nfe, method, grid):
     assert auto_choice(nfe, stochastic=True, lam_end=0.0) == auto_choice(nfe, stochastic=True)  # no early SDE rule
 
 
+@pytest.mark.parametrize("cls,vp", [(S.VPLinear, True), (S.VPCosine, True), (S.DDPMDiscrete, True), (S.EDM, False),
+                                    (S.VE, False), (S.RectifiedFlow, False), (S.SubVP, False)])
+def test_variance_preserving_schedules_get_the_vp_rule(cls, vp):
+    sch = cls()
+    assert is_variance_preserving(sch) == vp
+    for nfe in (5, 15, 30):
+        expect = next((m, g) for hi, m, g, _ in (AUTO_RULES_VP if vp else AUTO_RULES)["auto"]
+                      if hi is None or nfe <= hi)
+        c = auto_choice(nfe, schedule=sch)
+        assert (c.method, c.grid_kind) == expect, (cls.__name__, nfe)
+
+
+@pytest.mark.parametrize("nfe,method", [(5, "ipndm"), (13, "ipndm"), (14, "unipc"), (17, "unipc"), (18, "rk4")])
+def test_vp_rule(nfe, method):
+    c = auto_choice(nfe, schedule=S.VPLinear())
+    assert (c.method, c.grid_kind) == (method, "quadratic")
+    e = auto_choice(nfe, schedule=S.VPLinear(), lam_end=1.0)
+    assert e.grid_kind == "quadratic" and e.method == {5: "ipndm", 13: "midpoint"}.get(nfe, "rk4")
+
+
 def test_early_threshold_separates_the_design_endings():
     # every schedule of the design study ends above the threshold at its own t_min; the early endings are below
     for cls in (S.VPLinear, S.VPCosine, S.EDM, S.DDPMDiscrete, S.VE, S.RectifiedFlow):
@@ -55,8 +76,8 @@ def test_auto_on_a_grid_that_ends_early_equals_the_early_choice(nfe):
     res = sample(field, x, "auto", nfe=nfe, final="denoise", t_min=t_e)
     lam_e = float(sch.lam(torch.tensor(t_e, dtype=torch.float64)))
     assert lam_e <= EARLY_LAMBDA
-    c = auto_choice(nfe - 1, lam_end=lam_e)
-    assert (c.method, c.grid_kind) == next((m, g) for hi, m, g, _ in AUTO_RULES_EARLY["auto"]
+    c = auto_choice(nfe - 1, lam_end=lam_e, schedule=sch)
+    assert (c.method, c.grid_kind) == next((m, g) for hi, m, g, _ in AUTO_RULES_VP_EARLY["auto"]
                                            if hi is None or nfe - 1 <= hi)
     from diffusion_lab.samplers import plan_for_nfe
 
@@ -76,7 +97,8 @@ def test_t_range_with_an_explicit_grid_is_refused():
 
 
 def test_rules_name_registered_methods_with_matching_stochasticity():
-    for name, rules in list(AUTO_RULES.items()) + list(AUTO_RULES_EARLY.items()):
+    for name, rules in [*AUTO_RULES.items(), *AUTO_RULES_EARLY.items(), *AUTO_RULES_VP.items(),
+                        *AUTO_RULES_VP_EARLY.items()]:
         for _, method, _, _ in rules:
             assert get_method(method).stochastic == (name == "auto_sde")
     names = {m.name for m in available()}
@@ -92,7 +114,7 @@ def test_auto_equals_the_chosen_method_and_fits_the_budget(nfe, final):
     x = tg.marginal(sch, sch.t_max).sample(32, torch.Generator().manual_seed(0))
     res = sample(field, x, "auto", nfe=nfe, final=final)
     assert res.nfe <= nfe
-    c = auto_choice(nfe - (final == "denoise"))
+    c = auto_choice(nfe - (final == "denoise"), schedule=sch)
     by_hand = sample(field, x, c.method, nfe=nfe, grid_kind=c.grid_kind, final=final)
     assert torch.equal(res.x, by_hand.x)
     assert res.method == c.method and res.settings["requested_method"] == "auto"
@@ -105,7 +127,9 @@ def test_auto_sde_equals_the_chosen_method():
     field = tg.field(sch)
     x = tg.marginal(sch, sch.t_max).sample(16, torch.Generator().manual_seed(0))
     a = sample(field, x, "auto_sde", nfe=20, generator=torch.Generator().manual_seed(1))
-    b = sample(field, x, "dpmpp_3m_sde", nfe=20, generator=torch.Generator().manual_seed(1))
+    c = auto_choice(20, stochastic=True, schedule=sch)
+    assert (c.method, c.grid_kind) == ("dpmpp_3m_sde", "quadratic")  # the VP rule
+    b = sample(field, x, "dpmpp_3m_sde", nfe=20, grid_kind="quadratic", generator=torch.Generator().manual_seed(1))
     assert torch.equal(a.x, b.x) and a.nfe == 20
 
 

@@ -311,7 +311,7 @@ def checkpoint_comparison(field, meta: dict, specs, nfes, *, n: int, seed: int, 
         return sliced_w2(x.reshape(n, -1), ref.reshape(n, -1), 256, torch.Generator().manual_seed(seed + 3))
 
     rows = []
-    plan = [(spec, nfe, plan_row(spec, nfe, final, grid_kind)) for spec in specs for nfe in nfes]
+    plan = [(spec, nfe, plan_row(spec, nfe, final, grid_kind, schedule)) for spec in specs for nfe in nfes]
     for k, (spec, nfe, run_) in enumerate(plan):
         info = get_method(run_.method)
         res = sample(field, x_T, run_.method, steps=run_.steps, grid_kind=run_.grid_kind, final=final,
