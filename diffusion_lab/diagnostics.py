@@ -633,7 +633,7 @@ def _pair_sums(x: torch.Tensor, y: torch.Tensor, l2: float, block: int):
     return rows, cols
 
 
-def mmd2_two_sample(x, y, bandwidth: float, *, block: int = 1024) -> tuple[float, float]:
+def mmd2_two_sample(x, y, bandwidth: float, *, block: int = 1024, return_h1: bool = False):
     r"""Unbiased MMD^2 between two sample sets of equal size, PAIRED or not, with its standard error.
 
     With z_i = (x_i, y_i) and h(z_i, z_j) = k(x_i, x_j) + k(y_i, y_j) - k(x_i, y_j) - k(x_j, y_i),
@@ -647,10 +647,14 @@ def mmd2_two_sample(x, y, bandwidth: float, *, block: int = 1024) -> tuple[float
     bandwidth : float
         l of k(a, b) = exp(-|a - b|^2 / (2 l^2)).
     block : int
+    return_h1 : bool
+        Also return the n projections h1_i (for the SE of a paired difference of two such estimates,
+        SE^2 = 4/n Var_i(h1^a_i - h1^b_i)).
 
     Returns
     -------
-    (float, float)
+    (float, float) or (float, float, tensor)
+        MMD^2_u, its SE (and h1).
     """
     x = as_tensor(x).detach().reshape(x.shape[0], -1).to("cpu", torch.float64)
     y = as_tensor(y).detach().reshape(y.shape[0], -1).to("cpu", torch.float64)
@@ -666,7 +670,19 @@ def mmd2_two_sample(x, y, bandwidth: float, *, block: int = 1024) -> tuple[float
     yy, _ = _pair_sums(y, y, l * l, block)
     xy_rows, xy_cols = _pair_sums(x, y, l * l, block)
     h1 = (xx + yy - xy_rows - xy_cols) / (n - 1)
-    return float(h1.mean()), math.sqrt(4.0 / n * float(h1.var()))
+    out = (float(h1.mean()), math.sqrt(4.0 / n * float(h1.var())))
+    return (*out, h1) if return_h1 else out
+
+
+def _paired_ranks(values: list, h1s: list, margin: float = 2.0) -> list:
+    """rank_a = 1 + #{b : v_b < v_a - margin SE(v_a - v_b)}, SE^2 = 4/n Var_i(h1^a_i - h1^b_i) (paired estimates)."""
+    n = h1s[0].numel()
+    out = []
+    for a in range(len(values)):
+        better = sum(1 for b in range(len(values)) if b != a and values[b] < values[a]
+                     - margin * math.sqrt(4.0 / n * float((h1s[a] - h1s[b]).var())))
+        out.append(1 + better)
+    return out
 
 
 def _total_row(x, law, bw, pp):
@@ -691,7 +707,8 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
         flow_error      mean_i |x_i - Phi_theta(x_T,i)|   (deterministic samplers)
 
     ``mmd_rank`` (the SE-aware rank of the total within its budget, ``compare.mmd_ranks``: paired differences resolved
-    at 2 SE), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
+    at 2 SE) and ``discretisation_rank`` (the same rule for the discretisation column, paired through the shared
+reference), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
     inequality of the metric MMD).
 
     Parameters
@@ -738,7 +755,7 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
     ref_nfe = field.nfe - nfe0
     net = _total_row(ref, law, bw, pp)
     net2, net_se = net.mmd2, net.se
-    rows, results = [], []
+    rows, results, dis_h1 = [], [], []
     for k, (spec, nfe, run_) in enumerate(plan):
         info = get_method(run_.method)
         res = sample(field, x_T, run_.method, steps=run_.steps, grid_kind=run_.grid_kind, final=final,
@@ -747,14 +764,16 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
         tot = _total_row(res.x, law, bw, pp)
         results.append(tot)
         tot2, tot_se = tot.mmd2, tot.se
-        dis2, dis_se = mmd2_two_sample(res.x, ref, bw)
+        dis2, dis_se, h1 = mmd2_two_sample(res.x, ref, bw, return_h1=True)
+        dis_h1.append(h1)
         row = {"sampler": spec.label, "nfe_budget": nfe, "nfe": res.nfe, "steps": run_.steps,
                "stochastic": not deterministic,
                "mmd2_total": tot2, "mmd2_total_se": tot_se, "mmd2_network": net2, "mmd2_network_se": net_se,
                "mmd2_discretisation": dis2, "mmd2_discretisation_se": dis_se,
                "mmd_total": math.sqrt(max(tot2, 0.0)), "mmd_network": math.sqrt(max(net2, 0.0)),
                "mmd_discretisation": math.sqrt(max(dis2, 0.0)),
-               "flow_error": mean_error(res.x, ref) if deterministic else math.nan, "mmd_rank": 0}
+               "flow_error": mean_error(res.x, ref) if deterministic else math.nan, "mmd_rank": 0,
+               "discretisation_rank": 0}
         rows.append(row)
         if progress is not None:
             progress(k + 1, len(plan), row)
@@ -762,25 +781,29 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
         idx = [i for i, r in enumerate(rows) if r["nfe_budget"] == budget]
         for i, rk in zip(idx, mmd_ranks([results[i] for i in idx])):
             rows[i]["mmd_rank"] = rk
+        for i, rk in zip(idx, _paired_ranks([rows[i]["mmd2_discretisation"] for i in idx], [dis_h1[i] for i in idx])):
+            rows[i]["discretisation_rank"] = rk
     reference = {"solver": "adaptive (Dormand-Prince 5(4))", "rtol": rtol, "nfe": ref_nfe, "n": int(n),
                  "law": "p_0" if final == "denoise" else "p_t_min", "mmd_bandwidth": bw,
-                 "mmd2_network": net2, "mmd2_network_se": net_se, "ranking": rank_samplers(rows)}
+                 "mmd2_network": net2, "mmd2_network_se": net_se, "ranking": rank_samplers(rows),
+                 "ranking_discretisation": rank_samplers(rows, "mmd2_discretisation", "discretisation_rank")}
     return {"rows": rows, "reference": reference}
 
 
-def rank_samplers(rows: list[dict], key: str = "mmd2_total") -> dict:
-    """Per NFE budget, the samplers ordered by (``mmd_rank``, ``key``): {budget: [sampler, ...]}."""
+def rank_samplers(rows: list[dict], key: str = "mmd2_total", rank: str = "mmd_rank") -> dict:
+    """Per NFE budget, the samplers ordered by (``rank``, ``key``): {budget: [sampler, ...]}."""
     out = {}
     for budget in dict.fromkeys(r["nfe_budget"] for r in rows):
-        mine = sorted((r for r in rows if r["nfe_budget"] == budget), key=lambda r: (r.get("mmd_rank", 0), r[key]))
+        mine = sorted((r for r in rows if r["nfe_budget"] == budget), key=lambda r: (r.get(rank, 0), r[key]))
         out[budget] = [r["sampler"] for r in mine]
     return out
 
 
-def ranking_agreement(rows_a: list[dict], rows_b: list[dict]) -> dict:
+def ranking_agreement(rows_a: list[dict], rows_b: list[dict], rank: str = "mmd_rank") -> dict:
     """Does the SE-aware ranking of ``rows_a`` (e.g. the exact field) survive in ``rows_b`` (a learned field)?
 
-    Per NFE budget, every pair of samplers that ``rows_a`` resolves (different ``mmd_rank``) is counted as ``kept``
+    Per NFE budget, every pair of samplers that ``rows_a`` resolves (different ``rank``: ``mmd_rank`` for the totals,
+    ``discretisation_rank`` for the discretisation column) is counted as ``kept``
     (resolved the same way in b), ``tied`` (not resolved in b) or ``reversed`` (resolved the other way in b); the
     pairs are listed as "winner<loser" of a.
 
@@ -791,8 +814,8 @@ def ranking_agreement(rows_a: list[dict], rows_b: list[dict]) -> dict:
     """
     out = {}
     for budget in dict.fromkeys(r["nfe_budget"] for r in rows_a):
-        ra = {r["sampler"]: r["mmd_rank"] for r in rows_a if r["nfe_budget"] == budget}
-        rb = {r["sampler"]: r["mmd_rank"] for r in rows_b if r["nfe_budget"] == budget}
+        ra = {r["sampler"]: r[rank] for r in rows_a if r["nfe_budget"] == budget}
+        rb = {r["sampler"]: r[rank] for r in rows_b if r["nfe_budget"] == budget}
         res = {"kept": [], "tied": [], "reversed": [], "resolved_in_b_only": []}
         names = [n for n in ra if n in rb]
         for i, a in enumerate(names):

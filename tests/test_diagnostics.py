@@ -289,3 +289,27 @@ def test_guide_page_examples_run():
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
     assert runner.tries >= 8 and runner.failures == 0
+
+
+def test_ranking_agreement_counts_kept_tied_and_reversed_pairs():
+    a = [{"sampler": s, "nfe_budget": 10, "mmd_rank": r} for s, r in (("x", 1), ("y", 2), ("z", 3), ("w", 3))]
+    b = [{"sampler": s, "nfe_budget": 10, "mmd_rank": r} for s, r in (("x", 1), ("y", 1), ("z", 4), ("w", 1))]
+    got = Dg.ranking_agreement(a, b)[10]
+    assert sorted(got["kept"]) == ["x<z", "y<z"]
+    assert sorted(got["tied"]) == ["x<w", "x<y", "y<w"]
+    assert got["reversed"] == [] and got["resolved_in_b_only"] == ["w<z"]
+    b[0]["mmd_rank"] = 3
+    assert "x<y" in Dg.ranking_agreement(a, b)[10]["reversed"]
+
+
+@pytest.mark.slow
+def test_score_error_experiment_quick_run():
+    """The experiment's quick run: the bound holds at every stage and the exact field's grid KL is the floor."""
+    from experiments import score_error
+
+    rows, meta = score_error.run(quick=True)
+    stages = [r for r in rows if r["step"] >= 0]
+    assert all(r["kl_truth"] <= r["kl_bound"] + 4 * r["kl_bound_se"] for r in stages)
+    floor = [r for r in rows if r["step"] < 0][0]["kl_truth"]
+    assert floor < 0.01 * min(r["kl_truth"] for r in stages)
+    assert set(meta["headline"]["ranking_survives"]) == {10, 50}
