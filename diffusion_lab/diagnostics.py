@@ -708,7 +708,7 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
 
     ``mmd_rank`` (the SE-aware rank of the total within its budget, ``compare.mmd_ranks``: paired differences resolved
     at 2 SE) and ``discretisation_rank`` (the same rule for the discretisation column, paired through the shared
-reference), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
+    reference), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
     inequality of the metric MMD).
 
     Parameters
