@@ -527,7 +527,7 @@ def image_grid(rows: list, path: str, row_titles: list | None = None, col_titles
 @_styled
 def eta_sweep(rows: list[dict], path: str, floor: float | None = None, title: str = "") -> None:
     """DDIM eta sweep: ``sw2_mean`` (+- 2 ``sw2_se``) against ``steps``, one line per ``eta``, with the Monte-Carlo
-    floor; right panel the paired difference to eta = 0 (``minus_eta0_mean`` +- 2 ``minus_eta0_se``)."""
+    floor (a number, or (mean, half-width) drawn as a band); right panel the paired difference to eta = 0 (``minus_eta0_mean`` +- 2 ``minus_eta0_se``)."""
     plt = _mpl()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for eta in dict.fromkeys(r["eta"] for r in rows):
@@ -538,11 +538,15 @@ def eta_sweep(rows: list[dict], path: str, floor: float | None = None, title: st
         axes[1].errorbar(s, [r["minus_eta0_mean"] for r in rs], yerr=[2 * r["minus_eta0_se"] for r in rs], fmt="o-",
                          capsize=3, label=f"eta = {eta:g}")
     if floor is not None:
-        axes[0].axhline(floor, color="gray", ls=":", label="Monte-Carlo floor")
+        mean, spread = floor if isinstance(floor, tuple) else (floor, 0.0)
+        floor_band(axes[0], mean, spread, "Monte-Carlo floor" + (" (+-2 SE)" if spread else ""))
     axes[0].set(xscale="log", yscale="log", xlabel="steps S", ylabel="sliced W2", title="error vs steps")
     axes[1].axhline(0.0, color="k", lw=0.8)
     axes[1].set(xscale="log", xlabel="steps S", ylabel="sliced W2 minus eta=0 (paired)",
                 title="difference to deterministic DDIM")
+    for ax in axes:
+        nfe_ticks(ax, [r["steps"] for r in rows])
+    plain_log_labels(axes[0].yaxis)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -631,9 +635,10 @@ def same_marginals(paths: dict, rows: list[dict], path_rows: list[dict], path: s
 @_styled
 def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
     """EM discretisation error: KL and W2 against N (one line per d; solid = ``family`` 'aniso', dashed = others), with
-    reference slopes -2 and -1, and KL against d at each N with a slope-1 reference."""
+    reference slopes -2 and -1 through the largest N (``slope_guides``), and KL against d at each N with a slope-1
+    reference."""
     plt = _mpl()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.6))
     fams = list(dict.fromkeys(r["family"] for r in rows))
     dims = sorted({r["d"] for r in rows})
     steps = sorted({r["N"] for r in rows})
@@ -649,11 +654,8 @@ def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
             rs = sorted((r for r in rows if r["family"] == fam and r["N"] == n), key=lambda r: r["d"])
             axes[2].loglog([r["d"] for r in rs], [r["kl"] for r in rs], "o" + ls, ms=3,
                            color=plt.cm.plasma(k / max(len(steps) - 1, 1)), label=f"{fam}, N = {n}")
-    top = max(r["kl"] for r in rows)
-    n0, n1 = steps[0], steps[-1]
-    axes[0].loglog([n0, n1], [top, top * (n0 / n1) ** 2], "k:", lw=1, label="slope -2")
-    topw = max(r["w2"] for r in rows)
-    axes[1].loglog([n0, n1], [topw, topw * (n0 / n1)], "k:", lw=1, label="slope -1")
+    slope_guides(axes[0], [(r["N"], r["kl"]) for r in rows], orders=(2,))
+    slope_guides(axes[1], [(r["N"], r["w2"]) for r in rows], orders=(1,))
     kl_lo = min(r["kl"] for r in rows if r["d"] == dims[0])
     axes[2].loglog([dims[0], dims[-1]], [kl_lo, kl_lo * dims[-1] / dims[0]], "k:", lw=1, label="slope 1")
     axes[0].set(xlabel="steps N", ylabel="KL(EM output || p_tmin)", title="KL vs N")
@@ -661,7 +663,11 @@ def em_dimension(rows: list[dict], path: str, title: str = "") -> None:
     axes[2].set(xlabel="dimension d", ylabel="KL", title="KL vs d")
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=5, ncol=2)
+    nfe_ticks(axes[0], steps)
+    nfe_ticks(axes[1], steps)
+    nfe_ticks(axes[2], dims)
+    legend_outside(axes[1], fontsize=6)  # the same lines as the KL panel
+    legend_outside(axes[2], fontsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, path, dpi=100)

@@ -86,7 +86,8 @@ def main(argv=None):
     from diffusion_lab.plots import eta_sweep
 
     with _common.figure_style(args):
-        eta_sweep(rows, _common.figure(args, "ddim_eta"), floor=meta["headline"]["mc_floor"],
+        eta_sweep(rows, _common.figure(args, "ddim_eta"),
+                  floor=(meta["headline"]["mc_floor"], 2 * meta["headline"]["mc_floor_se"]),
                   title="DDIM eta sweep on ring8 / VP (exact eps): sliced W2 vs steps")
     return meta["headline"]
 
