@@ -238,3 +238,22 @@ def test_stability_refusal_must_name_the_bound(monkeypatch):
 
     monkeypatch.setattr(L, "ula", refuse_anything)
     assert not _run("langevin.ula_stability_bound").passed
+
+
+def test_planted_bug_table_is_current():
+    """Every bug of benchmarks/planted_bugs.py still finds its text exactly once (a stale bug would be reported, not
+    silently skipped, but the table should be kept current), and its areas are catalogue areas."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("planted_bugs", root / "benchmarks" / "planted_bugs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    areas = {c.area for c in CHECKS}
+    assert len(mod.BUGS) >= 19
+    for bug in mod.BUGS:
+        assert (root / bug.path).read_text().count(bug.old) == 1, bug.name
+        assert set(bug.areas) <= areas, bug.name
+        for f in bug.tests:
+            assert (root / f).exists(), (bug.name, f)

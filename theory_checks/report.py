@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -41,6 +42,7 @@ def table(results: list[Result]) -> str:
 
 
 def to_json(results: list[Result], path: str, seconds: float) -> None:
+    """Write the results as strict JSON (non-finite numbers as null), atomically."""
     import numpy
     import scipy
     import torch
@@ -58,5 +60,23 @@ def to_json(results: list[Result], path: str, seconds: float) -> None:
             "numpy": numpy.__version__, "scipy": scipy.__version__, "platform": platform.platform(),
         },
     }
-    with open(path, "w") as fh:
-        json.dump(doc, fh, indent=2, default=float)
+    text = json.dumps(_finite(doc), indent=2, default=float, allow_nan=False)  # NaN / inf are not JSON: null
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w") as fh:  # written whole, then renamed: a failed write leaves no partial file
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _finite(obj):
+    """``obj`` with every non-finite float (a crashed check's NaN residual, an infinite one) replaced by None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
