@@ -73,7 +73,8 @@ def score_weight(weighting, schedule: Schedule, t) -> torch.Tensor:
     ----------
     weighting : str or callable
         ``"likelihood"``: w = g(t)^2 (Song, Durkan, Murray & Ermon 2021); ``"score"``: w = 1; ``"eps"``:
-        w = sigma_t^2 (eps matching: ||eps_hat - eps*||^2 = sigma^2 ||s_theta - s||^2); ``"x0"``: w = sigma_t^4/alpha_t^2
+        w = sigma_t^2 (eps matching: ||eps_hat - eps*||^2 = sigma^2 ||s_theta - s||^2); ``"x0"``:
+        w = sigma_t^4/alpha_t^2
         (x0 matching: ||D_theta - D||^2 = sigma^4/alpha^2 ||s_theta - s||^2); or a callable (schedule, t) -> w.
     schedule : Schedule
     t : float or tensor
@@ -542,7 +543,8 @@ class KLBound:
 
 
 def kl_bound(field: VelocityField, target: GaussianMixture, *, start="exact", grid=None, cells: int = 96,
-             half_width: float = 5.0, steps: int = 100, method: str = "trbdf2", profile: ScoreErrorProfile | None = None,
+             half_width: float = 5.0, steps: int = 100, method: str = "trbdf2",
+             profile: ScoreErrorProfile | None = None,
              n_times: int = 24, n: int = 2000, n_start: int = 20000, seed: int = 0) -> KLBound:
     r"""The KL bound of the reverse SDE driven by ``field`` against the KL it bounds, computed independently:
 
@@ -606,9 +608,9 @@ def kl_bound(field: VelocityField, target: GaussianMixture, *, start="exact", gr
     truth = float(np.sum(p[pos] * (lp[pos] - lq[pos])) * grid.volume)
     floored_mass = float(p[bad].sum() * grid.volume)
     bound = kl0 + term
-    settings = {"floored_mass": floored_mass, "grid": grid.settings(), "steps": steps, "method": method, "start": start if isinstance(start, str)
-                else getattr(start, "name", "law"), "n_times": int(profile.t.numel()), "n": profile.n,
-                "n_start": n_start, "seed": seed, "nfe": int(sol.nfe), "schedule": sch.settings()}
+    settings = {"floored_mass": floored_mass, "grid": grid.settings(), "steps": steps, "method": method,
+                "start": start if isinstance(start, str) else getattr(start, "name", "law"),
+                "n_times": int(profile.t.numel()), "n": profile.n, "n_start": n_start, "seed": seed, "nfe": int(sol.nfe), "schedule": sch.settings()}
     return KLBound(truth, bound, math.hypot(kl0_se, term_se), kl0, kl0_se, term, term_se,
                    bound / truth if truth > 0 else math.inf, float(sol.tv[-1]), float(sol.mass[-1]), profile, settings)
 
@@ -708,8 +710,8 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
 
     ``mmd_rank`` (the SE-aware rank of the total within its budget, ``compare.mmd_ranks``: paired differences resolved
     at 2 SE) and ``discretisation_rank`` (the same rule for the discretisation column, paired through the shared
-    reference), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf) (the triangle
-    inequality of the metric MMD).
+    reference), and ``mmd_*`` = sqrt(max(MMD^2, 0)), for which MMD(q_K, p) <= MMD(q_inf, p) + MMD(q_K, q_inf)
+    (the triangle inequality of the metric MMD).
 
     Parameters
     ----------

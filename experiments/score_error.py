@@ -98,7 +98,8 @@ def run(quick: bool = False, seed: int = 0, checkpoint: str | None = None):
     headline = {"kl": {r["stage"]: {"truth": r["kl_truth"], "bound": r["kl_bound"], "ratio": r["ratio"]}
                        for r in rows},
                 "ranking_exact": rank["exact"], "ranking_learned": rank["learned"], "ranking_survives": survives,
-                "discretisation_ranking_exact": rank_dis["exact"], "discretisation_ranking_learned": rank_dis["learned"],
+                "discretisation_ranking_exact": rank_dis["exact"],
+                "discretisation_ranking_learned": rank_dis["learned"],
                 "discretisation_ranking_survives": survives_dis,
                 "mmd2_network": dec["learned"]["reference"]["mmd2_network"],
                 "mmd2_network_se": dec["learned"]["reference"]["mmd2_network_se"]}
