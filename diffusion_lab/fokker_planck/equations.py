@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dc_field
 from typing import Callable
 
 import numpy as np
@@ -70,10 +70,16 @@ class PointCoefficients:
     drift: Callable[[np.ndarray, float], np.ndarray]
     diffusion: Callable[[float], float]
     time_independent: bool = False
+    _points: dict = dc_field(default_factory=dict, init=False, repr=False, compare=False)
 
     def face_drifts(self, grid: Grid, s: float, periodic: bool):
-        pts = [grid.face_points(a, periodic) for a in range(grid.dim)]
-        b = np.asarray(self.drift(np.concatenate(pts, axis=0), s), dtype=np.float64)
+        key = (grid, periodic)
+        if key not in self._points:  # the face points of the latest grid, built once
+            self._points.clear()
+            pts = [grid.face_points(a, periodic) for a in range(grid.dim)]
+            self._points[key] = (pts, np.concatenate(pts, axis=0))
+        pts, allpts = self._points[key]
+        b = np.asarray(self.drift(allpts, s), dtype=np.float64)
         out, i = [], 0
         for a in range(grid.dim):
             m = pts[a].shape[0]

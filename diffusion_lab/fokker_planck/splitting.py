@@ -137,8 +137,8 @@ def evolve_split(grid: Grid, p: np.ndarray, s_out, coeffs, *, steps: int | None 
         return out
     nsub = substeps(s_out, steps, dt)
     ti = bool(getattr(coeffs, "time_independent", False))
-    ops = _Cache(8)
-    facs = _Cache(4 * grid.dim)
+    ops = _Cache(1 if ti else 3)  # axis operators of the latest times (full-size arrays for a general drift)
+    facs = _Cache(2 * grid.dim if ti else 2)  # Thomas factors: per (axis, c), or the two latest stages
 
     def axis_ops(s):
         key = None if ti else float(s)
@@ -245,7 +245,7 @@ def estimate_memory(shape, method: str = "trbdf2", n_times: int = 2, scheme: str
     elif method == "expm":
         total += sum(3 * v * v * f8 for v in shape) + 2 * N * f8
     elif method == "split":
-        total += 14 * N * f8  # face drifts, A, C, Thomas factors, stage vectors
+        total += 45 * N * f8  # general drift: 3 cached times x d axes x (sub, diag, sup), 2 Thomas factors, stages
     else:  # explicit: face drifts, slopes, fluxes, stage vectors
         total += (3 * d + 10) * N * f8
     if exact_error:
