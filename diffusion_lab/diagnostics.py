@@ -610,7 +610,8 @@ def kl_bound(field: VelocityField, target: GaussianMixture, *, start="exact", gr
     bound = kl0 + term
     settings = {"floored_mass": floored_mass, "grid": grid.settings(), "steps": steps, "method": method,
                 "start": start if isinstance(start, str) else getattr(start, "name", "law"),
-                "n_times": int(profile.t.numel()), "n": profile.n, "n_start": n_start, "seed": seed, "nfe": int(sol.nfe), "schedule": sch.settings()}
+                "n_times": int(profile.t.numel()), "n": profile.n, "n_start": n_start, "seed": seed,
+                "nfe": int(sol.nfe), "schedule": sch.settings()}
     return KLBound(truth, bound, math.hypot(kl0_se, term_se), kl0, kl0_se, term, term_se,
                    bound / truth if truth > 0 else math.inf, float(sol.tv[-1]), float(sol.mass[-1]), profile, settings)
 
