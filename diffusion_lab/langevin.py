@@ -100,6 +100,15 @@ def _check_finite(name: str, x: torch.Tensor, step: int, h) -> None:
         raise FloatingPointError(f"{name}: the chain became non-finite at step {step} (h={h}); lower the step size")
 
 
+def _check_x(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: x0 must be a torch.Tensor of shape (batch, *data_shape), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: x0 must be a floating-point tensor, got dtype {x.dtype}")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name}: x0 must have shape (batch >= 1, *data_shape), got {tuple(x.shape)}")
+
+
 def _check_steps(name: str, n_steps) -> int:
     if int(n_steps) != n_steps or n_steps < 1:
         raise ValueError(f"{name}: n_steps must be an integer >= 1, got {n_steps!r}")
@@ -144,6 +153,7 @@ def ula(field: VelocityField, x0: torch.Tensor, t, h: float, n_steps: int, *, ge
         return_trajectory: bool = False, thin: int = 1, progress=False) -> LangevinResult:
     """Unadjusted Langevin at fixed t: x' = x + h s(x, t) + sqrt(2h) z (one NFE per step)."""
     n = _check_steps("ula", n_steps)
+    _check_x("ula", x0)
     _check_step("ula", field, t, h)
     z = _noise("ula", noise, n, x0, generator)
     x, traj, nfe0, t0 = x0, ([x0.clone()] if return_trajectory else None), field.nfe, time.perf_counter()
@@ -164,6 +174,7 @@ def mala(field: VelocityField, x0: torch.Tensor, t, h: float, n_steps: int, *, l
     ``log_prob(x)`` defaults to the exact target's log p_t. NFE counts score evaluations (one per step, the
     current state's score is kept); log-density evaluations are reported in ``info['log_prob_evals']``."""
     n = _check_steps("mala", n_steps)
+    _check_x("mala", x0)
     if not (isinstance(h, (int, float)) and math.isfinite(h) and h > 0):
         raise ValueError(f"mala: step size h must be a finite number > 0, got h={h!r}")
     if log_prob is None:
@@ -204,6 +215,7 @@ def kinetic_langevin(field: VelocityField, x0: torch.Tensor, t, h: float, n_step
     B: v += (h/2) s(x);  A: x += (h/2) v;  O: v = e^{-gamma h} v + sqrt(1 - e^{-2 gamma h}) z;  A;  B.
     The force at the end of a step is reused at the start of the next: NFE = n_steps + 1."""
     n = _check_steps("kinetic_langevin", n_steps)
+    _check_x("kinetic_langevin", x0)
     if not (isinstance(h, (int, float)) and math.isfinite(h) and h > 0):
         raise ValueError(f"kinetic_langevin: step size h must be a finite number > 0, got h={h!r}")
     if not friction > 0:
@@ -258,6 +270,7 @@ def annealed_langevin(field: VelocityField, x0: torch.Tensor, levels, eps: float
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"annealed_langevin: eps must be a finite number > 0, got eps={eps!r}")
     k = _check_steps("annealed_langevin", n_steps_each)
+    _check_x("annealed_langevin", x0)
     field.schedule.check_t(levels, what="noise level time")
     sch = field.schedule
     sig = sch.sigma(levels)
