@@ -211,3 +211,19 @@ def test_bad_arguments_raise_a_clear_error(call, exc_type, needles):
         call(_field())
     for needle in needles:
         assert needle in str(exc.value), (needle, str(exc.value))
+
+
+@pytest.mark.xfail(strict=False, reason="fokker_planck gap: a box of half-width 1e-45 reaches SuperLU and ends in "
+                                        "RuntimeError 'Factor is exactly singular' (found by the fuzz test); Grid "
+                                        "also truncates n=2.5 to 2 silently")
+def test_fokker_planck_refuses_a_degenerate_box_in_the_api():
+    import warnings
+
+    from diffusion_lab import fokker_planck as FP
+
+    sch = S.VPLinear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(ValueError, match="1.05e-45|box|dx"):
+            FP.solve_forward(sch, T.bimodal_1d(), FP.Grid.box(-1.0507438307367324e-45, 1.0507438307367324e-45, 2),
+                             [sch.t_min, 0.5], steps=1)
