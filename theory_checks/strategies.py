@@ -58,3 +58,39 @@ def points(draw, d: int, n: int = 4, scale: float = 3.0):
     """n points in R^d, float64."""
     seed = draw(st.integers(0, 2**31 - 1))
     return scale * torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+@st.composite
+def geometric_mixtures(draw, max_k: int = 8, max_d: int = 8, max_cond: float = 1e6, min_weight: float = 1e-4):
+    """Gaussian mixtures whose geometry is drawn directly, so that Hypothesis shrinks it and reaches degenerate
+    cases: K <= max_k components in d <= max_d dimensions; weights drawn in [min_weight, 1] (renormalised);
+    means drawn coordinate by coordinate, with an option that makes all components share one mean (coincident
+    means); each covariance R diag(lambda) R^T with eigenvalues lambda between s and s * cond (cond up to
+    ``max_cond``) and R a product of drawn Givens rotations."""
+    K = draw(st.integers(1, max_k))
+    d = draw(st.integers(1, max_d))
+    w = torch.tensor(draw(st.lists(st.floats(min_weight, 1.0, **_f), min_size=K, max_size=K)), dtype=torch.float64)
+    coincident = draw(st.booleans())
+    coord = st.floats(-4.0, 4.0, **_f)
+    if coincident:
+        mu = torch.tensor(draw(st.lists(coord, min_size=d, max_size=d)), dtype=torch.float64).expand(K, d).clone()
+    else:
+        mu = torch.tensor(draw(st.lists(coord, min_size=K * d, max_size=K * d)), dtype=torch.float64).reshape(K, d)
+    covs = []
+    for _ in range(K):
+        scale = draw(st.floats(0.05, 2.0, **_f))
+        log_cond = draw(st.floats(0.0, float(torch.log10(torch.tensor(max_cond))), **_f))
+        u = torch.tensor(draw(st.lists(st.floats(0.0, 1.0, **_f), min_size=d, max_size=d)), dtype=torch.float64)
+        lam = scale * 10.0 ** (log_cond * u)
+        if d > 1:  # pin the extremes so the drawn condition number is reached
+            lam[0], lam[-1] = scale, scale * 10.0 ** log_cond
+        R = torch.eye(d, dtype=torch.float64)
+        for i in range(d - 1):
+            a = draw(st.floats(0.0, 3.14159, **_f))
+            G = torch.eye(d, dtype=torch.float64)
+            c, s = torch.cos(torch.tensor(a, dtype=torch.float64)), torch.sin(torch.tensor(a, dtype=torch.float64))
+            G[i, i], G[i, i + 1], G[i + 1, i], G[i + 1, i + 1] = c, -s, s, c
+            R = G @ R
+        C = R @ torch.diag(lam) @ R.T
+        covs.append(0.5 * (C + C.T))
+    return GaussianMixture(w / w.sum(), mu, torch.stack(covs))
