@@ -95,38 +95,6 @@ def _equivariance():
 # ---------------------------------------------------------------------------------------------
 # norm growth in residual stacks
 
-def layer_norm(x, eps: float = 0.0):
-    mu = x.mean(-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps)
-
-
-def residual_stack_norms(kind: str, depth: int, d: int, gain: float, seed: int):
-    """||x_l|| for l = 0..depth of a residual stack with linear sub-layers F_l = gain * W_l (||W_l||_2 = 1):
-    'none'  x_{l+1} = x_l + F_l(x_l)          (un-normalised)
-    'pre'   x_{l+1} = x_l + F_l(LN(x_l))       (Pre-LN)
-    'post'  x_{l+1} = LN(x_l + F_l(x_l))       (Post-LN)
-    A textbook model kept for the tests and figures; the catalogue runs ``post_ln_dit_norms`` (the package's
-    blocks) instead.
-    """
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(d, dtype=torch.float64, generator=g)
-    norms = [float(x.norm())]
-    for _ in range(depth):
-        w = torch.randn(d, d, dtype=torch.float64, generator=g)
-        w = gain * w / torch.linalg.matrix_norm(w, ord=2)
-        if kind == "none":
-            x = x + w @ x
-        elif kind == "pre":
-            x = x + w @ layer_norm(x)
-        elif kind == "post":
-            x = layer_norm(x + w @ x)
-        else:
-            raise ValueError(f"kind must be none/pre/post, got {kind!r}")
-        norms.append(float(x.norm()))
-    return norms
-
-
 def post_ln_dit_norms(depth: int, conditioning: str, gain: float, seed: int, tokens: int = 5):
     """Per-token norms ||z_l^{(i)}|| (l = 0..depth, max and min over tokens and batch) through a stack of the
     package's Post-LN ``DiTBlock`` (DiT-micro/2 width d = 32, norm_placement='post', norm eps 0, LN affine at its
