@@ -159,6 +159,7 @@ def figure(rows, profiles, dec_rows, path: str) -> None:
     ax.plot(list(xs), [exact[(r["sampler"], r["nfe_budget"])]["mmd_total"] for r in learned], "k_", ms=14, mew=2,
             label="exact field: total")
     ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylim(0, 1.45 * max(r["mmd_total"] for r in learned))  # room for the legend above the bars
     ax.set_ylabel("MMD to the exact p_t_min")
     ax.set_title("learned field: total <= network + discretisation (MMD)")
     ax.legend(fontsize=7, loc="upper right")
