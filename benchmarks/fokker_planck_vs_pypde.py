@@ -17,14 +17,16 @@ Neumann boundaries (second-order central differences, numba backend). Its "impli
 iterations that converge only for dt ||J|| < 1, so we use (i) explicit Euler at a stable fixed dt and (ii)
 adaptive Runge-Kutta (Fehlberg 5(4)) with a tight tolerance, whose error is then the spatial one. py-pde's numba
 JIT compile time is excluded: its stepper is built with ``solver.make_stepper`` and called once on a short
-interval before the timed call, which only steps. "Equal L1": ours with fv4 on the coarsest grid whose error is
-at most py-pde's own.
+interval before the timed call, which only steps. "Equal L1": ours ("expm", the faster of sg and fv4) on the
+coarsest grid whose error is at most py-pde's own.
 
-Further sections: (2) the PF-ODE continuity equation dp/dt = -div(v p) of the ring8 mixture under the VP schedule
-from t = 0.6 to 0.2 (exact p_t in closed form; v from the exact field, evaluations counted as NFE): first-order
-upwinding against MUSCL with the van Leer and MC limiters, L1 and the observed order between grids; (3) a step
-advected once around a periodic box (max overshoot/undershoot, mass drift); (4) 3-D OU at 64^3 and 128^3 (split,
-expm, expm + fv4): wall time, peak traced memory (tracemalloc), L1 against the closed form, mass drift.
+Further sections: (1b) the PF-ODE continuity equation of a 1-D Gaussian under VP (p_t Gaussian in closed form),
+L1 per limiter from 32 to 512 cells and the observed orders; (2) the PF-ODE continuity equation dp/dt = -div(v p)
+of the ring8 mixture under the VP schedule from t = 0.6 to 0.2 (exact p_t in closed form; v from the exact field,
+evaluations counted as NFE): first-order upwinding against MUSCL with the van Leer and MC limiters, L1 and the
+observed order between grids; (3) a step advected once around a periodic box (max overshoot/undershoot, mass
+drift); (4) 3-D OU at 64^3 and 128^3 (split, expm, expm + fv4): wall time, peak traced memory (tracemalloc), L1
+against the closed form, mass drift.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/fokker_planck_vs_pypde.py [--n 256] [--quick] [--json PATH]
 """
@@ -171,6 +173,32 @@ def continuity_rows(ns, t0: float = 0.6, t1: float = 0.2) -> tuple[list, list]:
     return rows, orders
 
 
+def gaussian_rows(ns) -> tuple[list, list]:
+    """PF-ODE continuity equation of N(1, 0.25) (1-D) under VP from t = 0.1 to 0.6: p_t is Gaussian in closed
+    form. L1 per limiter and grid, and the observed orders."""
+    import torch
+
+    from diffusion_lab.fokker_planck import solve_continuity
+    from diffusion_lab.schedules import VPLinear
+    from diffusion_lab.targets import Gaussian
+
+    torch.set_num_threads(1)
+    tg = Gaussian([1.0], 0.25)
+    field = tg.field(VPLinear())
+    rows = []
+    for lim in ("none", "minmod", "vanleer", "mc"):
+        for n in ns:
+            sol = solve_continuity(field, tg, Grid((-5.0,), (5.0,), (n,)), [0.1, 0.6], scheme="muscl", limiter=lim,
+                                   cfl=0.9)
+            rows.append({"limiter": lim, "n": n, "l1": float(sol.l1[-1]), "steps": sol.steps,
+                         "mass_drift": sol.mass_drift, "min": float(sol.min.min())})
+    orders = []
+    for lim in ("none", "minmod", "vanleer", "mc"):
+        e = [r for r in rows if r["limiter"] == lim]
+        orders.append({"limiter": lim, "orders": [math.log2(a["l1"] / b["l1"]) for a, b in zip(e[:-1], e[1:])]})
+    return rows, orders
+
+
 # ------------------------------------------------------------------------------------------------
 # section 3: a step advected once around a periodic box
 
@@ -229,21 +257,34 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="n = 64, fewer configurations and small 2nd-4th sections")
     ap.add_argument("--json", metavar="PATH", help="also write the rows and settings as JSON")
     ap.add_argument("--no-pypde", action="store_true", help="skip py-pde")
-    ap.add_argument("--sections", default="ou,continuity,step,3d",
-                    help="comma-separated subset of ou, continuity, step, 3d (default all)")
+    ap.add_argument("--sections", default="ou,gaussian,continuity,step,3d",
+                    help="comma-separated subset of ou, gaussian, continuity, step, 3d (default all)")
     args = ap.parse_args(argv)
     n = 64 if args.quick else args.n
     if n < 8:
         ap.error(f"--n must be >= 8, got {n}")
     sections = {x.strip() for x in args.sections.split(",") if x.strip()}
-    bad = sections - {"ou", "continuity", "step", "3d"}
+    bad = sections - {"ou", "gaussian", "continuity", "step", "3d"}
     if bad:
-        ap.error(f"unknown section(s) {sorted(bad)}; choose from ou, continuity, step, 3d")
+        ap.error(f"unknown section(s) {sorted(bad)}; choose from ou, gaussian, continuity, step, 3d")
     info = {"settings": {"n": n, "box": BOX, "t": T, "m0": M0.tolist(), "v0": V0, "quick": args.quick,
                          "sections": sorted(sections), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}}
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, {os.cpu_count()} CPUs visible")
     if "ou" in sections:
         info.update(section_ou(n, args))
+    if "gaussian" in sections:
+        ns = (32, 64, 128) if args.quick else (32, 64, 128, 256, 512)
+        rows, orders = gaussian_rows(ns)
+        print("\nPF-ODE continuity equation of N(1, 0.25) under VP, t = 0.1 -> 0.6 on [-5, 5] (SSP-RK3, cfl 0.9); "
+              "L1 vs the exact Gaussian p_t")
+        print(f"{'limiter':10s} " + " ".join(f"{'n=' + str(n):>10s}" for n in ns) + "   observed orders")
+        for o in orders:
+            e = [r["l1"] for r in rows if r["limiter"] == o["limiter"]]
+            print(f"{o['limiter']:10s} " + " ".join(f"{v:10.3e}" for v in e) + "   "
+                  + ", ".join(f"{v:.2f}" for v in o["orders"]))
+        worst = max(r["mass_drift"] for r in rows)
+        print(f"max mass drift {worst:.1e}, min p {min(r['min'] for r in rows):.1e}")
+        info["gaussian"] = {"rows": rows, "orders": orders}
     if "continuity" in sections:
         ns = (32, 64) if args.quick else (64, 128, 256)
         rows, orders = continuity_rows(ns)
