@@ -22,9 +22,12 @@ DPM-Solver's time-quadratic grid (uniform in sqrt t):
     auto      K <= 13        ipndm            ending early: K <= 7   ipndm
               14 <= K <= 17  unipc                          8-13     midpoint (2 evaluations per step)
               K >= 18        rk4                            K >= 14  rk4
-    auto_sde  K <= 7         dpmpp_2m_sde
-              8 <= K <= 14   em (Euler-Maruyama)
-              K >= 15        dpmpp_3m_sde
+
+``auto_sde`` keeps its one rule on every schedule. (A VP table for it -- dpmpp_2m_sde / em / dpmpp_3m_sde on
+the time-quadratic grid, from a study with two VP schedules and four budgets -- was fixed with version 3 below and
+measured on ``targets.suite(seed=3)``: Euler-Maruyama at NFE 10 was 2.2-220x the best peer's MMD^2 on the 8-,
+64- and 256-dimensional mixtures, whose kind the design set lacks. It was withdrawn; the rule in use is the one
+measured on ``seed=1``.)
 
 How the rule was made: ``benchmarks/auto_design.py`` and ``benchmarks/auto_design_sde.py`` ran every registered
 method on every grid kind at budgets 3 to 50 on a DESIGN set only -- the targets ring8, bimodal_1d, gaussian_2d,
@@ -111,8 +114,6 @@ AUTO_RULES_EARLY = {
 #: the design study's VP cases alone (full range, and early endings), see the module docstring
 AUTO_RULES_VP = {
     "auto": ((13, "ipndm", "quadratic", {}), (17, "unipc", "quadratic", {}), (None, "rk4", "quadratic", {})),
-    "auto_sde": ((7, "dpmpp_2m_sde", "quadratic", {}), (14, "em", "quadratic", {}),
-                 (None, "dpmpp_3m_sde", "quadratic", {})),
 }
 AUTO_RULES_VP_EARLY = {
     "auto": ((7, "ipndm", "quadratic", {}), (13, "midpoint", "quadratic", {}), (None, "rk4", "quadratic", {})),
