@@ -93,7 +93,7 @@ def test_sample_with_options_and_an_nfe_budget_runs_and_records_them(tmp_path, c
                  "--no-plot", "--out", str(out2)]) == 0
     s2 = json.loads((out2 / "settings.json").read_text())
     assert s2["nfe"] <= 10 and s2["sampler_settings"]["requested_method"] == "auto"
-    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote samples.pt, settings.json to {out2}"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote samples.pt, samples.npz, settings.json to {out2}"
 
 
 class _FakeCheck:

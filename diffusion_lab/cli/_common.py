@@ -139,6 +139,20 @@ def prepare_out(args, parser, artefacts, keep=()) -> str:
     """
     import os
 
+    out = check_out(args, parser, keep)
+    for name in artefacts:
+        path = os.path.join(out, name)
+        if name not in keep and os.path.isfile(path):
+            os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    return out
+
+
+def check_out(args, parser, keep=()) -> str:
+    """The checks of ``prepare_out`` without touching the folder (for processes other than rank 0 of a
+    distributed run, which must refuse the same --out as rank 0 but leave the writing to it). Returns the folder."""
+    import os
+
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         parser.error(f"--out {out} is a file, not a folder")
@@ -147,11 +161,6 @@ def prepare_out(args, parser, artefacts, keep=()) -> str:
         shown = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
         parser.error(f"--out {out} is not empty ({shown}); pass --overwrite to replace this command's files there, "
                      "or choose another folder")
-    for name in artefacts:
-        path = os.path.join(out, name)
-        if name not in keep and os.path.isfile(path):
-            os.remove(path)
-    os.makedirs(out, exist_ok=True)
     return out
 
 
