@@ -742,7 +742,7 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
     _check_pair(field, target)
     sch = field.schedule
     specs = [m if isinstance(m, MethodSpec) else parse_method(m) for m in methods]
-    plan = [(spec, int(nfe), plan_row(spec, int(nfe), final, grid_kind)) for spec in specs for nfe in nfes]
+    plan = [(spec, int(nfe), plan_row(spec, int(nfe), final, grid_kind, sch)) for spec in specs for nfe in nfes]
     if x_T is None:
         x_T = target.marginal(sch, sch.t_max).sample(int(n), torch.Generator().manual_seed(int(seed)))
     else:
