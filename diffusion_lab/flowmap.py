@@ -1,0 +1,379 @@
+r"""Learned flow maps: Psi_theta(x, s, t) ~ Phi_{s->t}(x), the PF-ODE map from time s down to time t <= s.
+
+Parameterisation (the DDIM / Consistency Trajectory Models form). With alpha, sigma the schedule's coefficients,
+
+    Psi_theta(x, s, t) = (sigma_t / sigma_s) x + (alpha_t - alpha_s sigma_t / sigma_s) g_theta(x, s, t),      (1)
+    g_theta(x, s, t)   = c_skip(s) x + c_out(s) F_theta(c_in(s) x, c_noise(s), c_noise(t)),
+
+with the EDM preconditioning (c_skip, c_out, c_in, c_noise) of ``training.edm_precond`` at the start time s.
+Why this form:
+
+- the boundary condition Psi(x, t, t) = x holds for every network F, exactly in floating point: at s = t the ratio
+  sigma_t/sigma_s is 1.0 and alpha_t - alpha_s * 1.0 is 0.0;
+- (1) is one DDIM step (Song, Meng & Ermon 2021, eq. 12 with eta = 0) from s to t with x_0-prediction g: a network
+  g = D (the denoiser) makes Psi the DDIM map, and the exact map is reached by one g per (x, s, t). In the scaled
+  variables xbar = x/alpha, sigmabar = sigma/alpha, (1) reads xbar_t = (sigmabar_t/sigmabar_s) xbar_s +
+  (1 - sigmabar_t/sigmabar_s) g, which is CTM's G_theta(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta (Kim et al.
+  2024, eq. 5) on EDM, where alpha = 1 and sigma = t;
+- for t = t_min fixed it is a consistency function f_theta(x, s) = Psi_theta(x, s, t_min) with f(x, t_min) = x
+  (Song, Dhariwal, Chen & Sutskever 2023, Sec. 3), so consistency distillation and the two-time (CTM) objective
+  train the same object.
+
+Training (``distill``): consistency distillation (Song et al. 2023, Algorithm 2) from a teacher ``VelocityField``
+(an exact target's field or a learned one) on a grid t_min = tau_0 < ... < tau_N = t_max. For x_0 from the data,
+n uniform in {1..N} and x = alpha_{tau_n} x_0 + sigma_{tau_n} z, one teacher ODE step gives xhat = Phi^solver_{tau_n
+-> tau_{n-1}}(x) (DDIM: one teacher evaluation; Heun in (xbar, sigmabar): two), and the loss is
+
+    CD:   || Psi_theta(x, tau_n, tau_0) - Psi_theta-(xhat, tau_{n-1}, tau_0) ||^2,
+    CTM:  || Psi_theta(x, tau_n, tau_m) - Psi_theta-(xhat, tau_{n-1}, tau_m) ||^2,   m uniform in {0..n-1},
+
+with theta- an EMA of theta (decay mu, Song et al. 2023 eq. 8) and no gradient through the target. CTM is the
+two-time version (Kim et al. 2024, eq. 7, with the teacher's ODE segment of one solver step, and without the
+DSM and GAN terms): any s -> t is trained, so the deterministic multistep chain is meaningful. The training cost is
+counted in teacher evaluations: batch calls of the teacher field and per-sample evaluations (calls x batch).
+
+Sampling (``flow_map_sample``): k network evaluations on a grid T = t_0 > t_1 > ... > t_k = t_min, either the
+deterministic chain x <- Psi(x, t_i, t_{i+1}), or multistep consistency sampling (Song et al. 2023, Algorithm 1):
+x0 <- Psi(x, t_i, t_min), then x <- alpha_{t_{i+1}} x0 + sigma_{t_{i+1}} z with fresh noise z.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field as dc_field
+
+import torch
+from torch import nn
+
+from ._tensor import as_tensor, bcast
+from .field import VelocityField
+from .models.embeddings import DEFAULT_TIME_SCALE, TimestepEmbedder
+from .models.mlp import _ResBlock
+from .samplers.base import SampleResult
+from .samplers.grids import time_grid
+from .schedules import Schedule
+from .training import EMA, _check_sigma_data, c_noise, edm_precond
+
+__all__ = ["TwoTimeMLP", "FlowMap", "teacher_step", "DistillResult", "distill", "flow_map_sample",
+           "TEACHER_SOLVERS", "DISTILL_METHODS"]
+
+TEACHER_SOLVERS = ("ddim", "heun")
+DISTILL_METHODS = ("cd", "ctm")
+
+
+class TwoTimeMLP(nn.Module):
+    r"""The residual MLP of ``models.mlp`` conditioned on two noise levels: ``forward(x, c_s, c_t)``.
+
+        h_0 = W_in x,   c = E_s(c_s) + E_t(c_t)   (two sinusoidal TimestepEmbedders),
+        h <- FiLM residual blocks (``models.mlp``),   out = W_out LN(h)   (W_out zero-initialised).
+
+    Parameters
+    ----------
+    dim : int
+        Number of features of one (flattened) sample.
+    hidden, depth, expansion : int
+        Width of the residual stream, number of blocks, inner width factor.
+    """
+
+    def __init__(self, dim: int = 2, hidden: int = 64, depth: int = 3, expansion: int = 2,
+                 frequency_embedding_size: int = 64, time_scale: float = DEFAULT_TIME_SCALE):
+        super().__init__()
+        if dim < 1 or hidden < 1 or depth < 0 or expansion < 1:
+            raise ValueError(f"need dim >= 1, hidden >= 1, depth >= 0, expansion >= 1; got {dim}, {hidden}, "
+                             f"{depth}, {expansion}")
+        self.dim = int(dim)
+        self.inp = nn.Linear(dim, hidden)
+        self.emb_s = TimestepEmbedder(hidden, frequency_embedding_size, time_scale=time_scale)
+        self.emb_t = TimestepEmbedder(hidden, frequency_embedding_size, time_scale=time_scale)
+        self.blocks = nn.ModuleList([_ResBlock(hidden, "film", expansion) for _ in range(depth)])
+        self.norm_out = nn.LayerNorm(hidden)
+        self.out = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor, c_s: torch.Tensor, c_t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        c = self.emb_s(c_s.expand(n) if c_s.ndim == 0 else c_s) + self.emb_t(c_t.expand(n) if c_t.ndim == 0 else c_t)
+        h = self.inp(x.reshape(n, -1))
+        for block in self.blocks:
+            h = block(h, c)
+        return self.out(self.norm_out(h)).reshape(x.shape)
+
+
+class FlowMap(nn.Module):
+    r"""Psi_theta(x, s, t), s >= t, in the parameterisation (1) of the module docstring:
+
+        Psi(x, s, t) = (sigma_t/sigma_s) x + (alpha_t - alpha_s sigma_t/sigma_s) [c_skip(s) x + c_out(s) F(c_in(s) x,
+                       c_noise(s), c_noise(t))],
+
+    so Psi(x, t, t) = x for every network F. Each call is one network evaluation, counted in ``nfe``.
+
+    Parameters
+    ----------
+    net : nn.Module or callable
+        F(x_in, c_s, c_t) -> tensor of x's shape (``TwoTimeMLP``, or any callable, e.g. an exact residual).
+    schedule : Schedule
+    sigma_data : float
+        The data standard deviation of the EDM preconditioning (Karras et al. 2022, Table 1).
+    """
+
+    def __init__(self, net, schedule: Schedule, sigma_data: float = 0.5):
+        super().__init__()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a diffusion_lab Schedule, got {type(schedule).__name__}")
+        if not callable(net):
+            raise TypeError(f"net must be callable (x_in, c_s, c_t) -> tensor, got {type(net).__name__}")
+        self.net = net
+        self.schedule = schedule
+        self.sigma_data = _check_sigma_data(sigma_data)
+        self.nfe = 0
+
+    def _times(self, s, t, x):
+        n = x.shape[0]
+        s, t = as_tensor(s, like=x).to(torch.float64), as_tensor(t, like=x).to(torch.float64)
+        for name, v in (("s", s), ("t", t)):
+            if v.ndim > 1 or (v.ndim == 1 and v.shape[0] != n):
+                raise ValueError(f"{name} must be a scalar or a (batch,) tensor with batch={n}; got shape "
+                                 f"{tuple(v.shape)}")
+            self.schedule.check_t(v, what=name)
+        s, t = s.expand(n) if s.ndim == 0 else s, t.expand(n) if t.ndim == 0 else t
+        if bool((t > s).any()):
+            i = int(torch.nonzero(t > s)[0])
+            raise ValueError(f"a flow map runs from s down to t <= s; got s={float(s[i])!r} < t={float(t[i])!r}")
+        return s, t
+
+    def coefficients(self, s, t, x):
+        """(sigma_t/sigma_s, alpha_t - alpha_s sigma_t/sigma_s), (batch,) float64 tensors for times (batch,)."""
+        sch = self.schedule
+        ratio = sch.sigma(t) / sch.sigma(s)
+        return ratio, sch.alpha(t) - sch.alpha(s) * ratio
+
+    def g(self, x, s, t):
+        r"""g_theta(x, s, t) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s), c_noise(t)) (x_0-prediction of (1))."""
+        c_skip, c_out, cin, cs = edm_precond(self.schedule, s, self.sigma_data)
+        ct = c_noise(self.schedule, t)
+        wdtype = _param_dtype(self.net, x.dtype)
+        F = self.net((bcast(cin, x) * x).to(wdtype), cs.to(wdtype), ct.to(wdtype))
+        if not isinstance(F, torch.Tensor) or F.shape != x.shape:
+            shape = tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__
+            raise ValueError(f"flow-map network returned {shape}, expected x's shape {tuple(x.shape)}")
+        return bcast(c_skip, x).to(x.dtype) * x + bcast(c_out, x).to(x.dtype) * F.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, s, t) -> torch.Tensor:
+        """Psi_theta(x, s, t); s, t scalars or (batch,) tensors with s >= t."""
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            raise ValueError(f"x must be a tensor of shape (batch, *data_shape), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        s, t = self._times(s, t, x)
+        ratio, b = self.coefficients(s, t, x)
+        out = bcast(ratio, x).to(x.dtype) * x + bcast(b, x).to(x.dtype) * self.g(x, s, t)
+        self.nfe += 1
+        return out
+
+
+def _param_dtype(net, default):
+    if isinstance(net, nn.Module):
+        for p in [*net.parameters(), *net.buffers()]:
+            if p.is_floating_point():
+                return p.dtype
+    return default
+
+
+def teacher_step(field: VelocityField, x: torch.Tensor, s, u, solver: str = "heun") -> torch.Tensor:
+    r"""One ODE step of the teacher field from s down to u (per-sample (batch,) times allowed).
+
+    ``ddim`` (one evaluation): x_u = (sigma_u/sigma_s) x + (alpha_u - alpha_s sigma_u/sigma_s) D(x, s)
+    (Song, Meng & Ermon 2021, eq. 12). ``heun`` (two evaluations; Karras et al. 2022, Algorithm 1): in xbar = x/alpha,
+    sigmabar = sigma/alpha with d(xbar)/d(sigmabar) = eps_hat,
+
+        xbar' = xbar + h d_1,   xbar_u = xbar + h (d_1 + d_2)/2,   h = sigmabar_u - sigmabar_s,
+        d_1 = eps_hat(x, s),    d_2 = eps_hat(alpha_u xbar', u).
+
+    Parameters
+    ----------
+    field : VelocityField
+        The teacher; its ``nfe`` grows by 1 (ddim) or 2 (heun).
+    x : tensor (batch, *data_shape)
+    s, u : float or (batch,) tensor, u <= s
+    solver : "ddim" | "heun"
+
+    Returns
+    -------
+    tensor
+        The teacher's estimate of Phi_{s->u}(x).
+    """
+    if solver not in TEACHER_SOLVERS:
+        raise ValueError(f"unknown teacher solver {solver!r}; choose one of {TEACHER_SOLVERS}")
+    sch = field.schedule
+    s, u = as_tensor(s, like=x).to(torch.float64), as_tensor(u, like=x).to(torch.float64)
+    a_s, s_s, a_u, s_u = (bcast(c, x).to(x.dtype) for c in (sch.alpha(s), sch.sigma(s), sch.alpha(u), sch.sigma(u)))
+    if solver == "ddim":
+        x0, _ = field.x0_eps(x, s)
+        ratio = s_u / s_s
+        return ratio * x + (a_u - a_s * ratio) * x0
+    _, d1 = field.x0_eps(x, s)
+    h = s_u / a_u - s_s / a_s
+    xbar = x / a_s
+    x1 = xbar + h * d1
+    _, d2 = field.x0_eps(a_u * x1, u)
+    return a_u * (xbar + 0.5 * h * (d1 + d2))
+
+
+@dataclass
+class DistillResult:
+    """What ``distill`` returns: the trained map ``psi`` (online weights), ``psi_ema`` (the evaluation EMA),
+    the loss ``history`` (step, loss), and the training cost: ``teacher_calls`` (batch calls of the teacher field)
+    and ``teacher_evals`` (per-sample teacher evaluations = calls x batch)."""
+
+    psi: FlowMap
+    psi_ema: FlowMap
+    history: list = dc_field(default_factory=list)
+    teacher_calls: int = 0
+    teacher_evals: int = 0
+    settings: dict = dc_field(default_factory=dict)
+
+
+def distill(psi: FlowMap, teacher: VelocityField, data: torch.Tensor, *, steps: int = 1000, batch: int = 256,
+            grid_steps: int = 16, grid_kind: str = "logsnr", method: str = "cd", solver: str = "heun",
+            lr: float = 1e-3, target_decay: float = 0.95, ema_decay: float = 0.999, seed: int = 0,
+            log_every: int = 100) -> DistillResult:
+    r"""Consistency distillation (``method="cd"``, Song et al. 2023, Algorithm 2) or its two-time version
+    (``"ctm"``, Kim et al. 2024) of ``teacher`` into ``psi`` (trained in place), with the loss of the module docstring.
+
+    Parameters
+    ----------
+    psi : FlowMap
+        The student, built on ``teacher.schedule`` (same schedule object or settings).
+    teacher : VelocityField
+        The teacher field (exact or learned).
+    data : tensor (N, *data_shape)
+        Samples x_0 of the data; batches are drawn with replacement.
+    steps, batch : int
+        Optimiser steps (Adam, learning rate ``lr``) and batch size.
+    grid_steps, grid_kind : int, str
+        The N intervals of the discretisation tau_0 = t_min < ... < tau_N = t_max (``samplers.time_grid``).
+    solver : "heun" | "ddim"
+        The one-step teacher solver (``teacher_step``).
+    target_decay : float
+        mu of the target network theta- <- mu theta- + (1 - mu) theta (Song et al. 2023 use 0.95 for CD).
+    ema_decay : float
+        Decay of the separate evaluation EMA (with the package's EMA warm-up).
+
+    Returns
+    -------
+    DistillResult
+    """
+    if method not in DISTILL_METHODS:
+        raise ValueError(f"unknown distillation method {method!r}; choose one of {DISTILL_METHODS}")
+    if solver not in TEACHER_SOLVERS:
+        raise ValueError(f"unknown teacher solver {solver!r}; choose one of {TEACHER_SOLVERS}")
+    if not isinstance(psi, FlowMap) or not isinstance(psi.net, nn.Module):
+        raise TypeError("psi must be a FlowMap around a torch.nn.Module network")
+    if psi.schedule.settings() != teacher.schedule.settings():
+        raise ValueError(f"student schedule {psi.schedule!r} differs from the teacher's {teacher.schedule!r}")
+    for name, v in (("steps", steps), ("batch", batch), ("grid_steps", grid_steps)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if not 0.0 <= target_decay < 1.0:
+        raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
+    sch = psi.schedule
+    grid = time_grid(sch, grid_steps, grid_kind).flip(0)  # ascending: tau_0 = t_min ... tau_N = t_max
+    gen = torch.Generator().manual_seed(int(seed))
+    dtype = _param_dtype(psi.net, torch.float32)
+    target = EMA(psi.net, target_decay, warmup=False)
+    ema = EMA(psi.net, ema_decay, warmup=True)
+    psi_target = FlowMap(target.module, sch, psi.sigma_data)
+    opt = torch.optim.Adam(psi.net.parameters(), lr=lr)
+    calls0 = teacher.nfe
+    history, acc, acc_n = [], 0.0, 0
+    psi.net.train()
+    for step in range(int(steps)):
+        idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
+        x0 = data[idx].to(dtype)
+        n = torch.randint(1, grid_steps + 1, (batch,), generator=gen)
+        if method == "ctm":
+            m = (torch.rand(batch, generator=gen, dtype=torch.float64) * n).long()  # uniform in {0..n-1}
+        else:
+            m = torch.zeros_like(n)
+        s, u, t = grid[n], grid[n - 1], grid[m]
+        z = torch.randn(x0.shape, generator=gen, dtype=dtype)
+        x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
+        with torch.no_grad():
+            xhat = teacher_step(teacher, x.to(torch.float64), s, u, solver).to(dtype)
+            y = psi_target(xhat, u, t)
+        loss = (psi(x, s, t) - y).pow(2).reshape(batch, -1).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        target.update(psi.net)
+        ema.update(psi.net)
+        acc, acc_n = acc + float(loss.detach()), acc_n + 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": acc / acc_n})
+            acc, acc_n = 0.0, 0
+    psi.net.eval()
+    calls = teacher.nfe - calls0
+    settings = {"method": method, "solver": solver, "steps": int(steps), "batch": int(batch),
+                "grid_steps": int(grid_steps), "grid_kind": grid_kind, "lr": lr, "target_decay": target_decay,
+                "ema_decay": ema_decay, "seed": int(seed)}
+    return DistillResult(psi=psi, psi_ema=FlowMap(ema.module, sch, psi.sigma_data), history=history,
+                         teacher_calls=calls, teacher_evals=calls * int(batch), settings=settings)
+
+
+def flow_map_sample(psi: FlowMap, x_T: torch.Tensor, steps: int = 1, *, grid=None, grid_kind: str = "logsnr",
+                    t_min: float | None = None, t_max: float | None = None, noise_reinjection: bool = False,
+                    generator: torch.Generator | None = None) -> SampleResult:
+    r"""Sample with a flow map in k = ``steps`` network evaluations on the grid T = t_0 > ... > t_k = t_min.
+
+    Deterministic chain (default): x_{i+1} = Psi(x_i, t_i, t_{i+1}), so the result is
+    Psi(...Psi(Psi(x_T, t_0, t_1), t_1, t_2)..., t_{k-1}, t_k), an approximation of Phi_{T -> t_min}(x_T).
+    ``noise_reinjection=True`` is multistep consistency sampling (Song et al. 2023, Algorithm 1):
+
+        xhat_0 = Psi(x_i, t_i, t_min),   x_{i+1} = alpha_{t_{i+1}} xhat_0 + sigma_{t_{i+1}} z,   z ~ N(0, I),
+
+    returning the last xhat_0 (it samples the law, not the map of x_T).
+
+    Parameters
+    ----------
+    psi : FlowMap
+    x_T : tensor (batch, *data_shape)
+        Samples of p_{t_max}.
+    steps : int
+        k >= 1, the number of network evaluations (``SampleResult.nfe``, counted as the change in ``psi.nfe``).
+    grid : optional descending sequence of times (overrides steps / grid_kind / t_min / t_max).
+    noise_reinjection : bool
+    generator : torch.Generator, for z.
+
+    Returns
+    -------
+    SampleResult
+    """
+    sch = psi.schedule
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+        raise TypeError(f"x_T must be a floating-point tensor, got {type(x_T).__name__}")
+    if grid is None:
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        grid = time_grid(sch, int(steps), grid_kind, t_min=t_min, t_max=t_max)
+    else:
+        grid = time_grid(sch, kind=list(map(float, grid)))
+    if not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError(f"the grid must be strictly decreasing, got {grid.tolist()}")
+    nfe0 = psi.nfe
+    x = x_T
+    t_end = float(grid[-1])
+    with torch.no_grad():
+        for i in range(len(grid) - 1):
+            if noise_reinjection:
+                x0 = psi(x, float(grid[i]), t_end)
+                if i + 1 < len(grid) - 1:
+                    tn = as_tensor(float(grid[i + 1]))
+                    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                    x = float(sch.alpha(tn)) * x0 + float(sch.sigma(tn)) * z
+                else:
+                    x = x0
+            else:
+                x = psi(x, float(grid[i]), float(grid[i + 1]))
+    settings = {"method": "flow_map", "steps": len(grid) - 1, "noise_reinjection": bool(noise_reinjection),
+                "grid_kind": grid_kind, "schedule": sch.settings()}
+    return SampleResult(x=x, nfe=psi.nfe - nfe0, grid=grid, method="flow_map", settings=settings)

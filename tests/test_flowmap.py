@@ -1,0 +1,157 @@
+"""Learned flow maps (diffusion_lab.flowmap): boundary condition, exactness with the exact residual, consistency
+distillation on a Gaussian against the teacher's own discretisation error, exact NFE counts."""
+import math
+
+import pytest
+import torch
+
+from diffusion_lab import VPLinear, targets, time_grid
+from diffusion_lab.flowmap import FlowMap, TwoTimeMLP, distill, flow_map_sample, teacher_step
+from diffusion_lab.flows import gaussian_flow_map, semigroup_defect
+from diffusion_lab.training import edm_precond
+
+SCH = VPLinear()
+GAUSS = targets.Gaussian([1.0, -0.5], [[1.0, 0.6], [0.6, 0.5]])
+
+
+def _random_net(dim=2, seed=0):
+    torch.manual_seed(seed)
+    net = TwoTimeMLP(dim, hidden=16, depth=2).double()
+    with torch.no_grad():  # a non-zero output layer: the boundary condition must not rely on F = 0
+        for p in net.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return net
+
+
+class ExactResidual:
+    """F(c_in x, c_s, c_t) that makes the FlowMap equal to the closed-form Gaussian map: solve (1) for F."""
+
+    def __init__(self, target, schedule, sigma_data):
+        self.target, self.sch, self.sd = target, schedule, sigma_data
+
+    def __call__(self, x_in, c_s, c_t):
+        s = float(self.sch.t_from_lam(-4.0 * c_s[0].double()))
+        t = float(self.sch.t_from_lam(-4.0 * c_t[0].double()))
+        assert torch.all(c_s == c_s[0]) and torch.all(c_t == c_t[0])
+        c_skip, c_out, cin, _ = (float(c) for c in edm_precond(self.sch, torch.tensor(s, dtype=torch.float64), self.sd))
+        x = x_in / cin
+        a = lambda v: float(self.sch.alpha(torch.tensor(v, dtype=torch.float64)))  # noqa: E731
+        sg = lambda v: float(self.sch.sigma(torch.tensor(v, dtype=torch.float64)))  # noqa: E731
+        ratio = sg(t) / sg(s)
+        b = a(t) - a(s) * ratio
+        g = (gaussian_flow_map(self.target, self.sch, x, s, t) - ratio * x) / b
+        return (g - c_skip * x) / c_out
+
+
+def test_boundary_condition_exact():
+    psi = FlowMap(_random_net(), SCH, sigma_data=0.5)
+    x = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for t in (SCH.t_min, 0.013, 0.37, SCH.t_max):
+        assert torch.equal(psi(x, t, t), x)
+    tb = torch.linspace(SCH.t_min, SCH.t_max, 64, dtype=torch.float64)
+    assert torch.equal(psi(x, tb, tb), x)
+    # and the map is not the identity elsewhere (the net does something)
+    assert float((psi(x, 0.5, 0.1) - x).detach().abs().max()) > 1e-2
+
+
+def test_bad_times_rejected():
+    psi = FlowMap(_random_net(), SCH)
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="0.2"):
+        psi(x, 0.2, 0.5)
+    with pytest.raises(ValueError, match="outside the valid range"):
+        psi(x, 1.5, 0.5)
+
+
+def test_exact_residual_reproduces_gaussian_map_and_zero_semigroup_defect():
+    psi = FlowMap(ExactResidual(GAUSS, SCH, 0.5), SCH, sigma_data=0.5)
+    x = GAUSS.marginal(SCH, SCH.t_max).sample(256, generator=torch.Generator().manual_seed(3))
+    for s, t in ((SCH.t_max, SCH.t_min), (0.7, 0.2), (0.3, 0.05), (0.05, SCH.t_min)):
+        xs = GAUSS.marginal(SCH, s).sample(256, generator=torch.Generator().manual_seed(4))
+        ref = gaussian_flow_map(GAUSS, SCH, xs, s, t)
+        err = float((psi(xs, s, t) - ref).abs().max())
+        # round-off: F is solved from (1) and put back, a few ulps of |x| / b amplified by the c_noise -> t inversion
+        assert err < 1e-11 * (1 + float(ref.abs().max())), (s, t, err)
+    d = semigroup_defect(psi, x, SCH.t_max, 0.3, SCH.t_min)
+    assert d < 1e-11, d
+
+
+def test_teacher_step_nfe_and_exact_on_gaussian_limit():
+    field = GAUSS.field(SCH)
+    x = GAUSS.marginal(SCH, 0.5).sample(32, generator=torch.Generator().manual_seed(5))
+    n0 = field.nfe
+    teacher_step(field, x, 0.5, 0.4, "ddim")
+    assert field.nfe - n0 == 1
+    teacher_step(field, x, 0.5, 0.4, "heun")
+    assert field.nfe - n0 == 3
+    # Heun's local error is O(h^3): halving the step divides it by ~8 (>= 5 allowed for the pre-asymptotic range)
+    ref = lambda u: gaussian_flow_map(GAUSS, SCH, x, 0.5, u)  # noqa: E731
+    e1 = float((teacher_step(field, x, 0.5, 0.46, "heun") - ref(0.46)).abs().max())
+    e2 = float((teacher_step(field, x, 0.5, 0.48, "heun") - ref(0.48)).abs().max())
+    assert e1 / e2 > 5, (e1, e2)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_flow_map_sample_counts_nfe_exactly(k, noise):
+    psi = FlowMap(_random_net(), SCH)
+    x = torch.randn(16, 2, dtype=torch.float64)
+    psi.nfe = 5
+    res = flow_map_sample(psi, x, k, noise_reinjection=noise, generator=torch.Generator().manual_seed(0))
+    assert res.nfe == k and psi.nfe == 5 + k
+    assert res.x.shape == x.shape and len(res.grid) == k + 1
+    assert float(res.grid[0]) == SCH.t_max and math.isclose(float(res.grid[-1]), SCH.t_min)
+
+
+def test_deterministic_chain_is_composition():
+    psi = FlowMap(_random_net(), SCH)
+    x = torch.randn(16, 2, dtype=torch.float64)
+    g = time_grid(SCH, 2, "logsnr")
+    two = flow_map_sample(psi, x, 2).x
+    manual = psi(psi(x, float(g[0]), float(g[1])), float(g[1]), float(g[2]))
+    assert torch.equal(two, manual)
+
+
+def test_consistency_distillation_reaches_teacher_discretisation_error():
+    """CD's fixed point is the teacher's N-step composite map (Song et al. 2023, Thm 1: the consistency error is
+    O((Delta t)^p) of the solver); so the one-step error of the student against the exact map should approach the
+    teacher's own N-step error E_N = mean |Phi^DDIM_N(x_T) - Phi(x_T)|. Bound asserted: the student's distance to
+    the teacher composite is < 0.1 E_N after 300 steps (measured 0.02-0.035 E_N over seeds 0-2), hence its error to Phi is within
+    1.1 E_N, while the untrained map's error is 5x E_N.
+    E_N = 0.19 here (4 log-SNR-uniform DDIM steps on VPLinear)."""
+    tg = targets.Gaussian([1.0], [[0.25]])
+    field = tg.field(SCH)
+    data = tg.sample(4096, generator=torch.Generator().manual_seed(1)).float()
+    xT = tg.marginal(SCH, SCH.t_max).sample(1000, generator=torch.Generator().manual_seed(2))
+    phi = gaussian_flow_map(tg, SCH, xT, SCH.t_max, SCH.t_min)
+    N = 4
+    g = time_grid(SCH, N, "logsnr")
+    comp = xT.clone()
+    for i in range(N):
+        comp = teacher_step(field, comp, float(g[i]), float(g[i + 1]), "ddim")
+    e_teacher = float((comp - phi).abs().mean())
+    torch.manual_seed(0)
+    psi = FlowMap(TwoTimeMLP(1, hidden=32, depth=2), SCH, sigma_data=0.5)
+    e_init = float((flow_map_sample(psi, xT.float(), 1).x.double() - phi).abs().mean())
+    n0 = field.nfe
+    res = distill(psi, field, data, steps=300, batch=64, grid_steps=N, solver="ddim", lr=3e-3)
+    assert res.teacher_calls == field.nfe - n0 == 300  # DDIM: one teacher call per step
+    assert res.teacher_evals == 300 * 64
+    out = flow_map_sample(res.psi, xT.float(), 1).x.double()
+    e_student = float((out - phi).abs().mean())
+    to_teacher = float((out - comp).abs().mean())
+    assert e_init > 3 * e_teacher, (e_init, e_teacher)
+    assert to_teacher < 0.1 * e_teacher, (to_teacher, e_teacher)
+    assert e_student < 1.1 * e_teacher, (e_student, e_teacher)
+
+
+def test_heun_teacher_costs_two_calls_per_step_and_ctm_runs():
+    tg = targets.bimodal_1d()
+    field = tg.field(SCH)
+    data = tg.sample(512, generator=torch.Generator().manual_seed(1)).float()
+    psi = FlowMap(TwoTimeMLP(1, hidden=8, depth=1), SCH)
+    res = distill(psi, field, data, steps=7, batch=32, grid_steps=4, solver="heun", method="ctm")
+    assert res.teacher_calls == 14 and res.teacher_evals == 14 * 32
+    assert len(res.history) == 1 and math.isfinite(res.history[0]["loss"])
+    with pytest.raises(ValueError, match="'xyz'"):
+        distill(psi, field, data, steps=1, method="xyz")
