@@ -620,6 +620,7 @@ class Trainer:
         self.history: list[dict] = []
         self.meta = dict(meta or {})
         self._acc, self._acc_n = None, 0  # loss sum and count since the last log record (checkpointed)
+        self._rank_rng = None  # (step, every rank's RNG state) gathered on rank 0 at the last checkpoint point
 
     def lr_at(self, step: int) -> float:
         return self.base_lr * min(1.0, (step + 1) / self.warmup) if self.warmup else self.base_lr
@@ -684,23 +685,71 @@ class Trainer:
                     bar.set_postfix(loss=f"{rec['loss']:.4g}")
                 if callback is not None and main:
                     callback(rec)
-            if on_checkpoint is not None and main and ((ckpt_every and self.step % ckpt_every == 0)
-                                                       or self.step == steps):
-                on_checkpoint(self)
+            if (ckpt_every and self.step % ckpt_every == 0) or self.step == steps:
+                if self.world_size > 1:  # collective: every rank's RNG state to rank 0, for its state_dict
+                    self._rank_rng = (self.step, self.gather_rng_states())
+                if on_checkpoint is not None and main:
+                    on_checkpoint(self)
         if bar is not None:
             bar.close()
         return records
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def gather_rng_states(self) -> list | None:
+        """Every rank's RNG state ({"generator": the trainer's generator, "rng": ``rng_state()``}), gathered on
+        rank 0 (a list indexed by rank; None on the other ranks). Collective: every rank must call it. ``run``
+        calls it at each checkpoint point, before ``on_checkpoint``, when the world size is > 1."""
+        mine = {"generator": self.generator.get_state(), "rng": rng_state()}
+        if self.world_size <= 1:
+            return [mine]
+        import torch.distributed as dist
+
+        got = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(mine, got, dst=0)
+        return got
+
     def state_dict(self) -> dict:
-        """Everything needed to continue bitwise: tensors, numbers, strings, lists and dicts only."""
-        return {
+        """Everything needed to continue bitwise: tensors, numbers, strings, lists and dicts only.
+
+        "generator" and "rng" are this rank's states; under DDP, "rank_rng" adds every rank's, when they were
+        gathered at this step (``run`` does so at each checkpoint point), so that each rank resumes its own
+        streams of t, noise and label dropout."""
+        sd = {
             "format": CHECKPOINT_FORMAT, "meta": self.meta, "step": self.step,
             "model": self.net.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
             "loader": self.loader.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
             "history": [dict(r) for r in self.history], "world_size": self.world_size,
             "log_acc": {"sum": self._acc.detach().cpu() if self._acc is not None else None, "n": self._acc_n},
         }
+        if self.world_size > 1 and self._rank_rng is not None and self._rank_rng[0] == self.step:
+            sd["rank_rng"] = self._rank_rng[1]
+        return sd
+
+    def _restore_rng(self, sd: dict) -> None:
+        """This rank's RNG states from a checkpoint: its own entry of "rank_rng" when there is one; otherwise
+        (a single-process checkpoint, one written before per-rank states were saved, or one from fewer
+        processes) rank 0 takes the saved state, and any other rank fresh streams derived from it and its rank
+        (the saved state alone would give every rank the same t and noise), with a warning."""
+        states = sd.get("rank_rng")
+        if states is not None and self.rank < len(states):
+            self.generator.set_state(states[self.rank]["generator"])
+            set_rng_state(states[self.rank]["rng"])
+            return
+        self.generator.set_state(sd["generator"])
+        set_rng_state(sd["rng"])
+        if self.rank == 0:
+            return
+        import warnings
+
+        warnings.warn(f"the checkpoint holds no RNG state for rank {self.rank} (world size {self.world_size}); this "
+                      "rank continues from fresh streams derived from rank 0's saved state", RuntimeWarning,
+                      stacklevel=3)
+        import hashlib
+
+        digest = hashlib.sha256(sd["generator"].cpu().numpy().tobytes() + self.rank.to_bytes(4, "little")).digest()
+        base = int.from_bytes(digest[:7], "little")
+        self.generator.manual_seed(base + 1_000_003 * self.rank)
+        torch.manual_seed(base + 2_000_003 * self.rank)
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("format") != CHECKPOINT_FORMAT:
@@ -710,8 +759,7 @@ class Trainer:
         self.ema.load_state_dict(sd["ema"])
         self.opt.load_state_dict(sd["optimizer"])
         self.loader.load_state_dict(sd["loader"])
-        self.generator.set_state(sd["generator"])
-        set_rng_state(sd["rng"])
+        self._restore_rng(sd)
         self.step = int(sd["step"])
         self.history = [dict(r) for r in sd["history"]]
         self.meta = dict(sd.get("meta", {}))
