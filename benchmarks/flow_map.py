@@ -1,0 +1,196 @@
+"""Learned flow maps against the exact PF-ODE flow map: consistency distillation (CD, Song et al. 2023) and its
+two-time version (CTM-style, Kim et al. 2024) from the exact field of ring8 (2-D) and bimodal_1d under VPLinear,
+at 1, 2 and 4 network evaluations, next to DDIM / DPM-Solver++(2M) / UniPC at the same NFE (and at NFE 5, 10).
+
+For each target: a ``TwoTimeMLP`` flow map is distilled with ``diffusion_lab.flowmap.distill`` (teacher: the
+exact field, one Heun step in (x/alpha, sigma/alpha) between adjacent times of a log-SNR-uniform grid; EMA target
+network). Evaluation on held-out x_T ~ p_{t_max} (float64; the learned maps run in float32, so their outputs carry
+~1e-7 relative round-off):
+
+- error: mean and 90th percentile over samples of ||x_hat(x_T) - Phi_{T -> t_min}(x_T)||, Phi from
+  ``reference.flow_map`` (DOP853, rtol 1e-10). Multistep consistency sampling with noise re-injection ("+noise")
+  does not approximate the map of x_T, so only its law is scored;
+- MMD^2: ``metrics.mmd2_exact`` of the output set against the exact law p_{t_min}, with its standard error
+  (exact samples give 0 +- SE);
+- semigroup defect: mean ||Psi(Psi(x, T, u), u, t_min) - Psi(x, T, t_min)|| at the log-SNR midpoint u (zero for
+  the exact map); for the two-time map also the error of the intermediate map Psi(x, T, u) against Phi_{T->u};
+- the teacher's own chain of N Heun steps over the distillation grid (2N evaluations): the map that distillation
+  converges to, so its error is the floor of the learned map's error;
+- training cost: teacher calls (batched evaluations of the field) and teacher evaluations per sample
+  (calls x batch), and wall seconds.
+
+    python benchmarks/flow_map.py [--quick] [--steps S] [--samples N] [--targets "ring8 bimodal_1d"] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run from a plain checkout too
+
+from diffusion_lab import VPLinear, set_threads, targets, time_grid  # noqa: E402
+from diffusion_lab import __version__ as dl_version  # noqa: E402
+from diffusion_lab.flowmap import FlowMap, TwoTimeMLP, distill, flow_map_sample, teacher_step  # noqa: E402
+from diffusion_lab.metrics import mmd2_exact  # noqa: E402
+from diffusion_lab.reference import flow_map  # noqa: E402
+from diffusion_lab.samplers import sample  # noqa: E402
+
+ODE_METHODS = ("ddim", "dpmpp_2m", "unipc")
+ODE_NFE = (1, 2, 4, 5, 10)
+MAP_K = (1, 2, 4)
+
+
+def _err(x, phi):
+    e = (x.double() - phi).reshape(x.shape[0], -1).norm(dim=1)
+    return float(e.mean()), float(e.quantile(0.9))
+
+
+def run_target(name, steps, n_samples, seed, grid_steps, hidden, depth, batch, lr, methods=("cd", "ctm")):
+    sch = VPLinear()
+    tg = targets.get_target(name)
+    field = tg.field(sch)
+    law = tg.marginal(sch, sch.t_min)
+    data = tg.sample(20000, generator=torch.Generator().manual_seed(seed + 1)).float()
+    xT = tg.marginal(sch, sch.t_max).sample(n_samples, generator=torch.Generator().manual_seed(seed + 2))
+    phi, _ = flow_map(field, xT, sch.t_max, sch.t_min)
+    u = float(time_grid(sch, 2, "logsnr")[1])
+    phi_u, _ = flow_map(field, xT, sch.t_max, u)
+    pp = mmd2_exact(phi, law).pp  # reuse the law-law term
+    rows = []
+    exact = mmd2_exact(phi, law, pp=pp)
+    rows.append({"kind": "exact", "method": "Phi (DOP853)", "nfe": None, "err_mean": 0.0, "err_p90": 0.0,
+                 "mmd2": exact.mmd2, "mmd2_se": exact.se})
+    for m in ODE_METHODS:
+        for nfe in ODE_NFE:
+            try:
+                res = sample(field, xT.clone(), m, nfe=nfe)
+            except ValueError as exc:
+                rows.append({"kind": "ode", "method": m, "nfe": nfe, "error": str(exc)})
+                continue
+            em, e90 = _err(res.x, phi)
+            mm = mmd2_exact(res.x, law, pp=pp)
+            rows.append({"kind": "ode", "method": m, "nfe": res.nfe, "err_mean": em, "err_p90": e90,
+                         "mmd2": mm.mmd2, "mmd2_se": mm.se})
+    # the distillation's fixed point: the teacher's own chain of Heun steps over the distillation grid
+    g = time_grid(sch, grid_steps, "logsnr")
+    chain = xT.clone()
+    for i in range(grid_steps):
+        chain = teacher_step(field, chain, float(g[i]), float(g[i + 1]), "heun")
+    em, e90 = _err(chain, phi)
+    mm = mmd2_exact(chain, law, pp=pp)
+    rows.append({"kind": "teacher", "method": f"teacher heun x{grid_steps}", "nfe": 2 * grid_steps, "err_mean": em,
+                 "err_p90": e90, "mmd2": mm.mmd2, "mmd2_se": mm.se})
+    training = {}
+    for method in methods:
+        torch.manual_seed(seed)
+        psi = FlowMap(TwoTimeMLP(tg.dim, hidden, depth), sch, sigma_data=float(data.std()))
+        t0 = time.perf_counter()
+        res = distill(psi, field, data, steps=steps, batch=batch, grid_steps=grid_steps, method=method,
+                      solver="heun", lr=lr, seed=seed)
+        secs = time.perf_counter() - t0
+        P = res.psi_ema
+        training[method] = {"teacher_calls": res.teacher_calls, "teacher_evals": res.teacher_evals,
+                            "seconds": secs, "final_loss": res.history[-1]["loss"], "settings": res.settings}
+        x32 = xT.float()
+        for k in MAP_K:
+            variants = [("chain", False)] if method == "ctm" or k == 1 else []
+            variants += [("+noise", True)] if k > 1 else []
+            for label, noise in variants:
+                out = flow_map_sample(P, x32, k, noise_reinjection=noise,
+                                      generator=torch.Generator().manual_seed(seed + 3)).x.double()
+                mm = mmd2_exact(out, law, pp=pp)
+                row = {"kind": "flow_map", "method": f"{method} {label}", "nfe": k, "mmd2": mm.mmd2, "mmd2_se": mm.se}
+                if not noise:
+                    row["err_mean"], row["err_p90"] = _err(out, phi)
+                rows.append(row)
+        with torch.no_grad():
+            direct = P(x32, sch.t_max, sch.t_min).double()
+            composed = P(P(x32, sch.t_max, u), u, sch.t_min).double()
+            mid = P(x32, sch.t_max, u).double()
+        training[method]["semigroup_defect_mean"] = float((composed - direct).norm(dim=1).mean())
+        training[method]["semigroup_u"] = u
+        training[method]["intermediate_err_mean"] = _err(mid, phi_u)[0]
+    return {"target": name, "schedule": sch.settings(), "rows": rows, "training": training, "u": u}
+
+
+def _verdicts(out):
+    """The issue's two ring8 targets, as measured (no pass/fail threshold tuning)."""
+    rows = [r for r in out["rows"] if "err_mean" in r]
+    best10 = min(r["err_mean"] for r in rows if r["kind"] == "ode" and r["nfe"] == 10)
+    ddim5 = [r["err_mean"] for r in rows if r["method"] == "ddim" and r["nfe"] == 5][0]
+    two = [r["err_mean"] for r in rows if r["method"] == "ctm chain" and r["nfe"] == 2]
+    one = min(r["err_mean"] for r in rows if r["kind"] == "flow_map" and r["nfe"] == 1)
+    v = {"best_ode_nfe10_err": best10, "ddim_nfe5_err": ddim5, "best_1step_map_err": one,
+         "one_step_below_ddim5": one < ddim5}
+    if two:
+        v.update({"ctm_2step_err": two[0], "two_step_within_2x_best_ode10": two[0] <= 2 * best10})
+    return v
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--targets", default="ring8 bimodal_1d")
+    p.add_argument("--steps", type=int, default=3000, help="distillation steps per method")
+    p.add_argument("--samples", type=int, default=2000, help="held-out x_T samples")
+    p.add_argument("--grid-steps", type=int, default=18, help="N of the distillation grid")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--depth", type=int, default=3)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="300 steps, 500 samples")
+    p.add_argument("--json", metavar="PATH", help="write the figures and settings as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.samples = 300, 500
+    if args.steps < 1 or args.samples < 2 or args.grid_steps < 1:
+        p.error(f"need steps >= 1, samples >= 2, grid-steps >= 1; got {args.steps}, {args.samples}, "
+                f"{args.grid_steps}")
+    set_threads(1)
+    results = []
+    for name in args.targets.split():
+        out = run_target(name, args.steps, args.samples, args.seed, args.grid_steps, args.hidden, args.depth,
+                         args.batch, args.lr)
+        out["verdicts"] = _verdicts(out)
+        results.append(out)
+        print(f"\n{name} under VPLinear: x_T ~ p_T ({args.samples} samples) -> t_min = {out['schedule']['t_min']}; "
+              f"error = ||x_hat - Phi(x_T)||")
+        head = f"{'method':<16} {'NFE':>4} {'err mean':>10} {'err p90':>10} {'MMD^2':>11} {'+- SE':>9}"
+        print(head)
+        print("-" * len(head))
+        for r in sorted(out["rows"], key=lambda r: (r["nfe"] or 0, r["kind"] != "flow_map", r["method"])):
+            if "error" in r:
+                print(f"{r['method']:<16} {r['nfe']:>4} n/a ({r['error'][:60]})")
+                continue
+            em = f"{r['err_mean']:>10.4f}" if "err_mean" in r else f"{'-':>10}"
+            e9 = f"{r['err_p90']:>10.4f}" if "err_p90" in r else f"{'-':>10}"
+            nfe = "-" if r["nfe"] is None else r["nfe"]
+            print(f"{r['method']:<16} {nfe:>4} {em} {e9} {r['mmd2']:>11.2e} {r['mmd2_se']:>9.1e}")
+        for m, tr in out["training"].items():
+            print(f"{m}: {args.steps} steps x batch {args.batch}: teacher calls {tr['teacher_calls']}, teacher "
+                  f"evaluations {tr['teacher_evals']}, {tr['seconds']:.1f} s; semigroup defect at u={out['u']:.4f} "
+                  f"{tr['semigroup_defect_mean']:.4f}; error of Psi(x, T, u) {tr['intermediate_err_mean']:.4f}")
+        v = out["verdicts"]
+        line = (f"best 1-step map {v['best_1step_map_err']:.4f} vs DDIM at NFE 5 {v['ddim_nfe5_err']:.4f} "
+                f"({'below' if v['one_step_below_ddim5'] else 'not below'})")
+        if "ctm_2step_err" in v:
+            line += (f"; ctm 2-step {v['ctm_2step_err']:.4f} vs 2x best ODE at NFE 10 {2 * v['best_ode_nfe10_err']:.4f}"
+                     f" ({'within' if v['two_step_within_2x_best_ode10'] else 'not within'})")
+        print(line)
+    if args.json:
+        settings = {"benchmark": "flow_map", **{k: v for k, v in vars(args).items() if k != "json"},
+                    "teacher": "exact field, Heun step", "torch": torch.__version__, "diffusion_lab": dl_version,
+                    "python": sys.version.split()[0], "platform": platform.platform(),
+                    "torch_threads": torch.get_num_threads()}
+        with open(args.json, "w") as fh:
+            json.dump({"settings": settings, "results": results}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
