@@ -50,7 +50,9 @@ def add_parser(sub):
     p.add_argument("--grid", default="logsnr", choices=GRID_KINDS, help="time grid (default logsnr)")
     p.add_argument("--final", default="denoise", choices=("step", "denoise"),
                    help="return x(t_min) or the denoiser D(x(t_min)) (default denoise)")
-    p.add_argument("--n", type=int, default=None, help="number of samples (default 2000 for 2-D, 100 for images)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                   help="number of samples (default 2000 for 2-D, 100 for images); under torchrun write --num-samples "
+                        "(torchrun reads --n as an abbreviation of its own options)")
     p.add_argument("--cfg", type=float, default=0.0, metavar="W", help="classifier-free guidance weight w (default 0)")
     p.add_argument("--class", dest="klass", type=int, default=None,
                    help="class label for a conditional model (default: all classes in turn)")
