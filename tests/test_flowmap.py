@@ -155,3 +155,20 @@ def test_heun_teacher_costs_two_calls_per_step_and_ctm_runs():
     assert len(res.history) == 1 and math.isfinite(res.history[0]["loss"])
     with pytest.raises(ValueError, match="'xyz'"):
         distill(psi, field, data, steps=1, method="xyz")
+
+
+def test_distill_from_learned_teacher_field():
+    """Any VelocityField is a teacher: here an (untrained) MLP through training.learned_field, float32 network."""
+    from diffusion_lab.models import MLPScore
+    from diffusion_lab.training import learned_field
+
+    torch.manual_seed(0)
+    teacher = learned_field(MLPScore(2, hidden=16, depth=1), SCH, "eps")
+    data = targets.ring8().sample(256, generator=torch.Generator().manual_seed(1)).float()
+    psi = FlowMap(TwoTimeMLP(2, hidden=8, depth=1), SCH)
+    res = distill(psi, teacher, data, steps=3, batch=16, grid_steps=4, solver="ddim")
+    assert res.teacher_calls == 3 and res.psi_ema.nfe == 0
+    out = flow_map_sample(res.psi_ema, torch.randn(8, 2), 2)
+    assert out.nfe == 2 and torch.isfinite(out.x).all()
+    with pytest.raises(ValueError, match="schedule"):
+        distill(FlowMap(TwoTimeMLP(2, hidden=8, depth=1), VPLinear(beta_max=10.0)), teacher, data, steps=1)
