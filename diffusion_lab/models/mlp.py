@@ -16,9 +16,43 @@ from torch import nn
 
 from .embeddings import DEFAULT_TIME_SCALE, LabelEmbedder, TimestepEmbedder
 
-__all__ = ["MLPScore", "MLP_CONDITIONINGS"]
+__all__ = ["MLPScore", "MLP_CONDITIONINGS", "MLP_TIME_EMBEDDINGS", "GaussianFourierEmbedder"]
 
 MLP_CONDITIONINGS = ("film", "add")
+MLP_TIME_EMBEDDINGS = ("sinusoidal", "fourier")
+
+
+class GaussianFourierEmbedder(nn.Module):
+    r"""Noise level c_noise (B,) -> (B, hidden) through random Fourier features (Tancik et al. 2020; the time
+    embedding of Song et al. 2021's NCSN++):
+
+        gamma(c) = [cos(2 pi b c), sin(2 pi b c)],   b_k ~ N(0, scale^2) fixed at init (a buffer),
+
+    then Linear -> SiLU -> Linear as in ``TimestepEmbedder``.
+
+    Parameters
+    ----------
+    hidden : int
+        Output width.
+    frequency_embedding_size : int
+        Number of features (even): frequency_embedding_size / 2 frequencies b_k.
+    scale : float
+        Standard deviation of the frequencies b_k (in cycles per unit of c_noise).
+    """
+
+    def __init__(self, hidden: int, frequency_embedding_size: int = 64, scale: float = 4.0):
+        super().__init__()
+        if frequency_embedding_size < 2 or frequency_embedding_size % 2:
+            raise ValueError(f"frequency_embedding_size must be an even integer >= 2, got {frequency_embedding_size}")
+        if not scale > 0:
+            raise ValueError(f"fourier scale must be > 0, got {scale}")
+        g = torch.Generator().manual_seed(0)  # fixed features: the same network for the same arguments
+        self.register_buffer("freqs", torch.randn(frequency_embedding_size // 2, generator=g) * float(scale))
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        arg = 2 * math.pi * c[:, None].to(self.freqs.dtype) * self.freqs[None]
+        return self.mlp(torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 class _ResBlock(nn.Module):
@@ -53,6 +87,8 @@ class MLPScore(nn.Module):
             ``class_dropout_prob > 0`` (classifier-free guidance; ``y=None`` then means the null class).
         conditioning: "film" (scale and shift of the normalised stream) or "add" (additive bias in each block).
         expansion: inner width factor of each block.
+        time_embedding: "sinusoidal" (DiT's fixed frequencies, ``time_scale``) or "fourier" (random Gaussian
+            frequencies of standard deviation ``fourier_scale``; ``GaussianFourierEmbedder``).
 
     Attributes ``data_shape`` and ``num_classes`` are read by the training code.
     """
@@ -60,13 +96,15 @@ class MLPScore(nn.Module):
     def __init__(self, data_shape: int | tuple[int, ...] = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0,
                  class_dropout_prob: float = 0.1, conditioning: str = "film", expansion: int = 2,
                  frequency_embedding_size: int = 64, time_scale: float = DEFAULT_TIME_SCALE,
-                 data_dim: int | None = None):
+                 data_dim: int | None = None, time_embedding: str = "sinusoidal", fourier_scale: float = 4.0):
         super().__init__()
         if data_dim is not None:
             data_shape = data_dim
         data_shape = (int(data_shape),) if isinstance(data_shape, int) else tuple(int(s) for s in data_shape)
         if conditioning not in MLP_CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {MLP_CONDITIONINGS}, got {conditioning!r}")
+        if time_embedding not in MLP_TIME_EMBEDDINGS:
+            raise ValueError(f"time_embedding must be one of {MLP_TIME_EMBEDDINGS}, got {time_embedding!r}")
         if hidden < 1 or depth < 0 or expansion < 1:
             raise ValueError(f"need hidden >= 1, depth >= 0, expansion >= 1; got {hidden}, {depth}, {expansion}")
         if num_classes < 0:
@@ -76,7 +114,10 @@ class MLPScore(nn.Module):
         self.conditioning = conditioning
         dim = math.prod(data_shape)
         self.inp = nn.Linear(dim, hidden)
-        self.t_embedder = TimestepEmbedder(hidden, frequency_embedding_size, time_scale=time_scale)
+        if time_embedding == "fourier":
+            self.t_embedder = GaussianFourierEmbedder(hidden, frequency_embedding_size, fourier_scale)
+        else:
+            self.t_embedder = TimestepEmbedder(hidden, frequency_embedding_size, time_scale=time_scale)
         self.y_embedder = LabelEmbedder(num_classes, hidden, class_dropout_prob) if num_classes > 0 else None
         self.blocks = nn.ModuleList([_ResBlock(hidden, conditioning, expansion) for _ in range(depth)])
         self.norm_out = nn.LayerNorm(hidden)
