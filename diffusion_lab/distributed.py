@@ -7,9 +7,9 @@ to the sample or the batch it belongs to instead:
 
 * sample i (0-based, over the whole run) starts from its own noise
 
-  .. math:: x_i = \sigma(t_{\max})\, z_i, \qquad z_i \sim N(0, I) \text{ drawn from a generator seeded } s(\text{seed}, 0, i),
+  .. math:: x_i = \sigma(t_{\max})\, z_i, \qquad z_i \sim N(0, I),
 
-  so the start of sample i depends on (seed, i) only;
+  z_i drawn from a generator seeded s(seed, 0, i), so the start of sample i depends on (seed, i) only;
 * the samples are cut into batches of a fixed size B, batch b = samples [bB, (b+1)B); the sampler's own noise in
   batch b (stochastic methods: DDIM with eta > 0, SDE solvers) comes from a generator seeded s(seed, 1, b);
 * process r of W runs the batches b with b mod W = r, and rank 0 gathers them back in batch order.

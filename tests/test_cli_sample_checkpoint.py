@@ -186,3 +186,10 @@ def test_vae_of_other_latent_channels_is_refused(ref_dit, tmp_path, capsys):
         main(["sample", "--checkpoint", str(path), "--num-heads", "4", "--vae", str(tmp_path / "vae"),
               "--out", str(tmp_path / "s")])
     assert "latents of 2 channels" in capsys.readouterr().err
+
+
+def test_no_checkpoint_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--out", str(tmp_path / "s")])
+    assert "give a checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

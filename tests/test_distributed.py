@@ -174,3 +174,13 @@ def test_checkpoint_without_per_rank_states_still_loads(runs):
     assert s[1]["old_warned"]
     assert not torch.equal(s[1]["old"][CUT][0], s[1]["full"][CUT][0])
     assert not torch.equal(s[1]["old"][CUT][0], s[0]["old"][CUT][0])
+
+
+def test_single_process_checkpoints_are_unchanged():
+    """One process: no per-rank entry is added, and gather_rng_states is this process's state alone."""
+    tr = _trainer(0, 1, [])
+    tr.run(2)
+    sd = tr.state_dict()
+    assert "rank_rng" not in sd
+    (mine,) = tr.gather_rng_states()
+    assert torch.equal(mine["generator"], sd["generator"])

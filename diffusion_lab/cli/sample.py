@@ -19,8 +19,9 @@ def add_parser(sub):
             "Load a checkpoint written by `diffusion-lab train` (torch.load weights_only=True), wrap the EMA network "
             "in a velocity field and run a sampler of the samplers package from N(0, sigma(t_max)^2 I). --cfg W "
             "applies classifier-free guidance eps~ = (1+W) eps(x|c) - W eps(x|null) (W >= -1; 0 = conditional), "
-            "counted as 2 NFE per call. Writes samples.pt (x, labels), samples.png (or --format) and settings.json to "
-            "--out, which must be new or empty unless --overwrite. --method takes options as name:key=value,... "
+            "counted as 2 NFE per call. Writes samples.pt (x, labels), samples.npz, samples.png (or --format) and "
+            "settings.json to --out, which must be new or empty unless --overwrite. --method takes options as "
+            "name:key=value,... "
             "(e.g. ddim:eta=0.5), checked before the checkpoint is loaded. The checkpoint may also be a reference DiT "
             "checkpoint (facebookresearch/DiT layout, e.g. DiT-XL-2-256x256.pt) or a diffusers DiTTransformer2DModel "
             "directory, sampled as eps prediction on the linear 1000-step DDPM schedule; --vae DIR decodes latents "
@@ -140,12 +141,15 @@ def _is_reference_dit(path: str):
 
     from ..training import CHECKPOINT_FORMAT
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable or legacy format: load_checkpoint says why
-        return None
+    state = None
+    for mmap in (True, False):  # memory-mapped where the file allows it (not the legacy non-zip format)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:  # unreadable: load_checkpoint says why
+            continue
     if not isinstance(state, dict) or state.get("format") == CHECKPOINT_FORMAT:
         return None
     from ..models.convert import _unwrap
