@@ -51,7 +51,9 @@ torch / CUDA / numpy / python RNG states, the objective's generator and the data
 primitive types only, so they load with ``torch.load(path, weights_only=True)`` and a resumed run is bitwise
 identical to an uninterrupted one on CPU. Data parallelism through torch.distributed: ``init_distributed``
 (torchrun's environment), ``TensorLoader(rank=, world_size=)`` shards each global batch, and the trainer wraps the
-network in DistributedDataParallel, whose averaged gradient is the gradient of the full batch's mean loss.
+network in DistributedDataParallel, whose averaged gradient is the gradient of the full batch's mean loss. A
+multi-process checkpoint keeps every rank's RNG states (gathered to rank 0, ``Trainer.gather_rng_states``) and
+each rank restores its own on resume, so every rank continues its own streams of t and noise.
 """
 from __future__ import annotations
 
