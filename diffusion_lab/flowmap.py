@@ -14,7 +14,7 @@ Why this form:
   g = D (the denoiser) makes Psi the DDIM map, and the exact map is reached by one g per (x, s, t). In the scaled
   variables xbar = x/alpha, sigmabar = sigma/alpha, (1) reads xbar_t = (sigmabar_t/sigmabar_s) xbar_s +
   (1 - sigmabar_t/sigmabar_s) g, which is CTM's G_theta(x_t, t, s) = (s/t) x_t + (1 - s/t) g_theta (Kim et al.
-  2024, eq. 5) on EDM, where alpha = 1 and sigma = t;
+  2024) on EDM, where alpha = 1 and sigma = t;
 - for t = t_min fixed it is a consistency function f_theta(x, s) = Psi_theta(x, s, t_min) with f(x, t_min) = x
   (Song, Dhariwal, Chen & Sutskever 2023, Sec. 3), so consistency distillation and the two-time (CTM) objective
   train the same object.
@@ -27,8 +27,8 @@ n uniform in {1..N} and x = alpha_{tau_n} x_0 + sigma_{tau_n} z, one teacher ODE
     CD:   || Psi_theta(x, tau_n, tau_0) - Psi_theta-(xhat, tau_{n-1}, tau_0) ||^2,
     CTM:  || Psi_theta(x, tau_n, tau_m) - Psi_theta-(xhat, tau_{n-1}, tau_m) ||^2,   m uniform in {0..n-1},
 
-with theta- an EMA of theta (decay mu, Song et al. 2023 eq. 8) and no gradient through the target. CTM is the
-two-time version (Kim et al. 2024, eq. 7, with the teacher's ODE segment of one solver step, and without the
+with theta- an EMA of theta (decay mu, Song et al. 2023, Algorithm 2) and no gradient through the target. CTM is the
+two-time version (after Kim et al. 2024, with the teacher's ODE segment of one solver step, and without the
 DSM and GAN terms): any s -> t is trained, so the deterministic multistep chain is meaningful. The training cost is
 counted in teacher evaluations: batch calls of the teacher field and per-sample evaluations (calls x batch).
 
@@ -55,10 +55,43 @@ from .schedules import Schedule
 from .training import EMA, _check_sigma_data, c_noise, edm_precond
 
 __all__ = ["TwoTimeMLP", "FlowMap", "teacher_step", "DistillResult", "distill", "flow_map_sample",
-           "TEACHER_SOLVERS", "DISTILL_METHODS"]
+           "TEACHER_SOLVERS", "DISTILL_METHODS", "DISTILL_LOSSES", "distance"]
 
 TEACHER_SOLVERS = ("ddim", "heun")
 DISTILL_METHODS = ("cd", "ctm")
+DISTILL_LOSSES = ("l2", "pseudo_huber")
+
+
+def distance(a: torch.Tensor, b: torch.Tensor, loss: str = "l2", c: float | None = None) -> torch.Tensor:
+    r"""The per-sample distance d(a, b) of the consistency losses, (batch,):
+
+        l2             ||a - b||^2                               (Song et al. 2023)
+        pseudo_huber   sqrt(||a - b||^2 + c^2) - c,  c = 0.00054 sqrt(D) by default   (Song & Dhariwal 2023)
+
+    with D the number of features of one sample. Pseudo-Huber is ~ ||a - b||^2 / (2c) near 0 and ~ ||a - b|| far
+    from it, so large residuals weigh less than under l2. Evaluated as ||a - b||^2 / (sqrt(||a - b||^2 + c^2) + c),
+    which keeps full relative precision for small residuals.
+
+    Parameters
+    ----------
+    a, b : tensors of the same shape (batch, *data_shape)
+    loss : "l2" | "pseudo_huber"
+    c : float > 0, optional
+
+    Returns
+    -------
+    tensor (batch,)
+    """
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"unknown consistency loss {loss!r}; choose one of {DISTILL_LOSSES}")
+    sq = (a - b).pow(2).reshape(a.shape[0], -1).sum(1)
+    if loss == "l2":
+        return sq
+    if c is None:
+        c = 0.00054 * math.sqrt(a[0].numel())
+    if not c > 0:
+        raise ValueError(f"the pseudo-Huber constant c must be > 0, got {c!r}")
+    return sq / (torch.sqrt(sq + c * c) + c)  # = sqrt(sq + c^2) - c without its cancellation for sq << c^2
 
 
 class TwoTimeMLP(nn.Module):
@@ -236,7 +269,7 @@ class DistillResult:
 def distill(psi: FlowMap, teacher: VelocityField, data: torch.Tensor, *, steps: int = 1000, batch: int = 256,
             grid_steps: int = 16, grid_kind: str = "logsnr", method: str = "cd", solver: str = "heun",
             lr: float = 1e-3, target_decay: float = 0.95, ema_decay: float = 0.999, seed: int = 0,
-            log_every: int = 100) -> DistillResult:
+            loss: str = "l2", huber_c: float | None = None, log_every: int = 100) -> DistillResult:
     r"""Consistency distillation (``method="cd"``, Song et al. 2023, Algorithm 2) or its two-time version
     (``"ctm"``, Kim et al. 2024) of ``teacher`` into ``psi`` (trained in place), with the loss of the module docstring.
 
@@ -258,6 +291,8 @@ def distill(psi: FlowMap, teacher: VelocityField, data: torch.Tensor, *, steps: 
         mu of the target network theta- <- mu theta- + (1 - mu) theta (Song et al. 2023 use 0.95 for CD).
     ema_decay : float
         Decay of the separate evaluation EMA (with the package's EMA warm-up).
+    loss, huber_c : str, float
+        The distance d of the loss (``distance``): "l2" (the squared norm above) or "pseudo_huber" with constant c.
 
     Returns
     -------
@@ -274,9 +309,11 @@ def distill(psi: FlowMap, teacher: VelocityField, data: torch.Tensor, *, steps: 
     for name, v in (("steps", steps), ("batch", batch), ("grid_steps", grid_steps)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if loss not in DISTILL_LOSSES:
+        raise ValueError(f"unknown consistency loss {loss!r}; choose one of {DISTILL_LOSSES}")
     if not 0.0 <= target_decay < 1.0:
         raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
-    sch = psi.schedule
+    sch, loss_kind = psi.schedule, loss
     grid = time_grid(sch, grid_steps, grid_kind).flip(0)  # ascending: tau_0 = t_min ... tau_N = t_max
     gen = torch.Generator().manual_seed(int(seed))
     dtype = _param_dtype(psi.net, torch.float32)
@@ -301,7 +338,7 @@ def distill(psi: FlowMap, teacher: VelocityField, data: torch.Tensor, *, steps: 
         with torch.no_grad():
             xhat = teacher_step(teacher, x.to(torch.float64), s, u, solver).to(dtype)
             y = psi_target(xhat, u, t)
-        loss = (psi(x, s, t) - y).pow(2).reshape(batch, -1).sum(1).mean()
+        loss = distance(psi(x, s, t), y, loss_kind, huber_c).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -315,7 +352,7 @@ def distill(psi: FlowMap, teacher: VelocityField, data: torch.Tensor, *, steps: 
     calls = teacher.nfe - calls0
     settings = {"method": method, "solver": solver, "steps": int(steps), "batch": int(batch),
                 "grid_steps": int(grid_steps), "grid_kind": grid_kind, "lr": lr, "target_decay": target_decay,
-                "ema_decay": ema_decay, "seed": int(seed)}
+                "ema_decay": ema_decay, "seed": int(seed), "loss": loss_kind, "huber_c": huber_c}
     return DistillResult(psi=psi, psi_ema=FlowMap(ema.module, sch, psi.sigma_data), history=history,
                          teacher_calls=calls, teacher_evals=calls * int(batch), settings=settings)
 

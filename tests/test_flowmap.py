@@ -172,3 +172,24 @@ def test_distill_from_learned_teacher_field():
     assert out.nfe == 2 and torch.isfinite(out.x).all()
     with pytest.raises(ValueError, match="schedule"):
         distill(FlowMap(TwoTimeMLP(2, hidden=8, depth=1), VPLinear(beta_max=10.0)), teacher, data, steps=1)
+
+
+def test_consistency_distances_closed_form():
+    from diffusion_lab.flowmap import distance
+
+    a = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    b = torch.zeros_like(a)
+    assert torch.equal(distance(a, b, "l2"), torch.tensor([25.0, 0.0], dtype=torch.float64))
+    c = 0.00054 * math.sqrt(2)
+    ph = distance(a, b, "pseudo_huber")
+    assert abs(float(ph[0]) - (math.sqrt(25 + c * c) - c)) < 1e-15 and float(ph[1]) == 0.0
+    # small residuals: ~ r^2 / (2c), to full relative precision (the naive sqrt(r^2 + c^2) - c keeps ~4 digits here)
+    r = torch.tensor([[1e-6, 0.0]], dtype=torch.float64)
+    assert math.isclose(float(distance(r, torch.zeros_like(r), "pseudo_huber", c=1.0)), 0.5e-12 * (1 - 0.25e-12), rel_tol=1e-14)
+    with pytest.raises(ValueError, match="'l1'"):
+        distance(a, b, "l1")
+    tg = targets.bimodal_1d()
+    data = tg.sample(256, generator=torch.Generator().manual_seed(1)).float()
+    res = distill(FlowMap(TwoTimeMLP(1, hidden=8, depth=1), SCH), tg.field(SCH), data, steps=3, batch=16,
+                  grid_steps=4, solver="ddim", loss="pseudo_huber")
+    assert res.settings["loss"] == "pseudo_huber" and math.isfinite(res.history[-1]["loss"])
