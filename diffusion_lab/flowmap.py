@@ -38,7 +38,6 @@ x0 <- Psi(x, t_i, t_min), then x <- alpha_{t_{i+1}} x0 + sigma_{t_{i+1}} z with 
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field as dc_field
 

@@ -116,8 +116,8 @@ def test_consistency_distillation_reaches_teacher_discretisation_error():
     """CD's fixed point is the teacher's N-step composite map (Song et al. 2023, Thm 1: the consistency error is
     O((Delta t)^p) of the solver); so the one-step error of the student against the exact map should approach the
     teacher's own N-step error E_N = mean |Phi^DDIM_N(x_T) - Phi(x_T)|. Bound asserted: the student's distance to
-    the teacher composite is < 0.1 E_N after 300 steps (measured 0.02-0.035 E_N over seeds 0-2), hence its error to Phi is within
-    1.1 E_N, while the untrained map's error is 5x E_N.
+    the teacher composite is < 0.1 E_N after 300 steps (measured 0.02-0.035 E_N over seeds 0-2), hence its error
+    to Phi is within 1.1 E_N, while the untrained map's error is 5x E_N.
     E_N = 0.19 here (4 log-SNR-uniform DDIM steps on VPLinear)."""
     tg = targets.Gaussian([1.0], [[0.25]])
     field = tg.field(SCH)
@@ -185,7 +185,8 @@ def test_consistency_distances_closed_form():
     assert abs(float(ph[0]) - (math.sqrt(25 + c * c) - c)) < 1e-15 and float(ph[1]) == 0.0
     # small residuals: ~ r^2 / (2c), to full relative precision (the naive sqrt(r^2 + c^2) - c keeps ~4 digits here)
     r = torch.tensor([[1e-6, 0.0]], dtype=torch.float64)
-    assert math.isclose(float(distance(r, torch.zeros_like(r), "pseudo_huber", c=1.0)), 0.5e-12 * (1 - 0.25e-12), rel_tol=1e-14)
+    small = float(distance(r, torch.zeros_like(r), "pseudo_huber", c=1.0))
+    assert math.isclose(small, 0.5e-12 * (1 - 0.25e-12), rel_tol=1e-14)
     with pytest.raises(ValueError, match="'l1'"):
         distance(a, b, "l1")
     tg = targets.bimodal_1d()
