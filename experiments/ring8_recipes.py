@@ -264,6 +264,11 @@ def ablation(quick: bool):
             ("batch_4096", "batch 4096, 1/4 the steps", dict(b, batch=4 * b["batch"], steps=steps // 4)),
             ("wide_256x4", "256 wide x 4 deep, 1/3 the steps", dict(b, hidden=256, depth=4, steps=steps // 3)),
             ("long_baseline", "baseline, 4x the steps", dict(b, steps=4 * steps)),
+            ("long_cosine", "cosine lr (200 warm-up), 3.75x the steps",
+             dict(b, lr_schedule="cosine", warmup=min(200, steps // 4), steps=int(3.75 * steps))),
+            ("long_cosine_importance", "cosine lr + importance t, 3.5x the steps",
+             dict(b, lr_schedule="cosine", warmup=min(200, steps // 4), time_sampler="importance",
+                  steps=int(3.5 * steps))),
             ("best", "ring8_recipe()", ring8_recipe() if not quick else dict(ring8_recipe(), steps=steps,
                                                                                batch=b["batch"], warmup=steps // 4))]
     return rows
@@ -297,14 +302,34 @@ def _setup(quick: bool, seed: int):
     return sch, tg, data, x_T
 
 
-def run_row(name: str, change: str, recipe: dict, quick: bool, seed: int, exact_mmd2: float):
-    """Train and measure one row; returns (row dict, e(t) profile). The importance row trains its own pilot (the
-    baseline recipe for a quarter of the steps) and counts its CPU seconds."""
+def _cache_path(cache, name, recipe, quick, seed):
+    import hashlib
+    import json
+    import os
+
+    key = json.dumps([name, recipe, quick, seed], sort_keys=True, default=str)
+    return os.path.join(cache, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt")
+
+
+def run_row(name: str, change: str, recipe: dict, quick: bool, seed: int, exact_mmd2: float, cache=None,
+            cached_only: bool = False):
+    """Train and measure one row; returns (row dict, e(t) profile). Rows with importance sampling train their own
+    pilot (the same recipe with uniform t for a quarter of the steps, at most 500) and count its CPU seconds.
+    With ``cache`` (a folder) the result is stored there under the row's name and recipe and reused."""
+    import os
+
     torch.set_num_threads(1)
+    path = _cache_path(cache, name, recipe, quick, seed) if cache else None
+    if path and os.path.isfile(path):
+        row, prof = torch.load(path, weights_only=False)
+        row["mmd2_ratio"] = row["mmd2"] / exact_mmd2
+        return row, prof
+    if cached_only:
+        return None
     sch, tg, data, x_T = _setup(quick, seed)
     imp, pilot_cpu = None, 0.0
     if recipe["time_sampler"] == "importance":
-        pilot_steps = max(recipe["steps"] // 4, 1)
+        pilot_steps = max(min(recipe["steps"] // 4, 500), 1)
         pnet, psd, pilot_cpu = train(dict(recipe, time_sampler="uniform", steps=pilot_steps), data, seed)
         c0 = time.process_time()
         pilot = Dg.score_error_profile(T.learned_field(pnet, sch, recipe["prediction"], sigma_data=psd), tg,
@@ -317,25 +342,35 @@ def run_row(name: str, change: str, recipe: dict, quick: bool, seed: int, exact_
     row = {"change": name, "description": change, "train_cpu_s": cpu + pilot_cpu, "steps": recipe["steps"],
            "batch": recipe["batch"], **ev}
     print(_common.table([row], COLS), flush=True)
+    if path:
+        from diffusion_lab._io import atomic_write
+
+        os.makedirs(cache, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save((row, prof), tmp))
     return row, prof
 
 
-def run(quick: bool = False, seed: int = 0, only=None, jobs: int = 1):
+def run(quick: bool = False, seed: int = 0, only=None, jobs: int = 1, cache=None, cached_only: bool = False):
     torch.set_num_threads(1)
     sch, tg, data, x_T = _setup(quick, seed)
     exact = tg.field(sch)
     exact_mmd = _mmd(exact, tg, x_T, seed)
     fp = dict(cells=48 if quick else 96, half_width=5.0, steps=30 if quick else 100)
     exact_kb = Dg.kl_bound(exact, tg, n_times=4, n=50, **fp)
-    todo = [(name, change, recipe, quick, seed, exact_mmd.mmd2) for name, change, recipe in ablation(quick)
-            if not only or name in only]
+    todo = [(name, change, recipe, quick, seed, exact_mmd.mmd2, cache, cached_only)
+            for name, change, recipe in ablation(quick) if not only or name in only]
+    if only:  # run in the order given
+        order = list(only)
+        todo.sort(key=lambda a: order.index(a[0]))
     if jobs > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(jobs) as pool:
-            results = pool.starmap(run_row, todo)
+            results = pool.starmap(run_row, todo, chunksize=1)
     else:
         results = [run_row(*a) for a in todo]
+    order = [name for name, _, _ in ablation(quick)]
+    results = sorted((r for r in results if r is not None), key=lambda rp: order.index(rp[0]["change"]))
     rows = [r for r, _ in results]
     profiles = {r["change"]: p for r, p in results}
     headline = {"exact_field": {"fp_tv": exact_kb.tv, "mmd2": exact_mmd.mmd2, "mmd2_se": exact_mmd.se},
@@ -389,9 +424,11 @@ def main(argv=None):
     p = _common.parser(__doc__.split("\n")[0], "docs/figures")
     p.add_argument("--only", default=None, help="comma-separated row names to run (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="rows trained in parallel processes (default 1)")
+    p.add_argument("--cache", default=None, metavar="DIR", help="store each row's result in DIR and reuse it")
+    p.add_argument("--cached-only", action="store_true", help="report only the rows already in --cache")
     args = p.parse_args(argv)
-    only = set(args.only.split(",")) if args.only else None
-    rows, meta = run(args.quick, args.seed, only, args.jobs)
+    only = args.only.split(",") if args.only else None
+    rows, meta = run(args.quick, args.seed, only, args.jobs, args.cache, args.cached_only)
     print(_common.table(rows, COLS + ["mmd2"]))
     h = meta["headline"]
     print(f"exact field: Fokker-Planck TV {h['exact_field']['fp_tv']:.4f}, MMD^2 {h['exact_field']['mmd2']:.3g} "
