@@ -16,9 +16,10 @@ SD1.5 schedule interpolated to N steps (it starts at sigmabar = 14.615, so its x
 that time; its error is over the same terminal reference).
 
 With --learned, the same for an MLP trained on ring8 (eps prediction, a few hundred steps; under two minutes of
-CPU), whose reference is the accurate flow map of the learned field itself.
+CPU), whose reference is the accurate flow map of the learned field itself; with --dit, the same for a DiT-tiny/2
+trained on the 8x8 digits (1, 8, 8), sampled unconditionally (the null label).
 
-Run:  python benchmarks/grid_optimizer.py [--quick] [--learned] [--json out.json]
+Run:  python benchmarks/grid_optimizer.py [--quick] [--learned] [--dit] [--learned-only] [--json out.json]
 """
 from __future__ import annotations
 
@@ -64,6 +65,27 @@ def train_learned(steps: int, seed: int = 0):
     secs = time.perf_counter() - t0
     ema = tr.ema.module.eval().double()
     return T.learned_field(ema, sch, "eps", sigma_data=obj.sigma_data), secs, float(tr.history[-1]["loss"])
+
+
+def train_digits_dit(steps: int, seed: int = 0):
+    """A DiT-tiny/2 on the 8x8 digits (the recipe of experiments/digits_dit.py: EDM preconditioning on VP-linear,
+    log-normal times, AdamW, EMA 0.999), returned as the float64 field of the unconditional (null-label) model."""
+    from diffusion_lab import training as T
+    from diffusion_lab.models import get_model
+
+    sch = schedules.VPLinear()
+    x, y = targets.digits(return_labels=True)
+    torch.manual_seed(seed)
+    net = get_model("DiT-tiny/2", num_classes=10)
+    sigma_data = round(float(x.std()), 4)
+    obj = T.Objective(sch, "edm", time_sampler="lognormal", sigma_data=sigma_data)
+    tr = T.Trainer(net, obj, T.TensorLoader(x, y, 128, seed=seed), lr=1e-3, warmup=100, ema_decay=0.999, seed=seed)
+    t0 = time.perf_counter()
+    tr.run(steps, log_every=max(steps // 4, 1))
+    secs = time.perf_counter() - t0
+    ema = tr.ema.module.eval().double()
+    field = T.learned_field(ema, sch, "edm", sigma_data=sigma_data, labels=net.num_classes)  # the null class
+    return field, secs, float(tr.history[-1]["loss"])
 
 
 def run_field(label, field, methods, nfes, opt_kw, n_eval, seed, log):
@@ -125,7 +147,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="32 candidates, 64 pilot samples, 200 held-out samples")
     p.add_argument("--learned", action="store_true", help="also the learned MLP ring field")
-    p.add_argument("--learned-only", action="store_true")
+    p.add_argument("--learned-only", action="store_true", help="only the learned fields (--learned, --dit)")
+    p.add_argument("--dit", action="store_true", help="also a DiT-tiny/2 trained on the 8x8 digits (null label)")
+    p.add_argument("--dit-steps", type=int, default=1500)
     p.add_argument("--train-steps", type=int, default=1500)
     p.add_argument("--targets", nargs="*", default=None)
     p.add_argument("--methods", nargs="*", default=list(METHODS))
@@ -151,12 +175,19 @@ def main(argv=None):
             if a.targets and label not in a.targets:
                 continue
             rows += run_field(label, tg.field(sch), a.methods, a.nfe, opt_kw, n_eval, 12345, log)
-    if a.learned or a.learned_only:
+    if a.learned or (a.learned_only and not a.dit):
         field, secs, loss = train_learned(a.train_steps)
         log(f"learned ring8 MLP: {a.train_steps} steps, {secs:.0f} s, final loss {loss:.4f}")
         meta["learned"] = {"train_steps": a.train_steps, "train_seconds": secs, "final_loss": loss,
                            "model": "mlp(hidden=128, depth=3), eps prediction, EMA 0.999, batch 512, lr 2e-3"}
         rows += run_field("learned_ring8", field, a.methods, a.nfe, opt_kw, n_eval, 12345, log)
+    if a.dit:
+        field, secs, loss = train_digits_dit(a.dit_steps)
+        log(f"digits DiT-tiny/2: {a.dit_steps} steps, {secs:.0f} s, final loss {loss:.4f}")
+        meta["dit"] = {"train_steps": a.dit_steps, "train_seconds": secs, "final_loss": loss,
+                       "model": "DiT-tiny/2 on sklearn 8x8 digits (all 1797), EDM preconditioning, null label, "
+                                "EMA 0.999, batch 128, lr 1e-3"}
+        rows += run_field("digits_dit", field, a.methods, a.nfe, opt_kw, n_eval, 12345, log)
     meta["seconds"] = time.perf_counter() - t_all
     print_table(rows)
     gains = [r["gain"] for r in rows]
