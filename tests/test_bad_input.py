@@ -103,12 +103,12 @@ def test_bad_options_are_refused_before_any_output(tmp_path, capsys, argv, needl
         assert needle in err, (needle, err)
 
 
-@pytest.mark.xfail(strict=False, reason="CLI gap: an unknown --device reaches torch.device and ends in a RuntimeError "
-                                        "traceback; cli/_common.device should refuse it with the accepted names")
-def test_sample_refuses_an_unknown_device(tmp_path, capsys):
-    err = _cli_error(["sample", str(tmp_path / "x.pt"), "--device", "tpu", "--out", str(tmp_path / "o")], capsys,
-                     tmp_path / "o")
-    assert "tpu" in err
+@pytest.mark.parametrize("cmd", ["sample", "train"])
+@pytest.mark.parametrize("name", ["tpu", "cuda:x", "cpu:0x", ""])
+def test_an_unknown_device_is_refused_with_the_accepted_names(tmp_path, capsys, cmd, name):
+    argv = [cmd, str(tmp_path / "x.pt")] if cmd == "sample" else [cmd]
+    err = _cli_error([*argv, "--device", name, "--out", str(tmp_path / "o")], capsys, tmp_path / "o")
+    assert repr(name) in err and "--device" in err and "cuda:N" in err
 
 
 @pytest.mark.xfail(strict=False, reason="CLI gap: fokker-planck --box 1e-300 ends in 'Factor is exactly singular' "

@@ -51,10 +51,18 @@ def add_device(p, help: str) -> None:
     p.add_argument("--device", default="auto", help=help)
 
 
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N"
+
+
 def device(name: str):
-    """torch.device for auto (cuda if available), cpu, cuda, cuda:N; ValueError for CUDA on a machine without it."""
+    """torch.device for auto (cuda if available), cpu, cuda, cuda:N; ValueError for any other name (with the
+    accepted ones) and for CUDA on a machine without it."""
+    import re
+
     import torch
 
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise ValueError(f"--device {name!r} is not a device this command runs on; use one of {DEVICE_NAMES}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
