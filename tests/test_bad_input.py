@@ -111,11 +111,12 @@ def test_an_unknown_device_is_refused_with_the_accepted_names(tmp_path, capsys, 
     assert repr(name) in err and "--device" in err and "cuda:N" in err
 
 
-@pytest.mark.xfail(strict=False, reason="CLI gap: fokker-planck --box 1e-300 ends in 'Factor is exactly singular' "
-                                        "from SuperLU; the box half-width needs a lower bound checked up front")
-def test_fokker_planck_refuses_a_degenerate_box(tmp_path, capsys):
-    err = _cli_error(["fokker-planck", "--box", "1e-300", "--out", str(tmp_path / "f")], capsys, tmp_path / "f")
-    assert "--box" in err and "1e-300" in err
+@pytest.mark.parametrize("box", ["1e-300", "1e-05"])
+def test_fokker_planck_refuses_a_degenerate_box(tmp_path, capsys, box):
+    # 1e-05 with 64 cells: dx = 3.1e-7 < 1e-6 (singular LU for VE/EDM, measured at dx = 1e-7)
+    err = _cli_error(["fokker-planck", "--box", box, "--n", "64", "--out", str(tmp_path / "f")], capsys,
+                     tmp_path / "f")
+    assert "--box" in err and box in err and "1e-06" in err
 
 
 @pytest.mark.xfail(strict=False, reason="CLI gap: likelihood --divergence hutchinson --probes 1 prints SE 0 (a "
@@ -213,9 +214,32 @@ def test_bad_arguments_raise_a_clear_error(call, exc_type, needles):
         assert needle in str(exc.value), (needle, str(exc.value))
 
 
-@pytest.mark.xfail(strict=False, reason="fokker_planck gap: a box of half-width 1e-45 reaches SuperLU and ends in "
-                                        "RuntimeError 'Factor is exactly singular' (found by the fuzz test); Grid "
-                                        "also truncates n=2.5 to 2 silently")
+@pytest.mark.parametrize("n, needle", [(2.5, "2.5"), (float("nan"), "nan"), (True, "True")])
+def test_grid_refuses_a_non_integer_number_of_cells(n, needle):
+    from diffusion_lab import fokker_planck as FP
+
+    with pytest.raises(ValueError, match="integer") as exc:
+        FP.Grid.box(-1.0, 1.0, n)
+    assert needle in str(exc.value)
+    assert FP.Grid.box(-1.0, 1.0, 4.0).n == (4,)  # integer-valued floats are accepted
+
+
+def test_grid_smallest_cell_width_still_solves():
+    """At dx = MIN_CELL_WIDTH the one-step implicit solve of the stiffest schedule (EDM, t up to 80) is finite."""
+    import warnings
+
+    import numpy as np
+
+    from diffusion_lab import fokker_planck as FP
+
+    sch = S.EDM()
+    grid = FP.Grid.box(-4 * FP.grid.MIN_CELL_WIDTH, 4 * FP.grid.MIN_CELL_WIDTH, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        sol = FP.solve_forward(sch, T.bimodal_1d(), grid, [sch.t_min, sch.t_max], steps=1)
+    assert np.isfinite(np.asarray(sol.densities if hasattr(sol, "densities") else sol.p)).all()
+
+
 def test_fokker_planck_refuses_a_degenerate_box_in_the_api():
     import warnings
 

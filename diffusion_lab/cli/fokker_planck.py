@@ -114,10 +114,13 @@ def run(args, parser) -> int:
     L = args.box if args.box is not None else (8.0 if target.dim == 1 else 6.0)
     if not L > 0:
         parser.error(f"--box must be > 0, got {L}")
+    try:  # the grid's own checks (a cell width below MIN_CELL_WIDTH makes the implicit steppers singular)
+        grid = Grid.box(-L, L, args.n, target.dim)
+    except ValueError as exc:
+        parser.error(f"--box {L!r} with --n {args.n}: {exc}")
     times = _report_times(args, parser, schedule)
     C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("fokker_planck")])
     t_min, t_max = schedule.t_min, schedule.t_max
-    grid = Grid.box(-L, L, args.n, target.dim)
     field = target.field(schedule)
     t0 = time.perf_counter()
     fwd_times = [0.0] + [t for t in times if t > 0]

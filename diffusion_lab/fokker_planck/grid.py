@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Grid", "gauss_legendre_cell_points"]
+__all__ = ["Grid", "gauss_legendre_cell_points", "MIN_CELL_WIDTH"]
+
+#: Smallest cell width a ``Grid`` accepts. The package's densities live on O(1) scales and the implicit steppers
+#: solve (I - c L) u = b with diffusion entries of L ~ g^2 / (2 dx^2); over one step of length dt the ratio to the
+#: identity is ~ dt g^2 / (2 dx^2), which for EDM (g^2 = 2t, t up to 80) taken in one step is 6400 / dx^2. Above
+#: 2^53 ~ 9e15 the identity is lost in float64 rounding and the mass-conserving (zero column sum) operator
+#: makes the LU exactly singular (measured: VP fails at dx = 1e-9, VE and EDM at dx = 1e-7 with 8 steps), so
+#: dx >= 1e-6 keeps that ratio below ~6e15 for every schedule of the package.
+MIN_CELL_WIDTH = 1e-6
 
 
 @dataclass(frozen=True)
@@ -20,6 +28,9 @@ class Grid:
     """Uniform cell-centred grid: ``lo``, ``hi`` (tuples of floats, one per axis) and ``n`` cells per axis.
 
     Build with ``Grid.box(lo, hi, n, dim)`` for a cube [lo, hi]^dim, or ``Grid((lo0, lo1), (hi0, hi1), (n0, n1))``.
+    ``n`` must be integers (integer-valued floats such as 4.0 are accepted; 2.5, nan and booleans are refused
+    rather than truncated), and every cell width dx_a = (hi_a - lo_a)/n_a must be at least ``MIN_CELL_WIDTH``
+    (and 2^-40 of the largest |coordinate|), else ValueError naming the value.
     """
 
     lo: tuple
@@ -29,7 +40,11 @@ class Grid:
     def __post_init__(self):
         lo = tuple(float(v) for v in np.atleast_1d(self.lo))
         hi = tuple(float(v) for v in np.atleast_1d(self.hi))
-        n = tuple(int(v) for v in np.atleast_1d(self.n))
+        n_in = tuple(np.atleast_1d(self.n).tolist())
+        for a, v in enumerate(n_in):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v == int(v)):
+                raise ValueError(f"Grid: the number of cells must be an integer, got n={v!r} on axis {a}")
+        n = tuple(int(v) for v in n_in)
         if not (len(lo) == len(hi) == len(n)) or not 1 <= len(n) <= 3:
             raise ValueError(f"Grid: lo, hi, n must have the same length 1..3, got {lo}, {hi}, {n}")
         for a in range(len(n)):
@@ -37,6 +52,16 @@ class Grid:
                 raise ValueError(f"Grid: need finite lo < hi on axis {a}, got lo={lo[a]}, hi={hi[a]}")
             if n[a] < 2:
                 raise ValueError(f"Grid: need at least 2 cells on axis {a}, got n={n[a]}")
+            dx = (hi[a] - lo[a]) / n[a]
+            if not dx >= MIN_CELL_WIDTH:
+                raise ValueError(f"Grid: cell width dx = (hi - lo)/n = {dx:.3g} on axis {a} (box [{lo[a]!r}, "
+                                 f"{hi[a]!r}], n={n[a]}) is below {MIN_CELL_WIDTH:g}: the implicit steppers' "
+                                 "diffusion terms ~ dt g^2/(2 dx^2) would swamp the identity in float64 and the "
+                                 "sparse LU would be singular; widen the box or use fewer cells")
+            if not dx >= 2.0**-40 * max(abs(lo[a]), abs(hi[a])):
+                raise ValueError(f"Grid: cell width {dx:.3g} on axis {a} is below 2^-40 of the box's largest "
+                                 f"coordinate {max(abs(lo[a]), abs(hi[a])):.3g}: cell centres would not be "
+                                 "resolved in float64")
         object.__setattr__(self, "lo", lo)
         object.__setattr__(self, "hi", hi)
         object.__setattr__(self, "n", n)
