@@ -34,7 +34,7 @@ __all__ = ["LikelihoodResult", "log_likelihood", "hutchinson_moments_exact", "ga
 @dataclass
 class LikelihoodResult:
     """Per-sample log-likelihood ``log_prob`` (nats) at time t0, its standard error ``se`` (Hutchinson; zeros for the
-    exact divergence), bits per dimension, the encoded ``latent`` x(t1), the prior term and the NFE."""
+    exact divergence; NaN for a single Hutchinson probe, where the spread between probes is undefined), bits per dimension, the encoded ``latent`` x(t1), the prior term and the NFE."""
 
     log_prob: torch.Tensor
     se: torch.Tensor
@@ -87,7 +87,8 @@ def log_likelihood(field: VelocityField, x: torch.Tensor, *, divergence: str = "
 
     ``prior``: log-density at t1; default the exact marginal for an exact target's field, otherwise
     ``gaussian_prior(field)``. ``divergence``: "exact" or "hutchinson" (``probe`` "rademacher" or "gaussian",
-    ``n_probes`` >= 2 for a standard error)."""
+    ``n_probes`` >= 2 for a standard error: with ``n_probes`` = 1 the result's ``se`` is NaN, not 0, since one probe
+    gives no estimate of the estimator's spread, se = std_k(q_k) / sqrt(K) with the unbiased std over K probes)."""
     if divergence not in ("exact", "hutchinson"):
         raise ValueError(f"divergence must be 'exact' or 'hutchinson', got {divergence!r}")
     if probe not in ("rademacher", "gaussian"):
@@ -152,7 +153,12 @@ def log_likelihood(field: VelocityField, x: torch.Tensor, *, divergence: str = "
     prior_lp = prior(latent).to(torch.float64)
     per_probe = prior_lp[:, None] + d * math.log(a1 / a0) + integral
     log_prob = per_probe.mean(1)
-    se = per_probe.std(1) / math.sqrt(K) if K > 1 else torch.zeros(n, dtype=torch.float64)
+    if K > 1:
+        se = per_probe.std(1) / math.sqrt(K)
+    elif divergence == "exact":
+        se = torch.zeros(n, dtype=torch.float64)
+    else:  # one Hutchinson probe: the spread is unknown, not zero
+        se = torch.full((n,), math.nan, dtype=torch.float64)
     settings = {"divergence": divergence, "probe": probe if divergence == "hutchinson" else None, "n_probes": K,
                 "rtol": rtol, "atol": atol, "t0": t0, "t1": t1, "schedule": sch.settings()}
     return LikelihoodResult(log_prob=log_prob, se=se, bpd=-log_prob / (d * math.log(2)), latent=latent,

@@ -119,12 +119,23 @@ def test_fokker_planck_refuses_a_degenerate_box(tmp_path, capsys, box):
     assert "--box" in err and box in err and "1e-06" in err
 
 
-@pytest.mark.xfail(strict=False, reason="CLI gap: likelihood --divergence hutchinson --probes 1 prints SE 0 (a "
-                                        "standard error needs >= 2 probes); it should refuse or print n/a")
 def test_likelihood_refuses_one_probe(tmp_path, capsys):
     err = _cli_error(["likelihood", "--divergence", "hutchinson", "--probes", "1", "--n", "20", "--out",
                       str(tmp_path / "l")], capsys, tmp_path / "l")
-    assert "--probes" in err
+    assert "--probes" in err and ">= 2" in err
+
+
+def test_one_hutchinson_probe_has_no_standard_error():
+    """se = std_k(q_k)/sqrt(K) needs K >= 2: one probe gives NaN, never a falsely exact 0; the exact divergence's
+    se stays 0 and two probes give a finite positive one (Rademacher probes on a non-diagonal Jacobian)."""
+    f = T.ring8().field(S.VPLinear())
+    x = torch.tensor([[0.3, -0.2], [1.0, 0.5]], dtype=torch.float64)
+    kw = dict(rtol=1e-5, atol=1e-7)
+    one = log_likelihood(f, x, divergence="hutchinson", n_probes=1, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.isnan(one.se).all() and torch.isfinite(one.log_prob).all()
+    two = log_likelihood(f, x, divergence="hutchinson", n_probes=2, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.isfinite(two.se).all() and (two.se > 0).all()
+    assert (log_likelihood(f, x, **kw).se == 0).all()
 
 
 @pytest.mark.xfail(run=False, reason="CLI gap: huge sizes are not checked against memory before allocating; "

@@ -29,7 +29,7 @@ def add_parser(sub):
                         "estimate (default exact)")
     p.add_argument("--probe", default="rademacher", choices=("rademacher", "gaussian"),
                    help="Hutchinson probe law (default rademacher: the smaller variance)")
-    p.add_argument("--probes", type=int, default=8, help="Hutchinson probes per sample (default 8, >= 1)")
+    p.add_argument("--probes", type=int, default=8, help="Hutchinson probes per sample (default 8, >= 2)")
     p.add_argument("--rtol", type=float, default=1e-8, help="ODE relative tolerance (default 1e-8; atol = rtol/100)")
     C.add_seed(p)
     C.add_out(p, None, help="also write results.csv and settings.json to this folder (default: print only); a "
@@ -84,6 +84,9 @@ def run(args, parser) -> int:
         parser.error(f"--n must be >= 1, got {args.n}")
     if args.probes < 1:
         parser.error(f"--probes must be >= 1, got {args.probes}")
+    if args.divergence == "hutchinson" and args.probes < 2:
+        parser.error(f"--probes must be >= 2 with --divergence hutchinson (the standard error is the spread "
+                     f"between probes), got {args.probes}")
     if not 0 < args.rtol < 1:
         parser.error(f"--rtol must be in (0, 1), got {args.rtol}")
     C.set_threads(args, parser)
