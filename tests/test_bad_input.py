@@ -138,28 +138,65 @@ def test_one_hutchinson_probe_has_no_standard_error():
     assert (log_likelihood(f, x, **kw).se == 0).all()
 
 
-@pytest.mark.xfail(run=False, reason="CLI gap: huge sizes are not checked against memory before allocating; "
-                                     "compare --n 3e8 runs for minutes then ends in an allocator traceback")
-def test_compare_refuses_a_huge_sample_size(tmp_path, capsys):
-    _cli_error(["compare", "--n", "300000000", "--out", str(tmp_path / "c")], capsys, tmp_path / "c")
+@pytest.fixture
+def small_memory(monkeypatch):
+    """A fixed 16 GiB limit, so the refusals below do not depend on the test machine's memory."""
+    from diffusion_lab.cli import _common
+
+    monkeypatch.setattr(_common, "memory_limit", lambda: 16 << 30)
 
 
-@pytest.mark.xfail(run=False, reason="CLI gap: likelihood --n 1e8 is not checked against memory (minutes, then an "
-                                     "allocator traceback)")
-def test_likelihood_refuses_a_huge_sample_size(tmp_path, capsys):
-    _cli_error(["likelihood", "--n", "100000000", "--out", str(tmp_path / "l")], capsys, tmp_path / "l")
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A 2-D MLP checkpoint trained for one step (about a second)."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert main(["train", "--steps", "1", "--n-train", "64", "--batch", "32", "--hidden", "8", "--depth", "1",
+                 "--eval-n", "0", "--no-plot", "--device", "cpu", "--out", str(out)]) == 0
+    return out / "checkpoint.pt"
 
 
-@pytest.mark.xfail(run=False, reason="CLI gap: train --n-train 1e9 is not checked against memory")
-def test_train_refuses_a_huge_training_set(tmp_path, capsys):
-    _cli_error(["train", "--n-train", "1000000000", "--out", str(tmp_path / "t")], capsys, tmp_path / "t")
+@pytest.mark.parametrize("argv, value, gib", [
+    # ring8 (d = 2): 3e8 x 16 bytes x 16 copies = 71.5 GiB
+    (["compare", "--n", "300000000"], "300000000", "71.5"),
+    # 1e8 x (2 + 1) x 8 bytes x (16 + 8 probes) = 53.6 GiB
+    (["likelihood", "--n", "100000000", "--divergence", "hutchinson"], "100000000", "53.6"),
+    # 1e9 x (2 x 8 + 8) bytes x 4 copies = 89.4 GiB
+    (["train", "--n-train", "1000000000"], "1000000000", "89.4"),
+])
+def test_huge_sizes_are_refused_before_allocating(tmp_path, capsys, small_memory, argv, value, gib):
+    out = tmp_path / "o"
+    err = _cli_error([*argv, "--out", str(out)], capsys, out)
+    assert f"{argv[1]} {value}:" in err and f"about {gib} GiB" in err and "limit of 16.0 GiB" in err, err
 
 
-@pytest.mark.xfail(run=False, reason="CLI gap: sample --n 1e11 ends in DefaultCPUAllocator's RuntimeError traceback "
-                                     "and leaves an empty --out folder")
-def test_sample_refuses_a_huge_sample_size(tmp_path, capsys):
-    _cli_error(["sample", str(tmp_path / "x.pt"), "--n", "100000000000", "--out", str(tmp_path / "s")], capsys,
-               tmp_path / "s")
+def test_sample_refuses_a_huge_sample_size(tmp_path, capsys, small_memory, tiny_checkpoint):
+    # 1e11 x (2 x 4 + 8) bytes x 2 copies = 2980.2 GiB
+    out = tmp_path / "s"
+    err = _cli_error(["sample", str(tiny_checkpoint), "--n", "100000000000", "--device", "cpu", "--out", str(out)],
+                     capsys, out)
+    assert "--n 100000000000:" in err and "about 2980.2 GiB" in err, err
+
+
+def test_sizes_under_the_limit_pass_the_memory_check(tmp_path, capsys, small_memory, tiny_checkpoint):
+    out = tmp_path / "s"
+    assert main(["sample", str(tiny_checkpoint), "--n", "50", "--steps", "2", "--no-plot", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    assert (out / "samples.pt").exists()
+
+
+def test_check_size_estimate_and_limit(small_memory):
+    import argparse
+
+    from diffusion_lab.cli import _common
+
+    class P(argparse.ArgumentParser):
+        def error(self, message):
+            raise ValueError(message)
+
+    assert _common.check_size(P(), "--n", 1000, 16, 4, "x") == 64000
+    assert _common.check_size(P(), "--n", 1 << 30, 16, 1, "x") == 16 << 30  # exactly at the limit: accepted
+    with pytest.raises(ValueError, match=r"--n 1073741825: x needs about 16.0 GiB"):
+        _common.check_size(P(), "--n", (1 << 30) + 1, 16, 1, "x")
 
 
 def test_check_json_is_strict_json_even_with_a_crashed_check(tmp_path):

@@ -117,6 +117,32 @@ def at_least(parser, option: str, value, lo) -> None:
         parser.error(f"{option} must be >= {lo}, got {value}")
 
 
+def memory_limit() -> int:
+    """Bytes a command may plan to allocate: half of the physical memory (the fokker-planck grid solver's
+    ``default_memory_limit``, ``os.sysconf``; 4 GiB where it cannot be read)."""
+    from ..fokker_planck.splitting import default_memory_limit
+
+    return default_memory_limit()
+
+
+def check_size(parser, option: str, value: int, item_bytes: float, copies: float, what: str) -> int:
+    """Refuse a size option whose arrays would not fit, before anything is allocated or written.
+
+    The estimate is need = value x item_bytes x copies: ``item_bytes`` is one item's bytes (its number of
+    coordinates times 8 for float64, 4 for float32) and ``copies`` a rough count of arrays of that size alive at the
+    peak (stages of the integrator, reference samples, probes; each command documents its own). A parser error
+    (exit status 2, one line naming the option, its value, the estimate and the limit) is raised when need exceeds
+    ``memory_limit()``; returns the estimate in bytes otherwise.
+    """
+    need = float(value) * float(item_bytes) * float(copies)
+    limit = memory_limit()
+    if need > limit:
+        parser.error(f"{option} {value}: {what} needs about {need / 2**30:.1f} GiB ({value:,} x {item_bytes:g} bytes "
+                     f"x ~{copies:g} live copies), over the limit of {limit / 2**30:.1f} GiB (half the physical "
+                     "memory); use a smaller value")
+    return int(need)
+
+
 # ------------------------------------------------------------------------------------------------
 # output files
 

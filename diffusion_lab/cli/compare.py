@@ -236,6 +236,7 @@ def run(args, parser) -> int:
         return _run_checkpoint(args, parser, specs)
     target, schedule = _build_target(args, parser), get_schedule(args.schedule)
     _check_budgets(args, parser, specs)
+    _check_memory(args, parser, target.dim)
     C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("error_vs_nfe")])
     bar = None
     if sys.stderr.isatty():
@@ -341,6 +342,17 @@ def checkpoint_comparison(field, meta: dict, specs, nfes, *, n: int, seed: int, 
     return {"rows": rows, "reference": reference}
 
 
+#: Rough count of float64 arrays of --n samples alive at compare's peak: the initial noise, the exact reference
+#: samples, the sampler's state, its stages (up to ~6 for the Runge-Kutta methods), noise and denoiser outputs, the
+#: result and the metrics' working copies.
+COMPARE_COPIES = 16
+
+
+def _check_memory(args, parser, dim: int) -> None:
+    """--n against memory: n x dim x 8 bytes x COMPARE_COPIES (``C.check_size``)."""
+    C.check_size(parser, "--n", args.n, 8 * dim, COMPARE_COPIES, f"comparing samplers in dimension {dim}")
+
+
 def _run_checkpoint(args, parser, specs) -> int:
     from .. import training as T
 
@@ -348,11 +360,12 @@ def _run_checkpoint(args, parser, specs) -> int:
         parser.error(f"no checkpoint at {args.checkpoint}")
     if not 0 < args.rtol < 1:
         parser.error(f"--rtol must be in (0, 1), got {args.rtol}")
-    C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("error_vs_nfe")])
     state = T.load_checkpoint(args.checkpoint)
     meta = state["meta"]
     if meta.get("num_classes"):
         parser.error("--checkpoint: a class-conditional network needs labels; compare takes unconditional ones")
+    _check_memory(args, parser, math.prod(meta["data_shape"]))
+    C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("error_vs_nfe")])
     field = T.field_from_checkpoint(state)
     t0 = time.perf_counter()
     out = checkpoint_comparison(field, meta, specs, args.nfe, n=args.n, seed=args.seed, grid_kind=args.grid,

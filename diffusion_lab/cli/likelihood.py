@@ -39,15 +39,20 @@ def add_parser(sub):
     return p
 
 
-def _checkpoint_samples(args, g):
+#: Rough count of float64 arrays of --n x (d + 1) numbers alive at the likelihood's peak, besides the Hutchinson
+#: probes (one array of --n x d each): the data, the ODE state and the explicit Runge-Kutta stages of the adaptive
+#: solver (~7 plus error and dense-output work), the latent, the exact and estimated log-densities.
+LIKELIHOOD_COPIES = 16
+
+
+def _checkpoint_samples(args, g, state):
     """(field, x, exact log p or None, label): the checkpoint's field on its training data noised to t_min."""
     import torch
 
     from ..targets import TARGETS, get_target
-    from ..training import field_from_checkpoint, load_checkpoint
+    from ..training import field_from_checkpoint
     from ._learned import train_data
 
-    state = load_checkpoint(args.checkpoint)
     field = field_from_checkpoint(state)
     schedule, meta = field.schedule, state["meta"]
     x0, _, desc = train_data(meta["data"], args.n, args.seed, False)
@@ -62,7 +67,7 @@ def _checkpoint_samples(args, g):
     return field, x, exact, label
 
 
-def _target_samples(args, g):
+def _target_samples(args, g, state=None):
     """(field, x, exact log p, label): the exact field of --target and samples of its p_t_min."""
     from ..schedules import get_schedule
     from ..targets import get_target
@@ -92,10 +97,26 @@ def run(args, parser) -> int:
     C.set_threads(args, parser)
     if args.checkpoint and not os.path.exists(args.checkpoint):
         parser.error(f"no checkpoint at {args.checkpoint}")
+    state = None
+    if args.checkpoint:
+        from ..training import load_checkpoint
+
+        try:
+            state = load_checkpoint(args.checkpoint)
+        except ValueError as exc:
+            parser.error(str(exc))
+        dim = math.prod(state["meta"]["data_shape"])
+    else:
+        from ..targets import get_target
+
+        dim = get_target(args.target).dim
+    probes = args.probes if args.divergence == "hutchinson" else 0
+    C.check_size(parser, "--n", args.n, 8 * (dim + 1), LIKELIHOOD_COPIES + probes,
+                 f"the likelihood ODE in dimension {dim}")
     if args.out is not None:
         C.prepare_out(args, parser, ["results.csv", "settings.json"])
     g = torch.Generator().manual_seed(args.seed)
-    field, x, exact, label = (_checkpoint_samples if args.checkpoint else _target_samples)(args, g)
+    field, x, exact, label = (_checkpoint_samples if args.checkpoint else _target_samples)(args, g, state)
     res = log_likelihood(field, x, divergence=args.divergence, probe=args.probe,
                          n_probes=args.probes, rtol=args.rtol, atol=args.rtol * 1e-2, generator=g)
     n, d = x.shape[0], x[0].numel()

@@ -2,6 +2,7 @@
 directory) with any sampler, optionally with guidance, a VAE decoder and several processes (torchrun)."""
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -270,6 +271,9 @@ def _run(args, parser, device, rank, world, method, options) -> int:
     shape = tuple(meta["data_shape"])
     image = len(shape) == 3
     n = args.n or (100 if image else 2000)
+    # the samples are kept as float32 twice at the end (the per-batch parts and their concatenation), with int64
+    # labels; one batch's working arrays are bounded by --batch, and --vae's decoded images are not counted
+    C.check_size(parser, "--n", n, 4 * math.prod(shape) + 8, 2, f"{n:,} samples of shape {shape}")
     labels = _labels(args, parser, int(meta.get("num_classes", 0)), n)  # checks --cfg/--class against the model
     vae = None
     if args.vae is not None:

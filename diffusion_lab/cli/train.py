@@ -71,6 +71,23 @@ def add_parser(sub):
     return p
 
 
+#: Rough count of arrays of --n-train items (float64 coordinates while drawn, then float32, plus int64 labels) alive
+#: at the peak of building the training set and its loader: the draw, its float32 copy, the labels and the loader's
+#: permutation.
+TRAIN_COPIES = 4
+
+
+def _data_dim(name: str) -> int:
+    """Coordinates of one sample of the exact target or sample-only set ``name`` (drawn once for the latter)."""
+    import torch
+
+    from ..targets import SAMPLE_ONLY, TARGETS, get_target
+
+    if name in TARGETS:
+        return get_target(name).dim
+    return int(SAMPLE_ONLY[name](2, torch.Generator().manual_seed(0))[0].numel())
+
+
 def _check_options(args, parser) -> None:
     """Errors for out-of-range numbers and unknown --data / --model, before anything is built."""
     from ..models import model_names
@@ -85,6 +102,9 @@ def _check_options(args, parser) -> None:
         parser.error(f"unknown --data {args.data!r}; choose one of {train_data_choices()}")
     if args.model not in model_names():
         parser.error(f"unknown --model {args.model!r}; choose one of {model_names()}")
+    if args.data != "digits":  # digits is a fixed set of 1797 images; the others draw --n-train samples
+        C.check_size(parser, "--n-train", args.n_train, 8 * _data_dim(args.data) + 8, TRAIN_COPIES,
+                     f"a training set of {args.data}")
     if not (0 <= args.ema < 1):
         parser.error(f"--ema must be in [0, 1), got {args.ema}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
