@@ -34,7 +34,8 @@ __all__ = ["LikelihoodResult", "log_likelihood", "hutchinson_moments_exact", "ga
 @dataclass
 class LikelihoodResult:
     """Per-sample log-likelihood ``log_prob`` (nats) at time t0, its standard error ``se`` (Hutchinson; zeros for the
-    exact divergence; NaN for a single Hutchinson probe, where the spread between probes is undefined), bits per dimension, the encoded ``latent`` x(t1), the prior term and the NFE."""
+    exact divergence; NaN for a single Hutchinson probe, where the spread between probes is undefined), bits per
+    dimension, the encoded ``latent`` x(t1), the prior term and the NFE."""
 
     log_prob: torch.Tensor
     se: torch.Tensor
