@@ -127,6 +127,8 @@ except ImportError:  # running from a checkout without installation
     import diffusion_lab
     from diffusion_lab import metrics, samplers, schedules, targets
 
+from diffusion_lab.interop import FieldAsDiffusers  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _kdiffusion as KD  # noqa: E402  (benchmarks/_kdiffusion.py, next to this script)
 
@@ -189,28 +191,6 @@ def kd_label(name: str) -> str:
 # The exact model as diffusers sees it
 
 
-class DiffusersModel:
-    """``model(x, k) -> eps(x, t = (k + 1)/N)``: counts calls and remembers the last (x, t, eps)."""
-
-    def __init__(self, field, n_train: int = N_TRAIN):
-        self.field, self.n_train = field, n_train
-        self.calls = 0
-        self.timesteps: list[float] = []
-        self.last = None
-
-    def t_of(self, k) -> torch.Tensor:
-        k = torch.as_tensor(k, dtype=torch.float64).reshape(())
-        return (k + 1.0) / self.n_train
-
-    def __call__(self, x, k):
-        t = self.t_of(k)
-        eps = self.field.eps(x, t)
-        self.calls += 1
-        self.timesteps.append(float(k))
-        self.last = (x, t, eps)
-        return eps
-
-
 def make_scheduler(spec: Spec):
     import diffusers
 
@@ -268,7 +248,7 @@ def run_scheduler(spec: Spec, n_steps: int, field, x0, z, *, x_start=None, gener
     sch = make_scheduler(spec)
     sch.set_timesteps(n_steps)
     ts = sch.timesteps
-    model = DiffusersModel(field)
+    model = FieldAsDiffusers(field, N_TRAIN)  # model(x, k) -> eps(x, t = (k + 1)/N), counting calls
     t_s = float(model.t_of(ts[0]))
     a_s, s_s = float(schedule.alpha(t_s)), float(schedule.sigma(t_s))
     if x_start is None:
