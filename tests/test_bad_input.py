@@ -299,3 +299,24 @@ def test_fokker_planck_refuses_a_degenerate_box_in_the_api():
         with pytest.raises(ValueError, match="1.05e-45|box|dx"):
             FP.solve_forward(sch, T.bimodal_1d(), FP.Grid.box(-1.0507438307367324e-45, 1.0507438307367324e-45, 2),
                              [sch.t_min, 0.5], steps=1)
+
+
+@pytest.mark.parametrize("conditioning", ["adaLN-Zero", "in-context"])
+def test_dit_refuses_non_integer_labels(conditioning):
+    """Float labels 2.7 would be truncated to class 2 by long(); they are refused with the value and its index.
+    Integer-valued floats (2.0) are accepted and give exactly the output of the int64 labels."""
+    from diffusion_lab.models.dit import DiT, DiTConfig
+
+    torch.manual_seed(0)
+    net = DiT(DiTConfig(input_size=8, patch_size=2, in_channels=1, out_channels=1, hidden_size=32, depth=1,
+                        num_heads=4, num_classes=3, conditioning=conditioning)).eval()
+    x, c = torch.randn(3, 1, 8, 8), torch.tensor([0.1, 0.5, 0.9])
+    with pytest.raises(ValueError, match=r"2\.7 at index 1"):
+        net(x, c, torch.tensor([0.0, 2.7, 1.0]))
+    with pytest.raises(ValueError, match="nan at index 0"):
+        net(x, c, torch.tensor([math.nan, 1.0, 1.0]))
+    with pytest.raises(TypeError, match="bool"):
+        net(x, c, torch.tensor([True, False, True]))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, c, torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64)),
+                                   net(x, c, torch.tensor([0, 2, 1])), rtol=0, atol=0)

@@ -391,6 +391,21 @@ class FinalLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # the model
 
+def _integer_labels(y: torch.Tensor) -> torch.Tensor:
+    """Class labels as int64. Integer tensors pass unchanged in value; floating tensors are accepted only where every
+    entry is an integer (e.g. 3.0, as a float64 pipeline may carry them) and refused otherwise, since ``long()`` would
+    truncate 2.7 to class 2 silently; booleans and complex tensors are refused."""
+    if y.dtype == torch.bool or y.is_complex():
+        raise TypeError(f"labels y must be an integer tensor, got dtype {y.dtype}")
+    if y.is_floating_point():
+        bad = ~(torch.isfinite(y) & (y == torch.round(y)))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"labels y must be integer class ids, got {float(y[i]):.8g} at index {i} "
+                             f"({int(bad.sum())} non-integer of {y.numel()}; dtype {y.dtype})")
+    return y.long()
+
+
 class DiT(nn.Module):
     """DiT backbone: ``forward(x, c_noise, y=None) -> (N, out_channels, H, W)``.
 
@@ -480,7 +495,9 @@ class DiT(nn.Module):
             y = torch.full((c_noise.shape[0],), self.y_embedder.null_id, dtype=torch.long, device=c_noise.device)
         elif y.shape != c_noise.shape:
             raise ValueError(f"labels must have shape {tuple(c_noise.shape)}, got {tuple(y.shape)}")
-        return c + self.y_embedder(y.long(), force_drop_ids=force_drop_ids)
+        else:
+            y = _integer_labels(y)
+        return c + self.y_embedder(y, force_drop_ids=force_drop_ids)
 
     def embed_condition_tokens(self, c_noise: torch.Tensor, y: torch.Tensor | None = None,
                                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -497,7 +514,9 @@ class DiT(nn.Module):
             y = torch.full((c_noise.shape[0],), self.y_embedder.null_id, dtype=torch.long, device=c_noise.device)
         elif y.shape != c_noise.shape:
             raise ValueError(f"labels must have shape {tuple(c_noise.shape)}, got {tuple(y.shape)}")
-        return torch.stack([t, self.y_embedder(y.long(), force_drop_ids=force_drop_ids)], dim=1)
+        else:
+            y = _integer_labels(y)
+        return torch.stack([t, self.y_embedder(y, force_drop_ids=force_drop_ids)], dim=1)
 
     def condition(self, c_noise: torch.Tensor, y: torch.Tensor | None = None,
                   force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
