@@ -771,10 +771,21 @@ class Trainer:
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save ``state`` (a Trainer.state_dict()) to ``path`` atomically (write to path.tmp, then rename)."""
+    """torch.save ``state`` (a Trainer.state_dict()) to ``path`` atomically (write to path.tmp, then rename).
+
+    A stale path.tmp (left by a process killed mid-save) is removed before writing, and a save that fails (an
+    exception or Ctrl-C during torch.save) removes its partial path.tmp, so only whole checkpoints stay behind.
+    Readers (``load_checkpoint``) never touch path.tmp: a sampler may read the checkpoint while training writes."""
     tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:

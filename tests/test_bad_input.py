@@ -320,3 +320,32 @@ def test_dit_refuses_non_integer_labels(conditioning):
     with torch.no_grad():
         torch.testing.assert_close(net(x, c, torch.tensor([0.0, 2.0, 1.0], dtype=torch.float64)),
                                    net(x, c, torch.tensor([0, 2, 1])), rtol=0, atol=0)
+
+
+def test_save_checkpoint_leaves_no_partial_tmp(tmp_path):
+    """A failing save removes its partial checkpoint.pt.tmp and keeps the previous checkpoint; a stale .tmp of an
+    interrupted save is replaced and renamed away by the next save."""
+    from diffusion_lab.training import save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    good = {"format": CHECKPOINT_FORMAT, "meta": {"model": "mlp"}, "model": {"w": torch.ones(3)}, "ema": {"module": {}}}
+    save_checkpoint(str(path), good)
+    with pytest.raises(Exception):
+        save_checkpoint(str(path), {"w": torch.zeros(3), "bad": lambda: 0})  # lambdas do not pickle
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    assert torch.equal(torch.load(path, weights_only=True)["model"]["w"], torch.ones(3))
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    save_checkpoint(str(path), good)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]
+    assert torch.load(path, weights_only=True)["meta"] == {"model": "mlp"}
+
+
+def test_train_resume_removes_a_stale_tmp(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--steps", "2", "--n-train", "64", "--batch", "32", "--hidden", "8", "--depth", "1", "--eval-n",
+            "0", "--no-plot", "--device", "cpu", "--ckpt-every", "1", "--out", str(out)]
+    assert main(argv) == 0
+    (out / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    assert main([*argv[:2], "3", *argv[3:], "--resume"]) == 0
+    assert not (out / "checkpoint.pt.tmp").exists()
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
