@@ -2,8 +2,8 @@
 
 CLI cases run ``diffusion_lab.cli.main`` in-process: the contract is exit status 2, one line on stderr naming the
 option or file and the problem, and no output folder. Library cases: a ValueError / TypeError whose message names
-the offending value. Cases marked xfail are known gaps of the CLI (see each reason); ``run=False`` marks the ones
-that would allocate or compute for minutes before failing.
+the offending value. Size options are checked against a memory estimate before anything is allocated (the tests
+fix the limit at 16 GiB so that they do not depend on the machine).
 """
 import json
 import math
