@@ -54,7 +54,26 @@ def test_alpha_sigma_positive_and_lambda_decreasing(data):
     t = torch.linspace(s.t_min, s.t_max, 200, dtype=torch.float64)
     assert (s.alpha(t) > 0).all() and (s.sigma(t) > 0).all()
     assert (torch.diff(s.lam(t)) < 0).all()
-    assert torch.allclose(s.log_snr(t), 2 * s.lam(t), rtol=0, atol=0)
+
+
+@given(beta_min=st.floats(0.01, 1.0), spread=st.floats(0.0, 30.0), t=st.floats(1e-3, 1.0))
+def test_log_snr_of_vp_linear_against_its_closed_form(beta_min, spread, t):
+    # alpha^2 = exp(-B), sigma^2 = 1 - exp(-B), B(t) = beta_min t + (beta_max - beta_min) t^2 / 2, so
+    # log SNR = -log(expm1(B)); written here from the schedule's definition, not from lam()
+    s = S.VPLinear(beta_min=beta_min, beta_max=beta_min + spread)
+    B = beta_min * t + 0.5 * spread * t * t
+    expect = -math.log(math.expm1(B))
+    got = float(s.log_snr(torch.tensor(t, dtype=torch.float64)))
+    assert abs(got - expect) <= 1e-12 * max(1.0, abs(expect))
+
+
+@given(sigma_min=st.floats(1e-3, 0.1), ratio=st.floats(10.0, 1e4), t=st.floats(0.0, 1.0))
+def test_log_snr_of_ve_against_its_closed_form(sigma_min, ratio, t):
+    # alpha = 1, sigma(t) = sigma_min (sigma_max / sigma_min)^t: log SNR = -2 log sigma_min - 2 t log(ratio)
+    s = S.VE(sigma_min=sigma_min, sigma_max=sigma_min * ratio)
+    expect = -2.0 * math.log(sigma_min) - 2.0 * t * math.log(ratio)
+    got = float(s.log_snr(torch.tensor(t, dtype=torch.float64)))
+    assert abs(got - expect) <= 1e-12 * max(1.0, abs(expect))
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "cosine", "rf", "edm", "ve"])
