@@ -218,10 +218,31 @@ BASE = {"prediction": "eps", "weighting": "uniform", "time_sampler": "uniform", 
 
 
 def ring8_recipe() -> dict:
-    """The best ring8 recipe measured by ``python -m experiments.ring8_recipes`` (VP-linear schedule; keys as in
-    ``BASE``; pass it to ``train``)."""
-    return dict(BASE, prediction="edm", weighting="edm", time_sampler="loglsnr", lr_schedule="cosine", warmup=100,
-                ema=0.999, steps=2000)
+    """The best ring8 recipe measured by ``python -m experiments.ring8_recipes`` (VP-linear schedule, keys as in
+    ``BASE``; train it with ``fit``): eps-prediction, 7000 steps of batch 1024, a cosine learning rate from 2e-3
+    with 200 warm-up steps, EMA 0.999, and training times drawn half uniformly, half by the eps-space error
+    sigma^2 e(t) of a 500-step pilot (``ImportanceTimes``, unweighted). Measured: about 265 CPU seconds (one thread,
+    pilot included), Fokker-Planck generation TV 0.023 against the exact p_{t_min}."""
+    return dict(BASE, lr_schedule="cosine", warmup=200, time_sampler="importance", steps=7000)
+
+
+def fit(recipe: dict, data: torch.Tensor, seed: int = 0):
+    """Train ``recipe`` on ``data`` (ring8 samples, VP-linear schedule), with its pilot when it samples t by
+    importance; returns (EMA network, sigma_data, CPU seconds including the pilot's). The learned field is
+    ``training.learned_field(net, VPLinear(), recipe["prediction"], sigma_data=sigma_data)``."""
+    r = dict(BASE, **recipe)
+    imp, pilot_cpu = None, 0.0
+    if r["time_sampler"] == "importance":
+        sch = S.VPLinear()
+        pilot_steps = max(min(r["steps"] // 4, 500), 1)
+        pnet, psd, pilot_cpu = train(dict(r, time_sampler="uniform", steps=pilot_steps), data, seed)
+        c0 = time.process_time()
+        pilot = Dg.score_error_profile(T.learned_field(pnet, sch, r["prediction"], sigma_data=psd), ring8(),
+                                       n_times=16, n=500, seed=seed + 5)
+        pilot_cpu += time.process_time() - c0
+        imp = ImportanceTimes(sch, pilot.t, pilot.e_eps.clamp_min(0), mix=0.5)
+    net, sd, cpu = train(r, data, seed, imp)
+    return net, sd, cpu + pilot_cpu
 
 
 def train(recipe: dict, data: torch.Tensor, seed: int = 0, importance: ImportanceTimes | None = None):
@@ -256,7 +277,7 @@ def ablation(quick: bool):
                                                                                  weighting="edm",
                                                                                  time_sampler="loglsnr")),
             ("loglsnr", "eps, t uniform in log-SNR", dict(b, time_sampler="loglsnr")),
-            ("importance", "eps, t ~ baseline e(t) (unweighted)", dict(b, time_sampler="importance")),
+            ("importance", "t: half uniform, half by a 500-step pilot's sigma^2 e(t)", dict(b, time_sampler="importance")),
             ("cosine", "cosine lr, 100 warm-up", dict(b, lr_schedule="cosine", warmup=min(100, steps // 4))),
             ("ema_0.9999", "EMA 0.9999", dict(b, ema=0.9999)),
             ("ema_0.99", "EMA 0.99", dict(b, ema=0.99)),
@@ -266,11 +287,9 @@ def ablation(quick: bool):
             ("long_baseline", "baseline, 4x the steps", dict(b, steps=4 * steps)),
             ("long_cosine", "cosine lr (200 warm-up), 3.75x the steps",
              dict(b, lr_schedule="cosine", warmup=min(200, steps // 4), steps=int(3.75 * steps))),
-            ("long_cosine_importance", "cosine lr + importance t, 3.5x the steps",
-             dict(b, lr_schedule="cosine", warmup=min(200, steps // 4), time_sampler="importance",
-                  steps=int(3.5 * steps))),
-            ("best", "ring8_recipe()", ring8_recipe() if not quick else dict(ring8_recipe(), steps=steps,
-                                                                               batch=b["batch"], warmup=steps // 4))]
+            ("long_cosine_importance", "cosine lr + importance t, 3.5x the steps = ring8_recipe()",
+             ring8_recipe() if not quick else dict(ring8_recipe(), warmup=steps // 4, steps=int(3.5 * steps),
+                                                   batch=b["batch"]))]
     return rows
 
 
@@ -323,23 +342,15 @@ def run_row(name: str, change: str, recipe: dict, quick: bool, seed: int, exact_
     if path and os.path.isfile(path):
         row, prof = torch.load(path, weights_only=False)
         row["mmd2_ratio"] = row["mmd2"] / exact_mmd2
+        row["description"] = change
         return row, prof
     if cached_only:
         return None
     sch, tg, data, x_T = _setup(quick, seed)
-    imp, pilot_cpu = None, 0.0
-    if recipe["time_sampler"] == "importance":
-        pilot_steps = max(min(recipe["steps"] // 4, 500), 1)
-        pnet, psd, pilot_cpu = train(dict(recipe, time_sampler="uniform", steps=pilot_steps), data, seed)
-        c0 = time.process_time()
-        pilot = Dg.score_error_profile(T.learned_field(pnet, sch, recipe["prediction"], sigma_data=psd), tg,
-                                       n_times=16, n=500, seed=seed + 5)
-        pilot_cpu += time.process_time() - c0
-        imp = ImportanceTimes(sch, pilot.t, pilot.e_eps.clamp_min(0), mix=0.5)
-    net, sd, cpu = train(recipe, data, seed, imp)
+    net, sd, cpu = fit(recipe, data, seed)
     field = T.learned_field(net, sch, recipe["prediction"], sigma_data=sd)
     prof, ev = evaluate(field, tg, quick, seed, x_T, exact_mmd2)
-    row = {"change": name, "description": change, "train_cpu_s": cpu + pilot_cpu, "steps": recipe["steps"],
+    row = {"change": name, "description": change, "train_cpu_s": cpu, "steps": recipe["steps"],
            "batch": recipe["batch"], **ev}
     print(_common.table([row], COLS), flush=True)
     if path:

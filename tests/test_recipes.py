@@ -144,3 +144,16 @@ def test_ablation_rows_and_recipe():
     names = [r[0] for r in rows]
     assert len(set(names)) == len(names) and names[0] == "baseline"
     assert set(R.ring8_recipe()) <= set(R.BASE)
+
+
+def test_fit_with_importance_pilot():
+    from diffusion_lab.targets import ring8
+
+    data = ring8().sample(256, torch.Generator().manual_seed(0), dtype=torch.float32)
+    recipe = dict(R.BASE, steps=4, batch=64, hidden=16, depth=1, time_sampler="importance", lr_schedule="cosine",
+                  warmup=1, time_embedding="fourier")
+    net, sd, cpu = R.fit(recipe, data, seed=0)
+    assert cpu > 0 and sd == pytest.approx(float(data.std()), abs=1e-4)
+    field = T.learned_field(net, S.VPLinear(), "eps", sigma_data=sd)
+    x = torch.randn(3, 2, dtype=torch.float64)
+    assert torch.isfinite(field.score(x, torch.full((3,), 0.5, dtype=torch.float64))).all()
