@@ -18,7 +18,8 @@ from . import _common
 #: the gallery, in the order of docs/results.md (modules that are missing are reported, not skipped silently)
 EXPERIMENTS = [
     "convergence_orders", "edm_ablation", "ddim_eta", "pc_vs_predictor", "ncsn_two_mode", "vdm_invariance",
-    "same_marginals", "em_dimension", "langevin_bias", "three_views", "cfg_counterexample", "score_error", "ring8_recipes",
+    "same_marginals", "em_dimension", "langevin_bias", "three_views", "cfg_counterexample", "score_error",
+    "ring8_recipes",
 ]
 
 
