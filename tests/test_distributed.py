@@ -147,7 +147,7 @@ def test_distributed_sampling_is_bitwise_the_single_process_run(runs, name):
 
 
 def _streams(runs):
-    return [torch.load(runs / f"streams{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(runs / f"streams{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def _same(a, b):
