@@ -33,3 +33,14 @@ def interp_slope(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.T
     """Slope of the piecewise-linear interpolant of (xp, fp) at x (right-continuous at the knots)."""
     idx = torch.searchsorted(xp, x.contiguous(), right=True).clamp(1, len(xp) - 1)
     return (fp[idx] - fp[idx - 1]) / (xp[idx] - xp[idx - 1])
+
+
+def check_batch(x, what: str = "x", shape: bool = True) -> None:
+    """Refuse what is not a batch of samples: a non-tensor, an integer tensor, and (``shape``) anything without a
+    leading batch dimension of size >= 1 and a data dimension. ``what`` names the argument in the message."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of shape (batch, *data_shape), got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+    if shape and (x.ndim < 2 or x.shape[0] == 0):
+        raise ValueError(f"{what} must have shape (batch >= 1, *data_shape), got {tuple(x.shape)}")

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from ._tensor import as_tensor
+from ._tensor import as_tensor, check_batch
 from .field import VelocityField
 from .samplers.base import get_method, register, sample, step_iter
 from .samplers.sde import _noise_source as _noise
@@ -101,12 +101,7 @@ def _check_finite(name: str, x: torch.Tensor, step: int, h) -> None:
 
 
 def _check_x(name: str, x) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x0 must be a torch.Tensor of shape (batch, *data_shape), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: x0 must be a floating-point tensor, got dtype {x.dtype}")
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name}: x0 must have shape (batch >= 1, *data_shape), got {tuple(x.shape)}")
+    check_batch(x, f"{name}: x0")
 
 
 def _check_steps(name: str, n_steps) -> int:

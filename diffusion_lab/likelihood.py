@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from ._tensor import check_batch
 from .field import VelocityField
 from .targets import ExactModel
 
@@ -110,12 +111,7 @@ def log_likelihood(field: VelocityField, x: torch.Tensor, *, divergence: str = "
             prior = p1.log_prob
         else:
             prior = gaussian_prior(field)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor of shape (batch, *data_shape), got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must have shape (batch >= 1, *data_shape), got {tuple(x.shape)}")
+    check_batch(x, "x")
     if not torch.isfinite(x).all():
         raise ValueError(f"x has {int((~torch.isfinite(x)).sum())} non-finite values (NaN/inf)")
     x = x.detach().to(torch.float64)

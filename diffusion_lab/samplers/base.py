@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 
+from .._tensor import check_batch
 from ..field import VelocityField
 from .grids import check_grid, time_grid
 
@@ -204,10 +205,7 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     """
     if not isinstance(field, VelocityField):
         raise TypeError(f"field must be a VelocityField, got {type(field).__name__}")
-    if not isinstance(x_init, torch.Tensor):
-        raise TypeError(f"x_init must be a torch.Tensor of shape (batch, *data_shape), got {type(x_init).__name__}")
-    if not x_init.is_floating_point():
-        raise TypeError(f"x_init must be a floating-point tensor, got dtype {x_init.dtype}")
+    check_batch(x_init, "x_init", shape=False)  # an empty batch is refused below, after the grid checks
     info = get_method(method)
     requested, auto = method, None
     if (t_min is not None or t_max is not None) and grid is not None:
