@@ -341,7 +341,8 @@ def run_row(name: str, change: str, recipe: dict, quick: bool, seed: int, exact_
     torch.set_num_threads(1)
     path = _cache_path(cache, name, recipe, quick, seed) if cache else None
     if path and os.path.isfile(path):
-        row, prof = torch.load(path, weights_only=False)
+        row, fields = torch.load(path, weights_only=True)  # plain tensors and numbers; the schedule is VP-linear
+        prof = Dg.ScoreErrorProfile(**fields, schedule=S.VPLinear())
         row["mmd2_ratio"] = row["mmd2"] / exact_mmd2
         row["description"] = change
         return row, prof
@@ -358,7 +359,8 @@ def run_row(name: str, change: str, recipe: dict, quick: bool, seed: int, exact_
         from diffusion_lab._io import atomic_write
 
         os.makedirs(cache, exist_ok=True)
-        atomic_write(path, lambda tmp: torch.save((row, prof), tmp))
+        fields = {f.name: getattr(prof, f.name) for f in dataclasses.fields(prof) if f.name != "schedule"}
+        atomic_write(path, lambda tmp: torch.save((row, fields), tmp))
     return row, prof
 
 
