@@ -10,6 +10,7 @@ import torch
 
 from diffusion_lab.models import DiT, get_config
 from diffusion_lab.models import convert as C
+from test_interop_core import _inputs  # the same random DiT inputs (x, fractional timesteps, labels)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -37,13 +38,6 @@ def ddit():
     return _tie_embedders(net).eval()
 
 
-def _inputs(n=5, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, 8, 8, generator=g, dtype=dtype)
-    t = torch.rand(n, generator=g, dtype=torch.float64) * 999  # fractional timesteps too
-    t[:2] = torch.tensor([0.0, 999.0])
-    y = torch.randint(0, 10, (n,), generator=g)
-    return x, t, y
 
 
 def _max_diff(ours, net, dtype, seed=0):
