@@ -77,12 +77,16 @@ def v_prediction_residual(schedule: Schedule, t, x0, eps) -> float:
 
 def velocity_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
     """v(x,t) = E[alpha' x0 + sigma' eps | x_t = x] = alpha' x0_hat + sigma' eps_hat equals the PF-ODE drift
-    f x - g^2/2 grad log p_t (Song et al. 2021, eq. 13); the field's velocity against the closed-form score."""
+    f x - g^2/2 grad log p_t (Song et al. 2021, eq. 13); the field's velocity against the closed-form score.
+    Relative error, with the size of the terms combined (|f x| and g^2/2 times ``component_score_scale``) as the
+    floor of the reference."""
     field = target.field(schedule)
     v = field.velocity(x, t)
     tt = torch.as_tensor(t, dtype=torch.float64)
     drift = schedule.f(tt) * x - 0.5 * schedule.g2(tt) * target.score(x, t, schedule)
-    return _maxrel(v, drift)
+    floor = max(float((schedule.f(tt) * x).abs().max()),
+                0.5 * float(schedule.g2(tt)) * component_score_scale(target, schedule, x, t))
+    return _maxrel(v, drift, floor)
 
 
 def autograd_score(target: GaussianMixture, schedule: Schedule, x, t):
@@ -93,23 +97,43 @@ def autograd_score(target: GaussianMixture, schedule: Schedule, x, t):
     return g
 
 
+def component_score_scale(target: GaussianMixture, schedule: Schedule, x, t) -> float:
+    """max over points n and components k of |C_k^{-1}(alpha mu_k - x_n)|, C_k = alpha^2 Sigma_k + sigma^2 I: the
+    size of the terms the mixture score sum_k r_k C_k^{-1}(alpha mu_k - x) adds up. Where they cancel (x between
+    opposite means, x = 0 on a symmetric mixture) the score is ~0 while its round-off is eps times this scale, so
+    relative errors of score identities are measured against it as a floor."""
+    tt = torch.as_tensor(t, dtype=torch.float64)
+    a, s = schedule.alpha(tt), schedule.sigma(tt)
+    C = a * a * target.covs + s * s * torch.eye(target.dim, dtype=torch.float64)  # (K, d, d)
+    diff = a * target.means[None, :, :] - x.to(torch.float64)[:, None, :]  # (n, K, d)
+    terms = torch.linalg.solve(C[None], diff.unsqueeze(-1)).squeeze(-1)
+    return float(terms.abs().max())
+
+
 def score_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
     """The closed-form mixture score sum_k r_k C_k^{-1}(alpha mu_k - x) and the exact field's score equal
-    the autograd gradient of log p_t (each component noised in closed form)."""
+    the autograd gradient of log p_t (each component noised in closed form). Relative error, with the size of
+    the per-component terms as the floor of the reference (``component_score_scale``)."""
     g = autograd_score(target, schedule, x, t)
     s1 = target.score(x, t, schedule)
     s2 = target.field(schedule, prediction="x0").score(x, t)
-    return max(_maxrel(s1, g), _maxrel(s2, g))
+    floor = component_score_scale(target, schedule, x, t)
+    return max(_maxrel(s1, g, floor), _maxrel(s2, g, floor))
 
 
 def tweedie_residual(target: GaussianMixture, schedule: Schedule, x, t, converter=param.to_x0_eps) -> float:
     """Tweedie: E[x0 | x_t] = (x_t + sigma^2 grad log p_t)/alpha (Efron 2011). The mixture posterior mean
     sum_k r_k m_k against ``converter`` applied to the autograd score (converter is injectable so a
-    test can show that a wrong sign fails)."""
+    test can show that a wrong sign fails). Relative error, with the size of the terms both sides combine as the
+    floor of the reference: |x|/alpha, sigma^2 |score terms|/alpha and the means |mu_k| (the posterior mean
+    mu_k + gain (x - alpha mu_k) cancels its mu_k where sigma << alpha)."""
     g = autograd_score(target, schedule, x, t)
     a, s, da, ds = _coeffs(schedule, t, x)
     x0_tweedie, _ = converter(g, "score", x, a, s, da, ds)
-    return _maxrel(x0_tweedie, target.denoiser(x, t, schedule))
+    a0, s0 = float(a.reshape(-1)[0]), float(s.reshape(-1)[0])
+    floor = max(float(x.abs().max()) / a0, s0 * s0 * component_score_scale(target, schedule, x, t) / a0,
+                float(target.means.abs().max()))
+    return _maxrel(x0_tweedie, target.denoiser(x, t, schedule), floor)
 
 
 def tweedie2_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:

@@ -41,10 +41,23 @@ def _divergence(fn, x):
     return v.detach(), div.detach()
 
 
-def _relative(*terms):
+def _relative(*terms, floor: float = 0.0):
+    """max_i |sum of terms| / (sum of |terms| + floor): the residual relative to the terms the equation balances,
+    with ``floor`` the scale of those terms where all of them vanish at once (e.g. x = 0 on a centred Gaussian
+    whose law does not change with t), so that round-off of an exact zero does not read as a relative error of 1."""
     total = sum(terms)
-    scale = sum(t.abs() for t in terms)
+    scale = sum(t.abs() for t in terms) + floor
     return float((total.abs() / scale.clamp_min(1e-300)).max())
+
+
+def _rate_scale(target: GaussianMixture, schedule: Schedule, t) -> float:
+    """d (|f| + g^2/2 max_k ||C_k^{-1}||), C_k = alpha^2 Sigma_k + sigma^2 I, at the largest over the times t: the
+    size of the terms of the log-density PDEs (1/time), used as their floor."""
+    tt = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+    a, s = schedule.alpha(tt), schedule.sigma(tt)
+    ev_min = torch.linalg.eigvalsh(target.covs).min()
+    prec = 1.0 / (a * a * ev_min + s * s)
+    return float((target.dim * (schedule.f(tt).abs() + 0.5 * schedule.g2(tt) * prec)).max())
 
 
 def fokker_planck_residual(target: GaussianMixture, schedule: Schedule, x, t) -> float:
@@ -56,7 +69,7 @@ def fokker_planck_residual(target: GaussianMixture, schedule: Schedule, x, t) ->
     f, g2 = schedule.f(tt), schedule.g2(tt)
     d = x.shape[1]
     return _relative(dLdt, d * f * torch.ones_like(dLdt), f * (x * gL).sum(-1), -0.5 * g2 * lap,
-                     -0.5 * g2 * (gL * gL).sum(-1))
+                     -0.5 * g2 * (gL * gL).sum(-1), floor=_rate_scale(target, schedule, t))
 
 
 def continuity_residual(target: GaussianMixture, schedule: Schedule, x, t, prediction: str = "x0") -> float:
@@ -67,7 +80,7 @@ def continuity_residual(target: GaussianMixture, schedule: Schedule, x, t, predi
     tt = torch.as_tensor(t, dtype=torch.float64)
     v, div = _divergence(lambda z: field.velocity(z, tt), x)
     dLdt, gL, _ = _log_density_derivatives(target, schedule, x, t)
-    return _relative(dLdt, div, (v * gL).sum(-1))
+    return _relative(dLdt, div, (v * gL).sum(-1), floor=_rate_scale(target, schedule, t))
 
 
 def sde_family_residual(target: GaussianMixture, schedule: Schedule, x, t, gamma: float) -> float:
@@ -80,7 +93,8 @@ def sde_family_residual(target: GaussianMixture, schedule: Schedule, x, t, gamma
     b, div = _divergence(lambda z: field.sde_drift(z, tt, gamma), x)
     dLdt, gL, lap = _log_density_derivatives(target, schedule, x, t)
     c = 0.5 * gamma * gamma * schedule.g2(tt)
-    return _relative(dLdt, div, (b * gL).sum(-1), c * lap, c * (gL * gL).sum(-1))
+    return _relative(dLdt, div, (b * gL).sum(-1), c * lap, c * (gL * gL).sum(-1),
+                     floor=_rate_scale(target, schedule, t))
 
 
 def _on_points(fn, schedule: Schedule, seed: int = 0, **kw) -> float:

@@ -39,25 +39,34 @@ def times(schedule, n: int = 1):
     )
 
 
+def _array(draw, shape, lo: float, hi: float) -> torch.Tensor:
+    """A float64 tensor of the given shape whose entries Hypothesis draws one by one in [lo, hi] (so that it shrinks
+    them towards 0 and reaches degenerate values: zeros, repeated entries, the interval's ends)."""
+    n = 1
+    for k in shape:
+        n *= k
+    vals = draw(st.lists(st.floats(lo, hi, **_f), min_size=n, max_size=n))
+    return torch.tensor(vals, dtype=torch.float64).reshape(shape)
+
+
 @st.composite
 def mixtures(draw, max_k: int = 3, max_d: int = 3):
-    """Gaussian mixtures with K <= max_k components in d <= max_d dimensions, full covariances."""
+    """Gaussian mixtures with K <= max_k components in d <= max_d dimensions, full covariances: weights in
+    [0.1, 1.1] (renormalised), means m * u with u in [-2, 2]^d, covariances a^2 B B^T + c I with B in
+    [-1, 1]^{d x d}; every entry is drawn, so shrinking reaches coincident means and isotropic covariances."""
     K = draw(st.integers(1, max_k))
     d = draw(st.integers(1, max_d))
-    seed = draw(st.integers(0, 2**31 - 1))
-    g = torch.Generator().manual_seed(seed)
-    w = torch.rand(K, dtype=torch.float64, generator=g) + 0.1
-    mu = draw(st.floats(0.1, 4.0, **_f)) * torch.randn(K, d, dtype=torch.float64, generator=g)
-    A = draw(st.floats(0.1, 1.5, **_f)) * torch.randn(K, d, d, dtype=torch.float64, generator=g)
+    w = _array(draw, (K,), 0.1, 1.1)
+    mu = draw(st.floats(0.1, 4.0, **_f)) * _array(draw, (K, d), -2.0, 2.0)
+    A = draw(st.floats(0.1, 1.5, **_f)) * _array(draw, (K, d, d), -1.0, 1.0)
     cov = A @ A.transpose(-1, -2) + draw(st.floats(0.02, 1.0, **_f)) * torch.eye(d, dtype=torch.float64)
     return GaussianMixture(w / w.sum(), mu, cov)
 
 
 @st.composite
 def points(draw, d: int, n: int = 4, scale: float = 3.0):
-    """n points in R^d, float64."""
-    seed = draw(st.integers(0, 2**31 - 1))
-    return scale * torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    """n points in R^d, float64, each coordinate drawn in [-3 scale, 3 scale]."""
+    return scale * _array(draw, (n, d), -3.0, 3.0)
 
 
 @st.composite
