@@ -61,6 +61,10 @@ EXPECTED_NAMES = {
     "likelihood.hutchinson_rademacher_enumeration", "likelihood.flow_map_gaussian_closed_form",
     "likelihood.flow_map_semigroup_closed_form", "likelihood.flow_map_semigroup_order",
     "likelihood.consistency_boundary", "likelihood.inversion_reconstruction", "likelihood.classifier_guidance_bayes",
+    "likelihood.elbo_gaussian_closed_form", "likelihood.elbo_mixture_exact_decomposition",
+    "likelihood.elbo_below_log_likelihood", "likelihood.elbo_gaussian_gap_vanishes",
+    "likelihood.elbo_discrete_to_continuous_order", "likelihood.elbo_ddpm_terms_closed_form",
+    "likelihood.elbo_schedule_invariance",
     # pde
     "pde.fokker_planck[vp]", "pde.fokker_planck[cosine]", "pde.fokker_planck[subvp]", "pde.fokker_planck[ve]",
     "pde.fokker_planck[edm]", "pde.fokker_planck[rf]", "pde.continuity_pf_ode[vp]", "pde.continuity_pf_ode[ve]",

@@ -154,7 +154,7 @@ def catalogue() -> Catalogue:
     """All registered checks (importing the area modules registers them)."""
     from . import (  # noqa: F401
         claims, dit_checks, fokker_planck_checks, kernels, langevin_checks, likelihood_checks, parameterisation, pde, solvers,
-        solvers_multistep, solvers_sde, solvers_stochastic, training_checks, learned_checks,
+        solvers_multistep, solvers_sde, solvers_stochastic, training_checks, learned_checks, elbo_checks,
     )
 
     return Catalogue(list(REGISTRY))
