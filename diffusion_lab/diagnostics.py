@@ -56,7 +56,8 @@ __all__ = [
     "SCORE_WEIGHTINGS", "score_weight", "gauss_legendre_times", "ScoreErrorProfile", "score_error_profile",
     "pointwise_score_error", "ErrorMap", "error_map", "PerturbedScoreModel", "perturbed_field",
     "linear_perturbation", "linear_perturbation_error", "kl_monte_carlo", "KLBound", "kl_bound",
-    "mmd2_two_sample", "decompose_sampler_error", "rank_samplers", "ranking_agreement",
+    "mmd2_two_sample", "decompose_sampler_error", "rank_samplers", "ranking_agreement", "kendall_tau",
+    "ranking_kendall",
 ]
 
 SCORE_WEIGHTINGS = ("likelihood", "score", "eps", "x0")
@@ -733,7 +734,11 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
     Returns
     -------
     dict
-        {"rows": [...], "reference": {...}}.
+        {"rows": [...], "reference": {...}, "projections": {...}}. ``projections`` holds the Hoeffding projections
+        h1_i of every estimate (float64 tensors; "mmd2_total" and "mmd2_discretisation" of shape (rows, n),
+        "mmd2_network" of shape (n,)): each MMD^2 is their mean, and sample i of every row comes from start i, so
+        they give paired standard errors across rows and across fields run from the same starts
+        (``ranking_kendall``).
     """
     from .compare import MethodSpec, mmd_ranks, parse_method, plan_row
     from .metrics import mean_error, mmd_bandwidth, mmd_law_cross
@@ -790,7 +795,9 @@ def decompose_sampler_error(field: VelocityField, target: GaussianMixture, metho
                  "law": "p_0" if final == "denoise" else "p_t_min", "mmd_bandwidth": bw,
                  "mmd2_network": net2, "mmd2_network_se": net_se, "ranking": rank_samplers(rows),
                  "ranking_discretisation": rank_samplers(rows, "mmd2_discretisation", "discretisation_rank")}
-    return {"rows": rows, "reference": reference}
+    projections = {"mmd2_total": torch.stack([r.h1 for r in results]), "mmd2_discretisation": torch.stack(dis_h1),
+                   "mmd2_network": net.h1}
+    return {"rows": rows, "reference": reference, "projections": projections}
 
 
 def rank_samplers(rows: list[dict], key: str = "mmd2_total", rank: str = "mmd_rank") -> dict:
@@ -832,4 +839,144 @@ def ranking_agreement(rows_a: list[dict], rows_b: list[dict], rank: str = "mmd_r
                 key = "tied" if rb[w] == rb[l_] else ("kept" if rb[w] < rb[l_] else "reversed")
                 res[key].append(f"{w}<{l_}")
         out[budget] = res
+    return out
+
+
+def kendall_tau(a, b) -> float:
+    r"""Kendall's tau-b between two score vectors over the same items (Kendall 1945):
+
+        tau_b = (n_c - n_d) / sqrt((n_0 - n_a)(n_0 - n_b)),
+
+    n_c / n_d the concordant / discordant pairs (sign(a_i - a_j) sign(b_i - b_j) = +1 / -1), n_0 = m(m - 1)/2 and
+    n_a, n_b the pairs tied in a, in b. 1: the same order, -1: the reverse; NaN when a or b ties every pair.
+
+    Parameters
+    ----------
+    a, b : sequences of float, or tensors of shape (m,) or (R, m) (R replicates, tau per replicate)
+
+    Returns
+    -------
+    float, or a float64 tensor (R,)
+    """
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    if a.shape != b.shape or a.dim() not in (1, 2) or a.shape[-1] < 2:
+        raise ValueError(f"a and b must have the same shape (m,) or (R, m) with m >= 2, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    one = a.dim() == 1
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    i, j = torch.triu_indices(a.shape[1], a.shape[1], 1)
+    sa, sb = torch.sign(a[:, i] - a[:, j]), torch.sign(b[:, i] - b[:, j])
+    num = (sa * sb).sum(1)
+    den = ((sa != 0).sum(1) * (sb != 0).sum(1)).to(torch.float64).sqrt()
+    tau = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan))
+    return float(tau[0]) if one else tau
+
+
+def ranking_kendall(rows_a: list[dict], proj_a, rows_b: list[dict], proj_b, key: str = "mmd2_total", *,
+                    margin: float = 2.0, n_boot: int = 2000, seed: int = 0, paired: bool = True) -> dict:
+    r"""Kendall's tau between the sampler rankings of two fields (e.g. the exact one, a, and a learned one, b), with
+    its Monte-Carlo standard error, and every pair of samplers labelled by whether a change of order is resolved.
+
+    Each MMD^2 estimate is a U-statistic U = mean_i h1_i (``decompose_sampler_error``'s ``projections``). To first
+    order (Hoeffding 1948) U - theta = 2/n sum_i (h1_i - theta), so a bootstrap replicate, with the starts i drawn with
+    replacement (the same draw for every sampler, and for both fields when ``paired``: sample i of every row comes from
+    start i), is U* = U + 2 (mean_{i in draw} h1_i - mean_i h1_i); its variance is the SE^2 = 4/n Var(h1) of the
+    estimate. Per NFE budget:
+
+    - ``tau``: ``kendall_tau`` of the point estimates; ``tau_se`` the standard deviation of tau over ``n_boot``
+      replicates and ``tau_ci`` their 2.5 and 97.5 percentiles;
+    - ``tau_noise_a`` / ``tau_noise_b``: the mean tau between two independent replicates of the same field, the value
+      tau takes when the two rankings are the same and only Monte-Carlo noise differs (1 when every pair is resolved);
+    - ``pairs``: for every pair of samplers the paired differences d = U_x - U_y on a and on b, their SEs
+      (4/n Var_i(h1^x_i - h1^y_i))^{1/2}, and a label: ``kept`` (the same sign on both fields), ``reversed`` (opposite
+      signs, |d| > margin SE on both) or ``swapped within noise`` (opposite signs, unresolved on at least one field).
+
+    Parameters
+    ----------
+    rows_a, rows_b : list of dict
+        ``decompose_sampler_error(...)["rows"]`` of the two fields (same samplers and budgets, rows in any order).
+    proj_a, proj_b : tensor (rows, n)
+        The matching ``projections[key]``.
+    key : str
+        "mmd2_total" or "mmd2_discretisation".
+    margin : float
+        Standard errors that resolve a difference.
+    n_boot : int
+        Bootstrap replicates (even, >= 2).
+    seed : int
+    paired : bool
+        Whether the two fields ran from the same starts (then one draw of i serves both).
+
+    Returns
+    -------
+    dict
+        {budget: {"samplers", "order_a", "order_b", "tau", "tau_se", "tau_ci", "tau_noise_a", "tau_noise_b",
+        "pairs": [...], "counts": {label: number}}}.
+    """
+    if key not in ("mmd2_total", "mmd2_discretisation"):
+        raise ValueError(f"key must be 'mmd2_total' or 'mmd2_discretisation', got {key!r}")
+    if int(n_boot) != n_boot or n_boot < 2 or n_boot % 2:
+        raise ValueError(f"n_boot must be an even integer >= 2, got {n_boot!r}")
+    pa = torch.as_tensor(proj_a, dtype=torch.float64)
+    pb = torch.as_tensor(proj_b, dtype=torch.float64)
+    if pa.dim() != 2 or pa.shape[0] != len(rows_a) or pb.dim() != 2 or pb.shape[0] != len(rows_b):
+        raise ValueError(f"proj_a and proj_b must have one row per row of rows_a / rows_b, got {tuple(pa.shape)} for "
+                         f"{len(rows_a)} rows and {tuple(pb.shape)} for {len(rows_b)} rows")
+    if paired and pa.shape[1] != pb.shape[1]:
+        raise ValueError(f"paired fields need the same number of starts, got {pa.shape[1]} and {pb.shape[1]}")
+    g = torch.Generator().manual_seed(int(seed))
+
+    def draws(n):
+        idx = torch.randint(0, n, (int(n_boot), n), generator=g)
+        return torch.zeros(int(n_boot), n, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones(int(n_boot), n, dtype=torch.float64)) / n
+
+    wa = draws(pa.shape[1])
+    wb = wa if paired else draws(pb.shape[1])
+    index_a = {(r["sampler"], r["nfe_budget"]): i for i, r in enumerate(rows_a)}
+    index_b = {(r["sampler"], r["nfe_budget"]): i for i, r in enumerate(rows_b)}
+    out = {}
+    for budget in dict.fromkeys(r["nfe_budget"] for r in rows_a):
+        names = [r["sampler"] for r in rows_a if r["nfe_budget"] == budget and (r["sampler"], budget) in index_b]
+        if len(names) < 2:
+            continue
+        ia = [index_a[(s, budget)] for s in names]
+        ib = [index_b[(s, budget)] for s in names]
+        ha, hb = pa[ia], pb[ib]
+        ua, ub = ha.mean(1), hb.mean(1)
+        # replicates (n_boot, m): U* = U + 2 (weighted mean - mean)
+        ra = ua + 2.0 * (wa @ ha.T - ua)
+        rb = ub + 2.0 * (wb @ hb.T - ub)
+        taus = kendall_tau(ra, rb)
+        half = int(n_boot) // 2
+        noise_a = kendall_tau(ra[:half], ra[half:])
+        noise_b = kendall_tau(rb[:half], rb[half:])
+        tau = kendall_tau(ua, ub)
+        pairs, counts = [], {"kept": 0, "reversed": 0, "swapped within noise": 0}
+        for x in range(len(names)):
+            for y in range(x + 1, len(names)):
+                da, db = float(ua[x] - ua[y]), float(ub[x] - ub[y])
+                sea = math.sqrt(4.0 / ha.shape[1] * float((ha[x] - ha[y]).var()))
+                seb = math.sqrt(4.0 / hb.shape[1] * float((hb[x] - hb[y]).var()))
+                if da * db > 0 or (da == 0 and db == 0):
+                    label = "kept"
+                elif abs(da) > margin * sea and abs(db) > margin * seb:
+                    label = "reversed"
+                else:
+                    label = "swapped within noise"
+                counts[label] += 1
+                pairs.append({"pair": f"{names[x]}|{names[y]}", "diff_a": da, "se_a": sea, "diff_b": db, "se_b": seb,
+                              "resolved_a": abs(da) > margin * sea, "resolved_b": abs(db) > margin * seb,
+                              "label": label})
+        ok = taus[torch.isfinite(taus)]
+        out[budget] = {"samplers": names,
+                       "order_a": [names[i] for i in torch.argsort(ua).tolist()],
+                       "order_b": [names[i] for i in torch.argsort(ub).tolist()],
+                       "tau": tau, "tau_se": float(ok.std()) if ok.numel() > 1 else math.nan,
+                       "tau_ci": [float(torch.quantile(ok, 0.025)), float(torch.quantile(ok, 0.975))]
+                       if ok.numel() else [math.nan, math.nan],
+                       "tau_noise_a": float(noise_a[torch.isfinite(noise_a)].mean()),
+                       "tau_noise_b": float(noise_b[torch.isfinite(noise_b)].mean()),
+                       "pairs": pairs, "counts": counts, "n_boot": int(n_boot), "margin": margin}
     return out

@@ -226,34 +226,93 @@ def ring8_recipe() -> dict:
     return dict(BASE, lr_schedule="cosine", warmup=200, time_sampler="importance", steps=7000)
 
 
-def fit(recipe: dict, data: torch.Tensor, seed: int = 0):
-    """Train ``recipe`` on ``data`` (ring8 samples, VP-linear schedule), with its pilot when it samples t by
-    importance; returns (EMA network, sigma_data, CPU seconds including the pilot's). The learned field is
-    ``training.learned_field(net, VPLinear(), recipe["prediction"], sigma_data=sigma_data)``."""
+#: Training steps at which the EMA network of one ``ring8_recipe()`` run is kept (``fit_stages``): the stages that
+#: experiments.score_error measures, whose last one experiments.learned_ranking uses.
+RECIPE_STAGES = (1000, 3000, 7000)
+
+
+def fit(recipe: dict, data: torch.Tensor, seed: int = 0, *, target=None):
+    """Train ``recipe`` on ``data`` (samples of ``target``, default ring8; VP-linear schedule), with its pilot when it
+    samples t by importance; returns (EMA network, sigma_data, CPU seconds including the pilot's). The learned field
+    is ``training.learned_field(net, VPLinear(), recipe["prediction"], sigma_data=sigma_data)``."""
+    snaps, sd = fit_stages(recipe, data, seed, target=target)
+    _, net, cpu = snaps[-1]
+    return net, sd, cpu
+
+
+def fit_stages(recipe: dict, data: torch.Tensor, seed: int = 0, stages=None, *, target=None, cache=None):
+    """``fit`` with copies of the EMA network at the training steps ``stages`` (default: the recipe's last step) of
+    one run; returns ([(step, EMA network, CPU seconds up to it, pilot included)], sigma_data).
+
+    The importance pilot's e(t) is measured against ``target``'s exact score (default ring8). With ``cache`` (a
+    folder) the networks' weights are stored there under a hash of the recipe, the target, the training data, the
+    seed and the stages, and reused (read with ``weights_only=True``)."""
+    import hashlib
+    import json
+    import os
+
     r = dict(BASE, **recipe)
+    target = ring8() if target is None else target
+    stages = (r["steps"],) if stages is None else tuple(int(s) for s in stages)
+    if not stages or list(stages) != sorted(set(stages)) or stages[0] < 1 or stages[-1] > r["steps"]:
+        raise ValueError(f"stages must be increasing steps in 1..{r['steps']}, got {stages}")
+    model = _model_kwargs(r, data)
+    path = None
+    if cache:
+        key = json.dumps([dict(r, importance=None), target.settings(), stages, seed, list(data.shape),
+                          hashlib.sha1(data.contiguous().numpy().tobytes()).hexdigest()], sort_keys=True, default=str)
+        path = os.path.join(cache, f"fit-{target.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
+        if os.path.isfile(path):
+            saved = torch.load(path, weights_only=True)  # plain tensors, numbers and strings
+            snaps = []
+            for step, cpu, state in zip(saved["steps"], saved["cpu"], saved["states"]):
+                net = get_model("mlp", **model)
+                net.load_state_dict(state)
+                snaps.append((int(step), net.eval(), float(cpu)))
+            return snaps, float(saved["sigma_data"])
     imp, pilot_cpu = None, 0.0
     if r["time_sampler"] == "importance":
         sch = S.VPLinear()
         pilot_steps = max(min(r["steps"] // 4, 500), 1)
         pnet, psd, pilot_cpu = train(dict(r, time_sampler="uniform", steps=pilot_steps), data, seed)
         c0 = time.process_time()
-        pilot = Dg.score_error_profile(T.learned_field(pnet, sch, r["prediction"], sigma_data=psd), ring8(),
+        pilot = Dg.score_error_profile(T.learned_field(pnet, sch, r["prediction"], sigma_data=psd), target,
                                        n_times=16, n=500, seed=seed + 5)
         pilot_cpu += time.process_time() - c0
         imp = ImportanceTimes(sch, pilot.t, pilot.e_eps.clamp_min(0), mix=0.5)
-    net, sd, cpu = train(r, data, seed, imp)
-    return net, sd, cpu + pilot_cpu
+    snaps, sd = _train_stages(r, data, seed, imp, stages)
+    snaps = [(step, net, cpu + pilot_cpu) for step, net, cpu in snaps]
+    if path:
+        from diffusion_lab._io import atomic_write
+
+        os.makedirs(cache, exist_ok=True)
+        saved = {"steps": [s for s, _, _ in snaps], "cpu": [c for _, _, c in snaps],
+                 "states": [n.state_dict() for _, n, _ in snaps], "sigma_data": sd}
+        atomic_write(path, lambda tmp: torch.save(saved, tmp))
+    return snaps, sd
+
+
+def _model_kwargs(r: dict, data: torch.Tensor) -> dict:
+    model = {"data_shape": list(data.shape[1:]), "hidden": r["hidden"], "depth": r["depth"], "num_classes": 0}
+    if r["time_embedding"] != "sinusoidal":
+        model["time_embedding"] = r["time_embedding"]
+    return model
 
 
 def train(recipe: dict, data: torch.Tensor, seed: int = 0, importance: ImportanceTimes | None = None):
     """Train one recipe; returns (EMA network, sigma_data, CPU seconds of training)."""
     r = dict(BASE, **recipe)
+    snaps, sd = _train_stages(r, data, seed, importance, (r["steps"],))
+    _, net, cpu = snaps[-1]
+    return net, sd, cpu
+
+
+def _train_stages(r: dict, data: torch.Tensor, seed: int, importance, stages):
+    """One run of recipe ``r`` with a copy of the EMA network at each of ``stages``: ([(step, net, cpu)], sigma_data).
+    The learning-rate schedule runs over all ``r["steps"]``; the snapshots do not change the run."""
     sch = S.VPLinear()
     torch.manual_seed(seed)
-    model = {"data_shape": [2], "hidden": r["hidden"], "depth": r["depth"], "num_classes": 0}
-    if r["time_embedding"] != "sinusoidal":
-        model["time_embedding"] = r["time_embedding"]
-    net = get_model("mlp", **model)
+    net = get_model("mlp", **_model_kwargs(r, data))
     sigma_data = round(float(data.std()), 4)
     obj = RecipeObjective(sch, r["prediction"], weighting=r["weighting"], time_sampler=r["time_sampler"],
                           sigma_data=sigma_data, P_mean=r["P_mean"], P_std=r["P_std"], importance=importance)
@@ -261,9 +320,13 @@ def train(recipe: dict, data: torch.Tensor, seed: int = 0, importance: Importanc
     kw = dict(lr=r["lr"], warmup=r["warmup"], ema_decay=r["ema"], seed=seed)
     tr = (CosineTrainer(net, obj, loader, total_steps=r["steps"], **kw) if r["lr_schedule"] == "cosine"
           else T.Trainer(net, obj, loader, **kw))
-    c0 = time.process_time()
-    tr.run(r["steps"], log_every=max(r["steps"], 1))
-    return copy.deepcopy(tr.ema.module).eval(), sigma_data, time.process_time() - c0
+    snaps, cpu = [], 0.0
+    for step in stages:
+        c0 = time.process_time()
+        tr.run(step, log_every=max(r["steps"], 1))
+        cpu += time.process_time() - c0
+        snaps.append((step, copy.deepcopy(tr.ema.module).eval(), cpu))
+    return snaps, sigma_data
 
 
 def ablation(quick: bool):

@@ -302,6 +302,95 @@ def test_ranking_agreement_counts_kept_tied_and_reversed_pairs():
     assert "x<y" in Dg.ranking_agreement(a, b)[10]["reversed"]
 
 
+@settings(max_examples=25)
+@given(a=st.lists(st.integers(0, 4), min_size=2, max_size=9), seed=st.integers(0, 2**16))
+def test_kendall_tau_matches_scipy_with_ties(a, seed):
+    """tau-b with ties against scipy.stats.kendalltau (an independent implementation), and for replicates row by
+    row; NaN when one side ties every pair."""
+    from scipy.stats import kendalltau
+
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randint(0, 4, (len(a),), generator=g).double()
+    ref = kendalltau(a, b.numpy()).statistic
+    got = Dg.kendall_tau(a, b)
+    assert (math.isnan(ref) and math.isnan(got)) or got == pytest.approx(ref, abs=1e-12)
+    rows = Dg.kendall_tau(torch.tensor([a, a], dtype=torch.float64), torch.stack([b, -b]))
+    assert rows.shape == (2,)
+    assert (math.isnan(ref) and rows.isnan().all()) or (rows[0] == pytest.approx(ref, abs=1e-12)
+                                                        and rows[1] == pytest.approx(-ref, abs=1e-12))
+    assert Dg.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+
+
+def _projections(means, sd, n, seed):
+    """h1 vectors with exactly the given means and sample standard deviation sd (standardised Gaussian draws)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(len(means), n, generator=g, dtype=torch.float64)
+    z = (z - z.mean(1, keepdim=True)) / z.std(1, keepdim=True)
+    return torch.tensor(means, dtype=torch.float64)[:, None] + sd * z
+
+
+def test_ranking_kendall_bootstrap_matches_the_normal_approximation():
+    """Two samplers whose paired difference is one standard error on b: the replicate order flips with probability
+    Phi(-1) = 0.1587 (the linearised U-statistic bootstrap has variance 4 Var(h1)/n, the estimate's SE^2), so
+    tau_se = 2 sqrt(p (1 - p)) = 0.731; the bootstrap estimate of p has SE sqrt(p(1-p)/4000) = 0.006 (0.011 in
+    tau_se), and the replicate means of these Gaussian projections are normal: 0.03 is about 3 SE. On a, the same
+    pair is 50 SE apart."""
+    n, sd = 1000, 1.0
+    rows = [{"sampler": s, "nfe_budget": 10} for s in ("x", "y")]
+    # independent projections for x and y: SE of the difference = sqrt(2) 2 sd / sqrt(n)
+    se_diff = math.sqrt(2) * 2 * sd / math.sqrt(n)
+    pa = _projections([0.0, 50 * se_diff], sd, n, 1)
+    pb = _projections([0.0, 1.0 * se_diff], sd, n, 2)
+    out = Dg.ranking_kendall(rows, pa, rows, pb, n_boot=4000, seed=0, paired=False)[10]
+    p = 0.5 * math.erfc(1 / math.sqrt(2))
+    assert out["tau"] == 1.0 and out["order_a"] == ["x", "y"] == out["order_b"]
+    assert out["tau_se"] == pytest.approx(2 * math.sqrt(p * (1 - p)), abs=0.03)
+    assert out["tau_noise_a"] == 1.0
+    # two independent replicates of b agree with probability (1-p)^2 + p^2: tau = 1 - 4 p (1 - p)
+    assert out["tau_noise_b"] == pytest.approx(1 - 4 * p * (1 - p), abs=0.04)
+    (pair,) = out["pairs"]
+    assert pair["se_b"] == pytest.approx(se_diff, rel=0.05) and pair["label"] == "kept"
+    assert pair["resolved_a"] and not pair["resolved_b"]
+
+
+def test_ranking_kendall_labels_reversed_and_noise_swaps():
+    n = 2000
+    names = ("w", "x", "y", "z")
+    rows = [{"sampler": s, "nfe_budget": 50} for s in names]
+    se1 = 2.0 / math.sqrt(n)  # SE of one estimate with sd 1
+    # a: w < x < y < z, all 20 SE apart; b: x and w reversed by 20 SE, y and z swapped by 0.1 SE (noise)
+    pa = _projections([0.0, 20 * se1, 40 * se1, 60 * se1], 1.0, n, 3)
+    pb = _projections([20 * se1, 0.0, 40.1 * se1, 40 * se1], 1.0, n, 3)
+    out = Dg.ranking_kendall(rows, pa, rows, pb, n_boot=400)[50]
+    labels = {p["pair"]: p["label"] for p in out["pairs"]}
+    assert labels["w|x"] == "reversed" and labels["y|z"] == "swapped within noise"
+    assert out["counts"] == {"kept": 4, "reversed": 1, "swapped within noise": 1}
+    # point tau: 6 pairs, 2 discordant: (4 - 2)/6
+    assert out["tau"] == pytest.approx(1 / 3)
+    assert out["order_b"] == ["x", "w", "z", "y"]
+    assert out["tau_ci"][0] <= out["tau"] + 1e-12 and out["tau_ci"][1] >= 1 / 3 - 1e-12
+    with pytest.raises(ValueError, match="n_boot"):
+        Dg.ranking_kendall(rows, pa, rows, pb, n_boot=3)
+    with pytest.raises(ValueError, match="one row per row"):
+        Dg.ranking_kendall(rows, pa[:2], rows, pb)
+    with pytest.raises(ValueError, match="key must be"):
+        Dg.ranking_kendall(rows, pa, rows, pb, key="flow_error")
+
+
+def test_decomposition_projections_average_to_the_estimates():
+    """Every MMD^2 of the decomposition is the mean of its Hoeffding projections (an identity of the U-statistic)."""
+    tg = ring8()
+    out = Dg.decompose_sampler_error(tg.field(VP), tg, ["euler", "heun"], [4], n=300, rtol=1e-4)
+    pr = out["projections"]
+    assert pr["mmd2_total"].shape == (2, 300) == pr["mmd2_discretisation"].shape
+    for i, r in enumerate(out["rows"]):
+        assert float(pr["mmd2_total"][i].mean()) == pytest.approx(r["mmd2_total"], rel=1e-12, abs=1e-15)
+        assert float(pr["mmd2_discretisation"][i].mean()) == pytest.approx(r["mmd2_discretisation"], rel=1e-12,
+                                                                           abs=1e-15)
+        assert r["mmd2_total_se"] == pytest.approx(math.sqrt(4 / 300 * float(pr["mmd2_total"][i].var())), rel=1e-12)
+    assert float(pr["mmd2_network"].mean()) == pytest.approx(out["reference"]["mmd2_network"], rel=1e-12, abs=1e-15)
+
+
 @pytest.mark.slow
 def test_score_error_experiment_quick_run():
     """The experiment's quick run: the bound holds at every stage and the exact field's grid KL is the floor."""

@@ -157,3 +157,34 @@ def test_fit_with_importance_pilot():
     field = T.learned_field(net, S.VPLinear(), "eps", sigma_data=sd)
     x = torch.randn(3, 2, dtype=torch.float64)
     assert torch.isfinite(field.score(x, torch.full((3,), 0.5, dtype=torch.float64))).all()
+
+
+def test_fit_stages_snapshots_do_not_change_the_run_and_the_cache_returns_the_same_weights(tmp_path):
+    """Copies of the EMA network at intermediate steps leave the run as it is (the last copy equals a run without
+    them, bit for bit), and a cached fit returns the same weights and CPU seconds. Also on an 8-D mixture."""
+    from diffusion_lab.targets import gmm_multiscale, ring8
+
+    data = ring8().sample(256, torch.Generator().manual_seed(0), dtype=torch.float32)
+    recipe = dict(R.BASE, steps=6, batch=64, hidden=16, depth=1, time_sampler="importance", lr_schedule="cosine",
+                  warmup=1)
+    snaps, sd = R.fit_stages(recipe, data, seed=0, stages=(2, 6), cache=str(tmp_path))
+    assert [s for s, _, _ in snaps] == [2, 6] and 0 < snaps[0][2] <= snaps[1][2]
+    net, sd1, _ = R.fit(recipe, data, seed=0)
+    assert sd1 == sd
+    for a, b in zip(snaps[1][1].state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(snaps[0][1].state_dict().values(), net.state_dict().values()))
+    again, sd2 = R.fit_stages(recipe, data, seed=0, stages=(2, 6), cache=str(tmp_path))
+    assert sd2 == sd and [c for _, _, c in again] == [c for _, _, c in snaps]
+    for (_, a, _), (_, b, _) in zip(snaps, again):
+        for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
+            assert torch.equal(pa, pb)
+    assert len(list(tmp_path.iterdir())) == 1
+    tg = gmm_multiscale(dim=8, components=4)
+    data8 = tg.sample(256, torch.Generator().manual_seed(0), dtype=torch.float32)
+    (step, net8, _), = R.fit_stages(recipe, data8, seed=0, target=tg)[0]
+    field = T.learned_field(net8, S.VPLinear(), "eps", sigma_data=round(float(data8.std()), 4))
+    assert step == 6 and field.score(torch.zeros(3, 8, dtype=torch.float64), torch.full((3,), 0.5,
+                                                                                       dtype=torch.float64)).shape == (3, 8)
+    with pytest.raises(ValueError, match="stages must be increasing"):
+        R.fit_stages(recipe, data, stages=(6, 2))
