@@ -6,7 +6,8 @@ A sampler is a plain function
 
 that integrates from grid[0] = t_max down to grid[-1] = t_min, calls ``callback(i, x)`` after it reaches
 grid[i] (i = 1..N), and returns the state at grid[-1] with a dict of method-specific information. It only
-calls the field; ``sample`` counts model evaluations exactly as the change in ``field.nfe``.
+calls the field; ``sample`` counts model evaluations exactly as the change in ``field.nfe`` (plus that of the
+learned flow map's ``nfe`` for method "flow_map", whose calls are the model evaluations).
 
 Last step (same meaning for every method): ``final="step"`` returns x(t_min); ``final="denoise"`` returns
 the denoiser D(x(t_min), t_min) = E[x_0 | x_{t_min}], at the cost of one more model evaluation (EDM's and
@@ -34,7 +35,8 @@ __all__ = ["MethodInfo", "SampleResult", "register", "available", "get_method", 
 class MethodInfo:
     """What a sampler is: its family, order (global; weak order for stochastic methods), whether it is
     stochastic, its exact model evaluations ``nfe_of_steps(N, **options)`` for N steps, the fewest steps it
-    accepts, and its budget rule ``plan(nfe, **options) -> (N, options)`` (see ``plan_for_nfe``)."""
+    accepts, its budget rule ``plan(nfe, **options) -> (N, options)`` (see ``plan_for_nfe``) and ``needs``: the
+    option naming a companion object it cannot run without ("flow_map" for the learned flow map), or ""."""
 
     name: str
     fn: Callable
@@ -47,6 +49,7 @@ class MethodInfo:
     description: str = ""
     plan: Callable[..., tuple[int, dict]] | None = None
     budget_rule: str = ""
+    needs: str = ""
 
     def row(self) -> dict:
         return {"method": self.name, "family": self.family, "order": self.order, "stochastic": self.stochastic,
@@ -80,18 +83,19 @@ def _accept_options(count: Callable[..., int]) -> Callable[..., int]:
 
 def register(name: str, *, family: str, order: float, stochastic: bool, nfe_per_step: float = 1,
              nfe_of_steps: Callable[..., int] | None = None, min_steps: int = 1, description: str = "",
-             plan: Callable[..., tuple[int, dict]] | None = None, budget_rule: str = ""):
+             plan: Callable[..., tuple[int, dict]] | None = None, budget_rule: str = "", needs: str = ""):
     """Register a sampler function under ``name``; ``nfe_of_steps(N, **options)`` is its exact NFE for N steps
     (default round(nfe_per_step * N); nfe_per_step=nan marks an adaptive method); ``plan(nfe, **options)``,
     if given, is the method's own rule for spending an NFE budget (returns the step count and the options to
-    run with), described in words by ``budget_rule``."""
+    run with), described in words by ``budget_rule``; ``needs`` names the option without which it cannot run
+    (its companion object, e.g. "flow_map")."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"sampler {name!r} registered twice")
         count = nfe_of_steps or (lambda n, k=nfe_per_step: int(round(k * n)) if not math.isnan(k) else -1)
         _REGISTRY[name] = MethodInfo(name, fn, family, order, stochastic, nfe_per_step, _accept_options(count),
-                                     min_steps, description or _summary(fn.__doc__), plan, budget_rule)
+                                     min_steps, description or _summary(fn.__doc__), plan, budget_rule, needs)
         return fn
 
     return deco
@@ -101,13 +105,15 @@ def _load_all():
     """Import the sampler modules of this package (registration side effects). Methods defined elsewhere register
     where the package assembles its methods: ``diffusion_lab/__init__.py`` imports ``diffusion_lab.langevin``
     (pc, annealed_langevin), so this module never imports a module that imports it."""
-    from . import auto, exponential, multistep, ode, sde, stochastic  # noqa: F401
+    from . import auto, exponential, flowmap, multistep, ode, sde, stochastic  # noqa: F401
 
 
-def available() -> list[MethodInfo]:
-    """Every registered method with its order, stochasticity and NFE per step."""
+def available(flow_maps: bool = False) -> list[MethodInfo]:
+    """Every registered method that samples a VelocityField on its own, with its order, stochasticity and NFE per
+    step; ``flow_maps=True`` adds the methods that need a companion object (``MethodInfo.needs``: "flow_map", the
+    learned flow map of ``diffusion_lab.flowmap``)."""
     _load_all()
-    return list(_REGISTRY.values())
+    return [m for m in _REGISTRY.values() if flow_maps or not m.needs]
 
 
 def get_method(name: str) -> MethodInfo:
@@ -188,6 +194,38 @@ class SampleResult:
     settings: dict = dc_field(default_factory=dict)
 
 
+def _field_and_flow_map(field, method: str, options: dict):
+    """(field or None, flow map or None) of a ``sample`` call, checked: a FlowMap in place of the field or as the
+    ``flow_map`` option runs only with method "flow_map", on the field's own schedule; it is put into ``options``."""
+    psi = options.get("flow_map")
+    if isinstance(field, VelocityField) and psi is None and method != "flow_map":
+        return field, None
+    from ..flowmap import FlowMap  # lazy: diffusion_lab.flowmap imports this module
+
+    if isinstance(field, FlowMap):
+        if method != "flow_map":
+            raise TypeError(f"a FlowMap samples with method='flow_map', not {method!r}")
+        if psi is not None and psi is not field:
+            raise ValueError("give the flow map once: sample(psi, x, 'flow_map', ...) or sample(field, x, "
+                             "'flow_map', flow_map=psi)")
+        options["flow_map"] = field
+        return None, field
+    if not isinstance(field, VelocityField):
+        raise TypeError(f"field must be a VelocityField (or a FlowMap with method='flow_map'), got "
+                        f"{type(field).__name__}")
+    if method != "flow_map":
+        raise TypeError(f"flow_map= is an option of method 'flow_map', not of {method!r}")
+    if psi is None:
+        raise TypeError("method 'flow_map' needs the learned map: sample(field, x, 'flow_map', steps=k, "
+                        "flow_map=psi) with psi a diffusion_lab.flowmap.FlowMap, or sample(psi, x, 'flow_map', steps=k)")
+    if not isinstance(psi, FlowMap):
+        raise TypeError(f"flow_map must be a diffusion_lab.flowmap.FlowMap, got {type(psi).__name__}")
+    if psi.schedule.settings() != field.schedule.settings():
+        raise ValueError(f"the flow map's schedule {psi.schedule!r} differs from the field's {field.schedule!r}; a "
+                         f"flow map samples on the schedule it was trained on")
+    return field, psi
+
+
 def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", steps: int | None = None,
            grid=None, *, nfe: int | None = None, grid_kind: str = "logsnr", generator: torch.Generator | None = None,
            final: str = "step", return_trajectory: bool = False, progress: bool = False,
@@ -202,9 +240,16 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
     ``method="auto"`` the end ``t_min`` also selects the rule (a grid that ends early, at half log-SNR
     lambda(t_min) <= ``auto.EARLY_LAMBDA``, has its own rule). Method options (eta, gamma, noise, rtol, ...) pass
     through ``**options``.
+
+    Learned flow maps (``method="flow_map"``, ``samplers.flowmap``): ``sample(field, x, "flow_map", steps=k,
+    flow_map=psi)`` runs the ``diffusion_lab.flowmap.FlowMap`` psi in k network calls (``nfe=k`` alike) on the grid
+    of the field's schedule, which must be psi's (a ValueError otherwise); ``sample(psi, x, "flow_map", steps=k)``
+    runs the map alone on its own schedule. Option ``noise_reinjection=True`` (with ``generator``) is multistep
+    consistency sampling instead of the deterministic chain. ``nfe`` counts the map's calls (plus the field's
+    denoiser call with final="denoise", which needs the field).
     """
-    if not isinstance(field, VelocityField):
-        raise TypeError(f"field must be a VelocityField, got {type(field).__name__}")
+    field, flow = _field_and_flow_map(field, method, options)
+    schedule = flow.schedule if field is None else field.schedule
     check_batch(x_init, "x_init", shape=False)  # an empty batch is refused below, after the grid checks
     info = get_method(method)
     requested, auto = method, None
@@ -218,26 +263,29 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
         t_end = field.schedule.t_min if t_min is None else t_min
         auto = resolve(method, nfe, final, lam_end=float(field.schedule.lam(torch.tensor(float(t_end),
                                                                                          dtype=torch.float64))),
-                       schedule=field.schedule)
+                       schedule=schedule)
         method, grid_kind, options = auto.method, auto.grid_kind, {**auto.options, **options}
         info = get_method(method)
     if final not in ("step", "denoise"):
         raise ValueError(f"final must be 'step' or 'denoise', got {final!r}")
+    if final == "denoise" and field is None:
+        raise ValueError("final='denoise' needs the field's denoiser: sample(field, x, 'flow_map', flow_map=psi, "
+                         "final='denoise')")
     adaptive = math.isnan(info.nfe_per_step)
     if sum(v is not None for v in (steps, grid, nfe)) > 1:
         raise ValueError("give one of steps=, nfe= or grid=")
     if nfe is not None:
         steps, options = plan_for_nfe(method, nfe, final, **options)
     if grid is not None:
-        grid = check_grid(field.schedule, grid, allow_increasing=not info.stochastic)
+        grid = check_grid(schedule, grid, allow_increasing=not info.stochastic)
         if grid[-1] > grid[0] and final == "denoise":
             raise ValueError("final='denoise' needs a decreasing grid (it ends on the data side)")
     elif steps is not None:
-        grid = time_grid(field.schedule, steps, grid_kind, t_min=t_min, t_max=t_max)
+        grid = time_grid(schedule, steps, grid_kind, t_min=t_min, t_max=t_max)
     elif adaptive:  # integrate over the whole range; the method chooses its own steps
-        grid = torch.tensor([field.schedule.t_max if t_max is None else t_max,
-                             field.schedule.t_min if t_min is None else t_min], dtype=torch.float64)
-        grid = check_grid(field.schedule, grid)
+        grid = torch.tensor([schedule.t_max if t_max is None else t_max,
+                             schedule.t_min if t_min is None else t_min], dtype=torch.float64)
+        grid = check_grid(schedule, grid)
     else:
         raise ValueError(f"method {method!r} needs steps= or grid=")
     n = len(grid) - 1
@@ -247,9 +295,11 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
         raise ValueError("x_init is empty")
     traj = [x_init.clone()] if return_trajectory else None
     callback = (lambda i, x: traj.append(x.clone())) if return_trajectory else None
-    nfe0 = field.nfe
+    counters = [c for c in (field, flow) if c is not None]  # every model whose calls count
+    nfe0 = [c.nfe for c in counters]
     t0 = time.perf_counter()
-    x, extra = info.fn(field, x_init, grid, generator=generator, callback=callback, progress=progress, **options)
+    x, extra = info.fn(field if field is not None else flow, x_init, grid, generator=generator, callback=callback,
+                       progress=progress, **options)
     if final == "denoise":
         x = field.denoiser(x, grid[-1])
     seconds = time.perf_counter() - t0
@@ -258,11 +308,11 @@ def sample(field: VelocityField, x_init: torch.Tensor, method: str = "heun", ste
                 **({"requested_method": requested, "auto_rule": auto.rule} if auto is not None else {}),
                 **({"t_min": float(t_min)} if t_min is not None else {}),
                 **({"t_max": float(t_max)} if t_max is not None else {}),
-                "final": final, "schedule": field.schedule.settings(), "dtype": str(x_init.dtype),
+                "final": final, "schedule": schedule.settings(), "dtype": str(x_init.dtype),
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()
                    if isinstance(v, (int, float, str, bool, tuple, list))}}
     if auto is not None:
         extra = {**(extra or {}), "auto": {"method": auto.method, "grid_kind": auto.grid_kind}}
-    return SampleResult(x=x, nfe=field.nfe - nfe0, grid=grid, method=method,
+    return SampleResult(x=x, nfe=sum(c.nfe - n0 for c, n0 in zip(counters, nfe0)), grid=grid, method=method,
                         trajectory=torch.stack(traj) if traj is not None else None, info=extra or {},
                         seconds=seconds, settings=settings)
