@@ -32,6 +32,19 @@ two-time version (after Kim et al. 2024, with the teacher's ODE segment of one s
 DSM and GAN terms): any s -> t is trained, so the deterministic multistep chain is meaningful. The training cost is
 counted in teacher evaluations: batch calls of the teacher field and per-sample evaluations (calls x batch).
 
+Consistency training (``distill(..., method="ct")``, no teacher; Song, Dhariwal, Chen & Sutskever 2023,
+Algorithm 3, with the improved recipe of Song & Dhariwal 2023). The teacher step is replaced by the same noise z at
+the adjacent level, xhat = alpha_{tau_{n-1}} x_0 + sigma_{tau_{n-1}} z (an unbiased one-sample estimate of the
+PF-ODE step, exact as Delta tau -> 0), and the loss is
+
+    CT:   lambda_n d(Psi_theta(x, tau_n, tau_0), Psi_theta-(xhat, tau_{n-1}, tau_0)),
+          lambda_n = 1 / (sigmabar_n - sigmabar_{n-1}),   sigmabar = sigma/alpha,
+
+on the Karras grid in sigmabar with N(k) = min(s_0 2^{floor(k/K')}, s_1) intervals at step k (K' = floor(K /
+(log2 floor(s_1/s_0) + 1)), K the number of steps), n drawn with probability proportional to
+erf((log sigmabar_n - P_mean)/(sqrt 2 P_std)) - erf((log sigmabar_{n-1} - P_mean)/(sqrt 2 P_std)), the pseudo-Huber
+distance d and theta- = stopgrad(theta) (no EMA target).
+
 Sampling (``flow_map_sample``): k network evaluations on a grid T = t_0 > t_1 > ... > t_k = t_min, either the
 deterministic chain x <- Psi(x, t_i, t_{i+1}), or multistep consistency sampling (Song et al. 2023, Algorithm 1):
 x0 <- Psi(x, t_i, t_min), then x <- alpha_{t_{i+1}} x0 + sigma_{t_{i+1}} z with fresh noise z.
@@ -54,10 +67,13 @@ from .schedules import Schedule
 from .training import EMA, _check_sigma_data, c_noise, edm_precond
 
 __all__ = ["TwoTimeMLP", "FlowMap", "teacher_step", "DistillResult", "distill", "flow_map_sample",
-           "TEACHER_SOLVERS", "DISTILL_METHODS", "DISTILL_LOSSES", "distance"]
+           "TEACHER_SOLVERS", "DISTILL_METHODS", "DISTILL_LOSSES", "distance", "ct_steps", "ct_level_probabilities",
+           "CT_NOISE_SAMPLINGS", "CT_WEIGHTINGS", "consistency_training_loss"]
 
 TEACHER_SOLVERS = ("ddim", "heun")
-DISTILL_METHODS = ("cd", "ctm")
+DISTILL_METHODS = ("cd", "ctm", "ct")
+CT_NOISE_SAMPLINGS = ("lognormal", "uniform")
+CT_WEIGHTINGS = ("inverse_gap", "uniform")
 DISTILL_LOSSES = ("l2", "pseudo_huber")
 
 
@@ -251,6 +267,77 @@ def teacher_step(field: VelocityField, x: torch.Tensor, s, u, solver: str = "heu
     return a_u * (xbar + 0.5 * h * (d1 + d2))
 
 
+def ct_steps(k: int, total: int, s0: int = 10, s1: int = 1280) -> int:
+    r"""The number of intervals N(k) of consistency training's exponential curriculum at step k of K = ``total``
+    (Song & Dhariwal 2023, Sec. 3.4):
+
+        N(k) = min(s_0 2^{floor(k / K')}, s_1),   K' = floor(K / (log2 floor(s_1/s_0) + 1))
+
+    (the paper counts the N(k) + 1 points of the grid). K' is at least 1, so very short runs reach s_1 early.
+    """
+    for name, v in (("s0", s0), ("s1", s1), ("total", total)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    if s1 < s0:
+        raise ValueError(f"need s0 <= s1 for the step-count curriculum, got s0={s0}, s1={s1}")
+    if int(k) != k or not 0 <= k < total:
+        raise ValueError(f"step k must be an integer in [0, {total}), got {k!r}")
+    k_prime = max(1, int(total) // (int(math.log2(int(s1) // int(s0))) + 1))
+    return int(min(int(s0) * 2 ** (int(k) // k_prime), int(s1)))
+
+
+def ct_level_probabilities(sigmabar: torch.Tensor, p_mean: float = -1.1, p_std: float = 2.0) -> torch.Tensor:
+    r"""Probabilities of the N intervals (sigmabar_{n-1}, sigmabar_n], n = 1..N, of an ascending grid of noise
+    levels under the lognormal law log sigmabar ~ N(P_mean, P_std^2) (Song & Dhariwal 2023, Sec. 3.5):
+
+        p(n) proportional to erf((log sigmabar_n - P_mean) / (sqrt 2 P_std)) - erf((log sigmabar_{n-1} - P_mean)
+        / (sqrt 2 P_std)).
+
+    Returns a float64 tensor (N,) summing to 1.
+    """
+    sb = torch.as_tensor(sigmabar, dtype=torch.float64)
+    if sb.ndim != 1 or sb.numel() < 2 or not bool((sb[1:] > sb[:-1]).all()) or not bool((sb > 0).all()):
+        raise ValueError(f"sigmabar must be a positive, strictly increasing 1-D grid of >= 2 levels, got {sb.tolist()}")
+    if not (math.isfinite(p_mean) and p_std > 0):
+        raise ValueError(f"need a finite P_mean and P_std > 0, got {p_mean!r}, {p_std!r}")
+    e = torch.erf((torch.log(sb) - p_mean) / (math.sqrt(2.0) * p_std))
+    w = e[1:] - e[:-1]
+    if not float(w.sum()) > 0:  # every level far in one tail: fall back to the ends' nearest interval
+        w = torch.zeros_like(w)
+        w[0 if float(e[0]) > 0 else -1] = 1.0
+    return w / w.sum()
+
+
+def consistency_training_loss(psi, x0: torch.Tensor, z: torch.Tensor, s, u, t=None, *, target=None,
+                              loss: str = "l2", huber_c: float | None = None) -> torch.Tensor:
+    r"""The per-sample consistency-training loss (Song et al. 2023, Algorithm 3), (batch,):
+
+        d(Psi_theta(x, s, t), stopgrad Psi_theta-(xhat, u, t)),   x = alpha_s x_0 + sigma_s z,
+        xhat = alpha_u x_0 + sigma_u z   (the SAME z),   u < s,
+
+    with t = t_min by default (the consistency function) and theta- = ``target`` (default: ``psi`` itself, the
+    improved recipe's stopgrad theta). ``psi``/``target``: FlowMaps or any callables (x, s, t) -> tensor.
+    Since E[z | x] = eps_hat(x, s), E[xhat | x] = alpha_u (x/alpha_s - (sigmabar_s - sigmabar_u) eps_hat(x, s)),
+    sigmabar = sigma/alpha: exactly the DDIM step (Euler in (x/alpha, sigmabar)) with the exact eps_hat. For a
+    smooth Psi the stop-gradient objective therefore matches consistency distillation with that teacher up to
+    o(sigmabar_s - sigmabar_u) (Song et al. 2023, Theorem 2).
+    """
+    sch = psi.schedule if isinstance(psi, FlowMap) else None
+    if sch is None:
+        sch = getattr(psi, "schedule", None)
+    if sch is None:
+        raise TypeError("psi must be a FlowMap or a callable with a .schedule attribute")
+    t = sch.t_min if t is None else t
+    s64, u64 = as_tensor(s, like=x0).to(torch.float64), as_tensor(u, like=x0).to(torch.float64)
+    if bool((u64 >= s64).any()):
+        raise ValueError(f"consistency training needs u < s, got s={s64.tolist()}, u={u64.tolist()}")
+    x = bcast(sch.alpha(s64), x0).to(x0.dtype) * x0 + bcast(sch.sigma(s64), x0).to(x0.dtype) * z
+    xhat = bcast(sch.alpha(u64), x0).to(x0.dtype) * x0 + bcast(sch.sigma(u64), x0).to(x0.dtype) * z
+    with torch.no_grad():
+        y = (psi if target is None else target)(xhat, u, t)
+    return distance(psi(x, s, t), y, loss, huber_c)
+
+
 @dataclass
 class DistillResult:
     """What ``distill`` returns: the trained map ``psi`` (online weights), ``psi_ema`` (the evaluation EMA),
@@ -265,37 +352,57 @@ class DistillResult:
     settings: dict = dc_field(default_factory=dict)
 
 
-def distill(psi: FlowMap, teacher: VelocityField, data: torch.Tensor, *, steps: int = 1000, batch: int = 256,
-            grid_steps: int = 16, grid_kind: str = "logsnr", method: str = "cd", solver: str = "heun",
-            lr: float = 1e-3, target_decay: float = 0.95, ema_decay: float = 0.999, seed: int = 0,
-            loss: str = "l2", huber_c: float | None = None, log_every: int = 100) -> DistillResult:
-    r"""Consistency distillation (``method="cd"``, Song et al. 2023, Algorithm 2) or its two-time version
-    (``"ctm"``, Kim et al. 2024) of ``teacher`` into ``psi`` (trained in place), with the loss of the module docstring.
+def distill(psi: FlowMap, teacher: VelocityField | None, data: torch.Tensor, *, steps: int = 1000, batch: int = 256,
+            grid_steps: int = 16, grid_kind: str | None = None, method: str = "cd", solver: str = "heun",
+            lr: float = 1e-3, target_decay: float | None = None, ema_decay: float = 0.999, seed: int = 0,
+            loss: str | None = None, huber_c: float | None = None, log_every: int = 100,
+            ct_s0: int = 10, ct_s1: int = 1280, p_mean: float | None = None, p_std: float = 2.0,
+            noise_sampling: str = "lognormal", ct_weighting: str = "inverse_gap") -> DistillResult:
+    r"""Train ``psi`` (in place) by consistency distillation (``method="cd"``, Song et al. 2023, Algorithm 2), its
+    two-time version (``"ctm"``, Kim et al. 2024), or consistency training without a teacher (``"ct"``, Song et al.
+    2023, Algorithm 3, improved recipe of Song & Dhariwal 2023), with the losses of the module docstring.
 
     Parameters
     ----------
     psi : FlowMap
         The student, built on ``teacher.schedule`` (same schedule object or settings).
-    teacher : VelocityField
-        The teacher field (exact or learned).
+    teacher : VelocityField or None
+        The teacher field (exact or learned); None for ``ct``, which uses none.
     data : tensor (N, *data_shape)
         Samples x_0 of the data; batches are drawn with replacement.
     steps, batch : int
         Optimiser steps (Adam, learning rate ``lr``) and batch size.
     grid_steps, grid_kind : int, str
-        The N intervals of the discretisation tau_0 = t_min < ... < tau_N = t_max (``samplers.time_grid``).
+        cd/ctm: the N intervals of the discretisation tau_0 = t_min < ... < tau_N = t_max (``samplers.time_grid``,
+        default kind "logsnr"). ct: the grid kind (default "karras", rho = 7, the published grid); N follows the
+        curriculum ``ct_steps(k, steps, ct_s0, ct_s1)`` and ``grid_steps`` is not used.
     solver : "heun" | "ddim"
-        The one-step teacher solver (``teacher_step``).
-    target_decay : float
-        mu of the target network theta- <- mu theta- + (1 - mu) theta (Song et al. 2023 use 0.95 for CD).
+        The one-step teacher solver (``teacher_step``; cd/ctm).
+    target_decay : float, optional
+        mu of the target network theta- <- mu theta- + (1 - mu) theta. Default 0.95 for cd/ctm (Song et al. 2023)
+        and 0 for ct (theta- = stopgrad theta, Song & Dhariwal 2023); mu = 0 evaluates ``psi`` itself without
+        gradient.
     ema_decay : float
         Decay of the separate evaluation EMA (with the package's EMA warm-up).
     loss, huber_c : str, float
-        The distance d of the loss (``distance``): "l2" (the squared norm above) or "pseudo_huber" with constant c.
+        The distance d (``distance``). Default "l2" for cd/ctm and "pseudo_huber" for ct. For ct the default
+        c is 0.00054 sqrt(D) sigma_data / 0.5: the published constant for data of standard deviation 0.5
+        (images in [-1, 1]), rescaled to the map's ``sigma_data``.
+    ct_s0, ct_s1 : int
+        ct: the curriculum's initial and final number of intervals (published 10 and 1280).
+    p_mean, p_std : float
+        ct: the lognormal noise-level law log sigmabar ~ N(P_mean, P_std^2) (``ct_level_probabilities``).
+        Published -1.1 and 2.0 for sigma_data = 0.5; the default P_mean is -1.1 + log(sigma_data / 0.5), the same
+        law relative to the data's scale.
+    noise_sampling : "lognormal" | "uniform"
+        ct: the law of the interval index n ("uniform" is the original CT's, Song et al. 2023).
+    ct_weighting : "inverse_gap" | "uniform"
+        ct: lambda_n = 1/(sigmabar_n - sigmabar_{n-1}) (improved recipe) or 1 (original CT).
 
     Returns
     -------
     DistillResult
+        For ct, ``teacher_calls = teacher_evals = 0``.
     """
     if method not in DISTILL_METHODS:
         raise ValueError(f"unknown distillation method {method!r}; choose one of {DISTILL_METHODS}")
@@ -303,55 +410,99 @@ def distill(psi: FlowMap, teacher: VelocityField, data: torch.Tensor, *, steps: 
         raise ValueError(f"unknown teacher solver {solver!r}; choose one of {TEACHER_SOLVERS}")
     if not isinstance(psi, FlowMap) or not isinstance(psi.net, nn.Module):
         raise TypeError("psi must be a FlowMap around a torch.nn.Module network")
-    if psi.schedule.settings() != teacher.schedule.settings():
+    ct = method == "ct"
+    if teacher is None and not ct:
+        raise ValueError(f"method {method!r} needs a teacher VelocityField; only method='ct' trains without one")
+    if teacher is not None and psi.schedule.settings() != teacher.schedule.settings():
         raise ValueError(f"student schedule {psi.schedule!r} differs from the teacher's {teacher.schedule!r}")
     for name, v in (("steps", steps), ("batch", batch), ("grid_steps", grid_steps)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    loss = ("pseudo_huber" if ct else "l2") if loss is None else loss
     if loss not in DISTILL_LOSSES:
         raise ValueError(f"unknown consistency loss {loss!r}; choose one of {DISTILL_LOSSES}")
+    target_decay = (0.0 if ct else 0.95) if target_decay is None else target_decay
     if not 0.0 <= target_decay < 1.0:
         raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
+    grid_kind = ("karras" if ct else "logsnr") if grid_kind is None else grid_kind
+    if noise_sampling not in CT_NOISE_SAMPLINGS:
+        raise ValueError(f"unknown noise_sampling {noise_sampling!r}; choose one of {CT_NOISE_SAMPLINGS}")
+    if ct_weighting not in CT_WEIGHTINGS:
+        raise ValueError(f"unknown ct_weighting {ct_weighting!r}; choose one of {CT_WEIGHTINGS}")
     sch, loss_kind = psi.schedule, loss
-    grid = time_grid(sch, grid_steps, grid_kind).flip(0)  # ascending: tau_0 = t_min ... tau_N = t_max
+    if ct:
+        ct_steps(0, int(steps), ct_s0, ct_s1)  # validates s0, s1
+        if p_mean is None:
+            p_mean = -1.1 + math.log(psi.sigma_data / 0.5)
+        if huber_c is None and loss_kind == "pseudo_huber":
+            huber_c = 0.00054 * math.sqrt(data[0].numel()) * psi.sigma_data / 0.5
+        ct_level_probabilities(torch.tensor([1.0, 2.0]), p_mean, p_std)  # validates P_mean, P_std
+    grids = {}
+
+    def ascending(n_int):  # tau_0 = t_min ... tau_N = t_max, with its sigmabar, the weights and the law of n
+        if n_int not in grids:
+            g = time_grid(sch, n_int, grid_kind).flip(0)
+            sb = sch.sigma(g) / sch.alpha(g)
+            if ct and noise_sampling == "lognormal":
+                prob = ct_level_probabilities(sb, p_mean, p_std)
+            else:
+                prob = torch.full((n_int,), 1.0 / n_int, dtype=torch.float64)
+            lam = 1.0 / (sb[1:] - sb[:-1]) if ct and ct_weighting == "inverse_gap" else torch.ones(n_int, dtype=torch.float64)
+            grids[n_int] = (g, prob, lam)
+        return grids[n_int]
+
     gen = torch.Generator().manual_seed(int(seed))
     dtype = _param_dtype(psi.net, torch.float32)
-    target = EMA(psi.net, target_decay, warmup=False)
+    target = EMA(psi.net, target_decay, warmup=False) if target_decay > 0 else None
     ema = EMA(psi.net, ema_decay, warmup=True)
-    psi_target = FlowMap(target.module, sch, psi.sigma_data)
+    psi_target = FlowMap(target.module, sch, psi.sigma_data) if target is not None else psi
     opt = torch.optim.Adam(psi.net.parameters(), lr=lr)
-    calls0 = teacher.nfe
+    calls0 = teacher.nfe if teacher is not None else 0
     history, acc, acc_n = [], 0.0, 0
     psi.net.train()
     for step in range(int(steps)):
+        n_int = ct_steps(step, int(steps), ct_s0, ct_s1) if ct else int(grid_steps)
+        grid, prob, lam = ascending(n_int)
         idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
         x0 = data[idx].to(dtype)
-        n = torch.randint(1, grid_steps + 1, (batch,), generator=gen)
+        if ct and noise_sampling == "lognormal":
+            n = torch.multinomial(prob, batch, replacement=True, generator=gen) + 1
+        else:
+            n = torch.randint(1, n_int + 1, (batch,), generator=gen)
         if method == "ctm":
             m = (torch.rand(batch, generator=gen, dtype=torch.float64) * n).long()  # uniform in {0..n-1}
         else:
             m = torch.zeros_like(n)
         s, u, t = grid[n], grid[n - 1], grid[m]
         z = torch.randn(x0.shape, generator=gen, dtype=dtype)
-        x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
-        with torch.no_grad():
-            xhat = teacher_step(teacher, x.to(torch.float64), s, u, solver).to(dtype)
-            y = psi_target(xhat, u, t)
-        loss = distance(psi(x, s, t), y, loss_kind, huber_c).mean()
+        if ct:  # the same z one level down: no teacher
+            per = consistency_training_loss(psi, x0, z, s, u, t, target=psi_target, loss=loss_kind, huber_c=huber_c)
+            loss = (lam[n - 1].to(per.dtype) * per).mean()
+        else:
+            x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
+            with torch.no_grad():
+                xhat = teacher_step(teacher, x.to(torch.float64), s, u, solver).to(dtype)
+                y = psi_target(xhat, u, t)
+            loss = distance(psi(x, s, t), y, loss_kind, huber_c).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        target.update(psi.net)
+        if target is not None:
+            target.update(psi.net)
         ema.update(psi.net)
         acc, acc_n = acc + float(loss.detach()), acc_n + 1
         if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": acc / acc_n})
+            history.append({"step": step + 1, "loss": acc / acc_n, "grid_steps": n_int})
             acc, acc_n = 0.0, 0
     psi.net.eval()
-    calls = teacher.nfe - calls0
-    settings = {"method": method, "solver": solver, "steps": int(steps), "batch": int(batch),
-                "grid_steps": int(grid_steps), "grid_kind": grid_kind, "lr": lr, "target_decay": target_decay,
-                "ema_decay": ema_decay, "seed": int(seed), "loss": loss_kind, "huber_c": huber_c}
+    calls = teacher.nfe - calls0 if teacher is not None else 0
+    settings = {"method": method, "solver": solver if not ct else None, "steps": int(steps), "batch": int(batch),
+                "grid_steps": int(grid_steps) if not ct else None, "grid_kind": grid_kind, "lr": lr,
+                "target_decay": target_decay, "ema_decay": ema_decay, "seed": int(seed), "loss": loss_kind,
+                "huber_c": huber_c}
+    if ct:
+        settings.update({"ct_s0": int(ct_s0), "ct_s1": int(ct_s1), "p_mean": p_mean, "p_std": p_std,
+                         "noise_sampling": noise_sampling, "ct_weighting": ct_weighting})
     return DistillResult(psi=psi, psi_ema=FlowMap(ema.module, sch, psi.sigma_data), history=history,
                          teacher_calls=calls, teacher_evals=calls * int(batch), settings=settings)
 
