@@ -1,7 +1,9 @@
 """Where a learned ring8 score is wrong, what it costs in KL, and whether sampler rankings survive on it.
 
-An MLP (diffusion_lab.models.MLPScore, hidden 128, depth 3) is trained on ring8 samples under the VP schedule with
-eps-prediction (DDPM's loss, the recipe of experiments/learned_ring.py). At a few training stages (EMA weights):
+An MLP (diffusion_lab.models.MLPScore, hidden 128, 3 residual blocks) is trained on 100,000 ring8 samples under the
+VP-linear schedule by the best measured recipe, ``experiments.ring8_recipes.ring8_recipe()`` (eps-prediction, 7,000
+steps of batch 1,024, cosine learning rate with warm-up, training times half uniform and half drawn by a 500-step
+pilot's eps-space error). At three stages of that one run (steps 1,000, 3,000 and 7,000; EMA weights):
 
 - the score-error profile e(t) = E_{p_t} ||s_theta - grad log p_t||^2 with its Monte-Carlo SE (24 Gauss-Legendre nodes
   in log-SNR, exact samples of p_t; ``diagnostics.score_error_profile``), and its eps-space version sigma^2 e(t);
@@ -11,82 +13,87 @@ eps-prediction (DDPM's loss, the recipe of experiments/learned_ring.py). At a fe
   grid's own floor);
 - for the final network, the sampler error split into network + discretisation (``decompose_sampler_error``) for
   heun, dpmpp_2m, unipc and em at NFE 10 and 50, next to the same samplers on the exact field: does the ranking
-  survive?
+  survive? (``experiments.learned_ranking`` asks the same of seven samplers on two targets, with Kendall's tau.)
 
-    python -m experiments.score_error [--out docs/figures] [--quick] [--checkpoint PATH]
+The trained networks are cached in ``--cache`` (default results/cache, shared with experiments.learned_ranking:
+the same run serves both).
+
+    python -m experiments.score_error [--out docs/figures] [--quick] [--checkpoint PATH] [--cache DIR]
 """
 from __future__ import annotations
-
-import time
 
 import torch
 
 from diffusion_lab import diagnostics as Dg
 from diffusion_lab import schedules as S
 from diffusion_lab import training as T
-from diffusion_lab.models import get_model
 from diffusion_lab.targets import ring8
 
 from . import _common
+from .ring8_recipes import RECIPE_STAGES, _model_kwargs, fit_stages, ring8_recipe
 
 SAMPLERS = ("heun", "dpmpp_2m", "unipc", "em")
 NFES = (10, 50)
-MODEL = {"data_shape": [2], "hidden": 128, "depth": 3, "num_classes": 0}
+DEFAULT_CACHE = "results/cache"
 
 
-def train_stages(stages, quick: bool, seed: int):
-    """Train once, keeping a copy of the EMA network at each stage; returns ([(step, net, seconds)], trainer)."""
-    import copy
+def recipe(quick: bool) -> dict:
+    """``ring8_recipe()``; quick: 150 steps of batch 256 with 30 warm-up steps."""
+    return dict(ring8_recipe(), steps=150, batch=256, warmup=30) if quick else ring8_recipe()
 
+
+def train_stages(stages, quick: bool, seed: int, cache=None):
+    """One run of ``recipe(quick)`` on ring8 samples with the EMA network kept at each stage; returns
+    ([(step, net, CPU seconds up to it, pilot included)], sigma_data, recipe, data)."""
+    data = ring8().sample(20_000 if quick else 100_000, torch.Generator().manual_seed(seed), dtype=torch.float32)
+    r = recipe(quick)
+    snaps, sd = fit_stages(r, data, seed, stages, target=ring8(), cache=cache)
+    return snaps, sd, r, data
+
+
+def save_checkpoint(path: str, net, sigma_data: float, r: dict, data, seed: int, step: int) -> None:
+    """The final EMA network as a training checkpoint that ``diffusion-lab diagnose`` / ``compare --checkpoint`` read
+    (``training.load_checkpoint``): the EMA weights stand for both the raw and the EMA model; it cannot be resumed."""
     sch = S.VPLinear()
-    g = torch.Generator().manual_seed(seed)
-    data = ring8().sample(20_000 if quick else 100_000, g, dtype=torch.float32)
-    torch.manual_seed(seed)
-    net = get_model("mlp", **MODEL)
-    sigma_data = round(float(data.std()), 4)
-    obj = T.Objective(sch, "eps", sigma_data=sigma_data)
     meta = {"data": "ring8", "data_desc": "ring8 samples", "n_train": int(data.shape[0]), "seed": seed,
-            "conditional": False, "num_classes": 0, "data_shape": [2], "model": "mlp", "model_kwargs": MODEL,
-            "schedule": sch.settings(), "prediction": "eps", "weighting": "uniform", "time_sampler": "uniform",
-            "sigma_data": sigma_data, "batch": 256 if quick else 1024, "lr": 2e-3, "warmup": 0, "ema": 0.999,
-            "grad_clip": None, "bf16": False, "world_size": 1}
-    tr = T.Trainer(net, obj, T.TensorLoader(data, batch_size=meta["batch"], seed=seed), lr=2e-3, ema_decay=0.999,
-                   seed=seed, meta=meta)
-    out, t0 = [], time.perf_counter()
-    for step in stages:
-        tr.run(step, log_every=50)
-        out.append((step, copy.deepcopy(tr.ema.module).eval(), time.perf_counter() - t0))
-    return out, tr
+            "conditional": False, "num_classes": 0, "data_shape": [2], "model": "mlp",
+            "model_kwargs": _model_kwargs(dict(r), data), "schedule": sch.settings(), "prediction": r["prediction"],
+            "weighting": r["weighting"], "time_sampler": r["time_sampler"], "sigma_data": sigma_data,
+            "batch": r["batch"], "lr": r["lr"], "warmup": r["warmup"], "ema": r["ema"], "grad_clip": None,
+            "bf16": False, "world_size": 1, "recipe": "experiments.ring8_recipes.ring8_recipe()"}
+    state = net.state_dict()
+    T.save_checkpoint(path, {"format": T.CHECKPOINT_FORMAT, "meta": meta, "step": int(step), "model": state,
+                             "ema": {"module": state, "updates": int(step), "decay": float(r["ema"]),
+                                     "warmup": True}})
 
 
-def run(quick: bool = False, seed: int = 0, checkpoint: str | None = None):
+def run(quick: bool = False, seed: int = 0, checkpoint: str | None = None, cache=DEFAULT_CACHE):
     torch.set_num_threads(1)
     sch = S.VPLinear()
     tg = ring8()
-    stages = (50, 150) if quick else (200, 600, 2000)
+    stages = (50, 150) if quick else RECIPE_STAGES
     fp = dict(cells=48 if quick else 96, half_width=5.0, steps=30 if quick else 100)
     prof_kw = dict(n_times=12 if quick else 24, n=500 if quick else 2000, seed=seed)
-    trained, trainer = train_stages(stages, quick, seed)
+    trained, sigma_data, r, data = train_stages(stages, quick, seed, cache)
     if checkpoint:
-        T.save_checkpoint(checkpoint, trainer.state_dict())
-    sigma_data = trainer.objective.sigma_data
+        save_checkpoint(checkpoint, trained[-1][1], sigma_data, r, data, seed, trained[-1][0])
     rows, profiles = [], {}
     for step, net, secs in trained:
-        field = T.learned_field(net, sch, "eps", sigma_data=sigma_data)
+        field = T.learned_field(net, sch, r["prediction"], sigma_data=sigma_data)
         prof = Dg.score_error_profile(field, tg, **prof_kw)
         kb = Dg.kl_bound(field, tg, profile=prof, **fp)
         ints = prof.integrals()
-        rows.append({"stage": f"step {step}", "step": step, "train_seconds": secs, "kl_truth": kb.truth,
+        rows.append({"stage": f"step {step}", "step": step, "train_cpu_s": secs, "kl_truth": kb.truth,
                      "kl_bound": kb.bound, "kl_bound_se": kb.bound_se, "ratio": kb.ratio, "fp_tv": kb.tv,
                      "I_likelihood": ints["likelihood"]["value"], "I_eps": ints["eps"]["value"],
                      "I_eps_se": ints["eps"]["se"], "e_t_min": float(prof.e[0]), "e_eps_t_min": float(prof.e_eps[0])})
         profiles[step] = prof
     exact_kb = Dg.kl_bound(tg.field(sch), tg, n_times=4, n=50, **fp)
-    rows.append({"stage": "exact field", "step": -1, "train_seconds": 0.0, "kl_truth": exact_kb.truth,
+    rows.append({"stage": "exact field", "step": -1, "train_cpu_s": 0.0, "kl_truth": exact_kb.truth,
                  "kl_bound": exact_kb.bound, "kl_bound_se": exact_kb.bound_se, "ratio": float("nan"),
                  "fp_tv": exact_kb.tv, "I_likelihood": 0.0, "I_eps": 0.0, "I_eps_se": 0.0, "e_t_min": 0.0,
                  "e_eps_t_min": 0.0})
-    final = T.learned_field(trained[-1][1], sch, "eps", sigma_data=sigma_data)
+    final = T.learned_field(trained[-1][1], sch, r["prediction"], sigma_data=sigma_data)
     n = 1000 if quick else 4000
     dec = {name: Dg.decompose_sampler_error(f, tg, SAMPLERS, NFES, n=n, seed=seed)
            for name, f in (("learned", final), ("exact", tg.field(sch)))}
@@ -103,9 +110,10 @@ def run(quick: bool = False, seed: int = 0, checkpoint: str | None = None):
                 "discretisation_ranking_survives": survives_dis,
                 "mmd2_network": dec["learned"]["reference"]["mmd2_network"],
                 "mmd2_network_se": dec["learned"]["reference"]["mmd2_network_se"]}
-    settings = {"target": tg.settings(), "schedule": sch.settings(), "model": MODEL, "stages": list(stages),
+    settings = {"target": tg.settings(), "schedule": sch.settings(), "model": _model_kwargs(dict(r), data),
+                "recipe": dict(r, importance=None), "stages": list(stages), "n_train": int(data.shape[0]),
                 "fokker_planck": fp, "profile": prof_kw, "decomposition": {"samplers": SAMPLERS, "nfes": NFES, "n": n},
-                "optimizer": "AdamW lr 2e-3, EMA 0.999, batch 1024 (256 quick)", "seed": seed, "quick": quick}
+                "clock": "time.process_time, torch 1 thread, pilot included", "seed": seed, "quick": quick}
     return rows, {"settings": settings, "headline": headline, "profiles": profiles, "decomposition": dec_rows,
                   "final_field": final}
 
@@ -169,10 +177,12 @@ def figure(rows, profiles, dec_rows, path: str) -> None:
 def main(argv=None):
     p = _common.parser(__doc__.split("\n")[0], "docs/figures")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="also save the final training state as a checkpoint (for diffusion-lab diagnose / compare)")
+                   help="also save the final EMA network as a checkpoint (for diffusion-lab diagnose / compare)")
+    p.add_argument("--cache", default=DEFAULT_CACHE, metavar="DIR",
+                   help=f"store the trained networks in DIR and reuse them (default {DEFAULT_CACHE}; '' for none)")
     args = p.parse_args(argv)
-    rows, meta = run(args.quick, args.seed, args.checkpoint)
-    print(_common.table(rows, ["stage", "train_seconds", "I_eps", "kl_bound", "kl_truth", "ratio", "fp_tv"]))
+    rows, meta = run(args.quick, args.seed, args.checkpoint, args.cache or None)
+    print(_common.table(rows, ["stage", "train_cpu_s", "I_eps", "kl_bound", "kl_truth", "ratio", "fp_tv"]))
     print(_common.table(meta["decomposition"], ["field", "sampler", "nfe_budget", "mmd2_total", "mmd2_total_se",
                                                 "mmd_rank", "mmd2_network", "mmd2_discretisation",
                                                 "mmd2_discretisation_se", "discretisation_rank", "flow_error"]))

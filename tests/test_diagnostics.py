@@ -258,6 +258,7 @@ def test_compare_checkpoint_reports_network_and_discretisation(small_checkpoint,
 
     from diffusion_lab import training as T
     from diffusion_lab.cli import main
+    from diffusion_lab.distributed import initial_noise
     from diffusion_lab.metrics import mmd_bandwidth
     from diffusion_lab.samplers import sample
 
@@ -270,8 +271,8 @@ def test_compare_checkpoint_reports_network_and_discretisation(small_checkpoint,
     assert float(row["mmd2_network"]) == pytest.approx(ref["mmd2_adaptive"], rel=1e-12)
     field = T.field_from_checkpoint(T.load_checkpoint(small_checkpoint))
     sch = field.schedule
-    x_T = torch.randn((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64) \
-        * float(sch.sigma(torch.tensor(sch.t_max, dtype=torch.float64)))
+    # compare's seeding (diffusion_lab.distributed): start i from (seed 0, i); 64 samples are one batch
+    x_T = initial_noise(0, 0, 64, (2,), float(sch.sigma(torch.tensor(sch.t_max, dtype=torch.float64))))
     flow = sample(field, x_T, "adaptive", rtol=1e-5, atol=1e-5).x
     heun = sample(field, x_T, "heun", nfe=8).x
     bw = mmd_bandwidth(ring8().marginal(sch, sch.t_min))
@@ -396,7 +397,7 @@ def test_score_error_experiment_quick_run():
     """The experiment's quick run: the bound holds at every stage and the exact field's grid KL is the floor."""
     from experiments import score_error
 
-    rows, meta = score_error.run(quick=True)
+    rows, meta = score_error.run(quick=True, cache=None)
     stages = [r for r in rows if r["step"] >= 0]
     assert all(r["kl_truth"] <= r["kl_bound"] + 4 * r["kl_bound_se"] for r in stages)
     floor = [r for r in rows if r["step"] < 0][0]["kl_truth"]
