@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import check, compare, diagnose, fokker_planck, likelihood, sample, train
+from . import check, compare, diagnose, distill, fokker_planck, likelihood, sample, train
 from ._common import _Parser
 
 __all__ = ["build_parser", "main"]
 
 # in the order of `diffusion-lab --help`
-_SUBCOMMANDS = (check, compare, likelihood, fokker_planck, train, sample, diagnose)
+_SUBCOMMANDS = (check, compare, likelihood, fokker_planck, train, distill, sample, diagnose)
 
 
 def build_parser(prog: str = "diffusion-lab") -> argparse.ArgumentParser:

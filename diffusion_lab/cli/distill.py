@@ -1,0 +1,547 @@
+"""`diffusion-lab distill`: distil a teacher field (an exact target's or a `train` checkpoint's) into a learned flow
+map Psi_theta(x, s, t) (``diffusion_lab.flowmap``), with checkpoints that resume bitwise, and measure it at 1, 2 and 4
+network calls."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+from . import _common as C
+
+#: The format tag of a distillation checkpoint (``load_distill_checkpoint``).
+DISTILL_FORMAT = "diffusion_lab.distill/1"
+
+#: checkpoint settings that must match for --resume to continue the same run
+_RESUME_KEYS = ("method", "teacher", "schedule", "data", "n_train", "seed", "network", "sigma_data", "batch",
+                "grid_steps", "grid_kind", "solver", "lr", "target_decay", "ema_decay", "loss", "huber_c")
+
+#: methods whose trainers this version does not have; named here so that asking for one gets a clear refusal
+PENDING = {
+    "ct": "consistency training without a teacher (Song et al. 2023, Algorithm 3)",
+    "meanflow": "MeanFlow (Geng et al. 2025)",
+    "shortcut": "shortcut models (Frans et al. 2025)",
+    "reflow": "rectified-flow reflow (Liu et al. 2023)",
+}
+
+QUICK_STEPS, QUICK_EVAL_N = 400, 1000
+EVAL_STEPS = (1, 2, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# the resumable trainer of cd / ctm
+
+class ConsistencyRun:
+    r"""``flowmap.distill`` (method "cd" or "ctm") cut at step boundaries, with a state a checkpoint can hold.
+
+    Step for step the same draws from the same generator, the same loss
+    d(Psi_theta(x, tau_n, tau_m), Psi_theta-(xhat, tau_{n-1}, tau_m)) with xhat one teacher step tau_n -> tau_{n-1},
+    the same Adam, target-EMA (theta- <- mu theta- + (1 - mu) theta) and evaluation-EMA updates and the same log
+    records as ``distill`` (tests/test_cli_distill.py checks bitwise equality); what ``distill`` keeps in local
+    variables lives here: the online weights (in ``psi``), both EMAs, Adam's moments, the generator, the open log
+    interval and the teacher-call count. ``run(steps)`` continues to a total of ``steps``.
+    """
+
+    def __init__(self, psi, teacher, data, *, method: str = "cd", solver: str = "heun", batch: int = 256,
+                 grid_steps: int = 16, grid_kind: str = "logsnr", lr: float = 1e-3, target_decay: float = 0.95,
+                 ema_decay: float = 0.999, seed: int = 0, loss: str = "l2", huber_c: float | None = None,
+                 log_every: int = 100):
+        import torch
+
+        from ..flowmap import DISTILL_LOSSES, TEACHER_SOLVERS, FlowMap
+        from ..samplers.grids import time_grid
+        from ..training import EMA
+
+        if method not in ("cd", "ctm"):
+            raise ValueError(f"ConsistencyRun trains 'cd' or 'ctm', got {method!r}")
+        if solver not in TEACHER_SOLVERS:
+            raise ValueError(f"unknown teacher solver {solver!r}; choose one of {TEACHER_SOLVERS}")
+        if loss not in DISTILL_LOSSES:
+            raise ValueError(f"unknown consistency loss {loss!r}; choose one of {DISTILL_LOSSES}")
+        if psi.schedule.settings() != teacher.schedule.settings():
+            raise ValueError(f"student schedule {psi.schedule!r} differs from the teacher's {teacher.schedule!r}")
+        self.psi, self.teacher, self.data = psi, teacher, data
+        self.method, self.solver, self.batch, self.grid_steps = method, solver, int(batch), int(grid_steps)
+        self.loss_kind, self.huber_c, self.log_every = loss, huber_c, int(log_every)
+        sch = psi.schedule
+        self.grid = time_grid(sch, self.grid_steps, grid_kind).flip(0)  # ascending tau_0 = t_min .. tau_N = t_max
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.dtype = next(p for p in psi.net.parameters() if p.is_floating_point()).dtype
+        self.target = EMA(psi.net, target_decay, warmup=False)
+        self.ema = EMA(psi.net, ema_decay, warmup=True)
+        self.psi_target = FlowMap(self.target.module, sch, psi.sigma_data)
+        self.opt = torch.optim.Adam(psi.net.parameters(), lr=lr)
+        self.step, self.history, self.acc, self.acc_n, self.teacher_calls = 0, [], 0.0, 0, 0
+
+    def train_step(self) -> float:
+        """One optimiser step (the body of ``distill``'s loop); returns the batch loss."""
+        import torch
+
+        from .._tensor import bcast
+        from ..flowmap import distance, teacher_step
+
+        g, batch, sch, dtype = self.generator, self.batch, self.psi.schedule, self.dtype
+        idx = torch.randint(0, self.data.shape[0], (batch,), generator=g)
+        x0 = self.data[idx].to(dtype)
+        n = torch.randint(1, self.grid_steps + 1, (batch,), generator=g)
+        if self.method == "ctm":
+            m = (torch.rand(batch, generator=g, dtype=torch.float64) * n).long()  # uniform in {0..n-1}
+        else:
+            m = torch.zeros_like(n)
+        s, u, t = self.grid[n], self.grid[n - 1], self.grid[m]
+        z = torch.randn(x0.shape, generator=g, dtype=dtype)
+        x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
+        calls0 = self.teacher.nfe
+        with torch.no_grad():
+            xhat = teacher_step(self.teacher, x.to(torch.float64), s, u, self.solver).to(dtype)
+            y = self.psi_target(xhat, u, t)
+        self.teacher_calls += self.teacher.nfe - calls0
+        loss = distance(self.psi(x, s, t), y, self.loss_kind, self.huber_c).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.target.update(self.psi.net)
+        self.ema.update(self.psi.net)
+        return float(loss.detach())
+
+    def run(self, steps: int, *, on_log=None, ckpt_every: int = 0, on_checkpoint=None) -> None:
+        """Train from ``self.step`` to ``steps``; ``on_log(record)`` after each log record, ``on_checkpoint(self)``
+        every ``ckpt_every`` steps before the last (the caller saves the final state itself)."""
+        self.psi.net.train()
+        try:
+            while self.step < steps:
+                loss = self.train_step()
+                self.step += 1
+                self.acc, self.acc_n = self.acc + loss, self.acc_n + 1
+                if self.step % self.log_every == 0 or self.step == steps:
+                    rec = {"step": self.step, "loss": self.acc / self.acc_n}
+                    self.history.append(rec)
+                    self.acc, self.acc_n = 0.0, 0
+                    if on_log is not None:
+                        on_log(rec)
+                if ckpt_every and self.step % ckpt_every == 0 and self.step < steps and on_checkpoint is not None:
+                    on_checkpoint(self)
+        finally:
+            self.psi.net.eval()
+
+    def flow_map(self):
+        """The evaluation map: the EMA weights (``DistillResult.psi_ema``)."""
+        from ..flowmap import FlowMap
+
+        return FlowMap(self.ema.module, self.psi.schedule, self.psi.sigma_data)
+
+    def state_dict(self) -> dict:
+        """Tensors and plain containers only (``torch.load(weights_only=True)``)."""
+        from ..training import rng_state
+
+        return {"step": self.step, "net": self.psi.net.state_dict(), "target": self.target.state_dict(),
+                "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "generator": self.generator.get_state(),
+                "rng": rng_state(), "history": [dict(r) for r in self.history], "acc": self.acc, "acc_n": self.acc_n,
+                "teacher_calls": self.teacher_calls}
+
+    def load_state_dict(self, sd: dict) -> None:
+        from ..training import set_rng_state
+
+        self.psi.net.load_state_dict(sd["net"])
+        self.target.load_state_dict(sd["target"])
+        self.ema.load_state_dict(sd["ema"])
+        self.opt.load_state_dict(sd["opt"])
+        self.generator.set_state(sd["generator"])
+        set_rng_state(sd["rng"])
+        self.step, self.history = int(sd["step"]), [dict(r) for r in sd["history"]]
+        self.acc, self.acc_n, self.teacher_calls = float(sd["acc"]), int(sd["acc_n"]), int(sd["teacher_calls"])
+
+
+def _consistency(method):
+    def build(psi, teacher, data, settings, log_every):
+        keys = ("solver", "batch", "grid_steps", "grid_kind", "lr", "target_decay", "ema_decay", "seed", "loss",
+                "huber_c")
+        return ConsistencyRun(psi, teacher, data, method=method, log_every=log_every,
+                              **{k: settings[k] for k in keys})
+
+    return build
+
+
+#: method name -> builder(psi, teacher, data, settings, log_every) of a resumable run (``ConsistencyRun``'s interface)
+TRAINERS = {"cd": _consistency("cd"), "ctm": _consistency("ctm")}
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+def load_distill_checkpoint(path: str) -> dict:
+    """torch.load(path, weights_only=True) of a `distill` checkpoint; ValueError naming the path and what is wrong
+    for a file that is not one, FileNotFoundError for a missing file."""
+    import warnings
+
+    import torch
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no distillation checkpoint at {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, or a pickle of other objects
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is not a readable diffusion_lab distillation checkpoint ({type(exc).__name__}"
+                         f"{': ' + reason if reason else ''})") from None
+    if not isinstance(sd, dict) or sd.get("format") != DISTILL_FORMAT:
+        raise ValueError(f"{path} is not a diffusion_lab distillation checkpoint (expected format {DISTILL_FORMAT!r}; "
+                         f"a `diffusion-lab train` checkpoint is a teacher, not a flow map)")
+    missing = [k for k in ("meta", "state") if k not in sd]
+    if missing:
+        raise ValueError(f"{path}: distillation checkpoint without {', '.join(missing)}")
+    return sd
+
+
+def flow_map_from_checkpoint(sd_or_path, ema: bool = True):
+    """(FlowMap with the EMA weights (or the online ones), meta) of a `distill` checkpoint (path or loaded dict)."""
+    from ..flowmap import FlowMap, TwoTimeMLP
+    from ..training import schedule_from_settings
+
+    sd = load_distill_checkpoint(sd_or_path) if isinstance(sd_or_path, str) else sd_or_path
+    meta = sd["meta"]
+    net = TwoTimeMLP(**meta["network"])
+    net.load_state_dict(sd["state"]["ema"]["module"] if ema else sd["state"]["net"])
+    net.eval()
+    return FlowMap(net, schedule_from_settings(meta["schedule"]), sigma_data=float(meta["sigma_data"])), meta
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+
+def add_parser(sub):
+    from ..flowmap import DISTILL_LOSSES, TEACHER_SOLVERS
+    from ..samplers.grids import GRID_KINDS
+    from ..schedules import SCHEDULES
+
+    p = sub.add_parser(
+        "distill",
+        help="distil a teacher field into a few-step flow map (consistency distillation, two-time CTM)",
+        description=(
+            "Distil the PF-ODE of a teacher into a learned flow map Psi(x, s, t) (diffusion_lab.flowmap): "
+            "--teacher is an exact target (its exact field) or a `diffusion-lab train` checkpoint (its EMA network). "
+            f"Methods: {', '.join(TRAINERS)} (consistency distillation, Song et al. 2023; its two-time version after "
+            "Kim et al. 2024). Writes checkpoint.pt (the map, both EMAs, Adam, every RNG state; loads with "
+            "torch.load(weights_only=True); `diffusion-lab compare --flow-map` reads it), distill_log.csv, "
+            "summary.json (settings, teacher evaluations, the 1/2/4-call errors against the exact flow map when the "
+            "teacher is exact, or against the teacher's own PF-ODE, MMD^2 to the exact law on exact-target data) and "
+            "loss.png (+ samples.png for 2-D data) to --out, which must be new or empty unless --overwrite. "
+            "--resume continues from --out/checkpoint.pt to --steps; the result is bitwise that of one "
+            "uninterrupted run. --quick: 400 steps, 1000 evaluation samples."
+        ),
+    )
+    p.add_argument("--teacher", default="ring8", metavar="TARGET_OR_CHECKPOINT",
+                   help="an exact target name (ring8, ...: the exact field, data drawn from it) or the path of a "
+                        "`train` checkpoint (default ring8)")
+    p.add_argument("--method", default="cd", metavar="METHOD",
+                   help=f"distillation method: {', '.join(TRAINERS)} (default cd)")
+    p.add_argument("--schedule", default=None, choices=sorted(SCHEDULES),
+                   help="noise schedule of an exact-target teacher (default vp); a checkpoint teacher has its own")
+    p.add_argument("--steps", type=int, default=None, help="total optimiser steps (default 3000; --quick 400)")
+    p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--grid-steps", type=int, default=18, help="N intervals of the distillation grid (default 18)")
+    p.add_argument("--grid-kind", default="logsnr", choices=GRID_KINDS, help="distillation grid (default logsnr)")
+    p.add_argument("--solver", default="heun", choices=TEACHER_SOLVERS,
+                   help="one teacher step: heun (2 evaluations) or ddim (1) (default heun)")
+    p.add_argument("--target-decay", type=float, default=0.95,
+                   help="mu of the target network theta- (default 0.95, Song et al. 2023)")
+    p.add_argument("--ema", type=float, default=0.999, help="evaluation EMA decay (default 0.999)")
+    p.add_argument("--loss", default="l2", choices=DISTILL_LOSSES, help="consistency distance (default l2)")
+    p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber constant c (default 0.00054 sqrt(D))")
+    p.add_argument("--hidden", type=int, default=64, help="TwoTimeMLP width (default 64)")
+    p.add_argument("--depth", type=int, default=3, help="TwoTimeMLP residual blocks (default 3)")
+    p.add_argument("--n-train", type=int, default=20000, help="data samples drawn from 2-D data (default 20000)")
+    C.add_seed(p)
+    p.add_argument("--log-every", type=int, default=100, help="log interval in steps (default 100)")
+    p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps (default 500; 0: end only)")
+    p.add_argument("--eval-n", type=int, default=None, metavar="N",
+                   help="held-out samples x_T of the evaluation (default 2000; --quick 1000)")
+    p.add_argument("--ref-rtol", type=float, default=None, metavar="RTOL",
+                   help="tolerance of the reference map the errors are measured against (default 1e-8 for the exact "
+                        "map by DOP853, 1e-6 for a learned teacher's PF-ODE by adaptive Dormand-Prince)")
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps and {QUICK_EVAL_N} evaluation samples "
+                                                        "unless given (under 2 minutes on one CPU thread)")
+    C.add_threads(p)
+    C.add_out(p, "results/distill")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out/checkpoint.pt to --steps (the folder's other files are rewritten)")
+    C.add_no_plot(p, "skip loss.png and samples.png")
+    C.add_figure_options(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def _check_options(args, parser) -> None:
+    from ..targets import TARGETS
+
+    if args.method in PENDING:
+        parser.error(f"--method {args.method}: {PENDING[args.method]} is not available in this version (no trainer); "
+                     f"available: {', '.join(TRAINERS)}")
+    if args.method not in TRAINERS:
+        parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(TRAINERS)}")
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else 3000
+    if args.eval_n is None:
+        args.eval_n = QUICK_EVAL_N if args.quick else 2000
+    for name in ("steps", "batch", "grid_steps", "hidden", "depth", "n_train", "log_every"):
+        C.at_least(parser, f"--{name.replace('_', '-')}", getattr(args, name), 1)
+    C.at_least(parser, "--ckpt-every", args.ckpt_every, 0)
+    C.at_least(parser, "--eval-n", args.eval_n, 2)
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    for name in ("target_decay", "ema"):
+        v = getattr(args, name)
+        if not 0 <= v < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
+    if args.ref_rtol is not None and not 0 < args.ref_rtol < 1:
+        parser.error(f"--ref-rtol must be in (0, 1), got {args.ref_rtol}")
+    if args.huber_c is not None and not (args.huber_c > 0 and math.isfinite(args.huber_c)):
+        parser.error(f"--huber-c must be > 0, got {args.huber_c}")
+    if args.teacher not in TARGETS and not os.path.isfile(args.teacher):
+        parser.error(f"--teacher {args.teacher!r} is neither an exact target ({', '.join(sorted(TARGETS))}) nor a "
+                     f"checkpoint file")
+
+
+def _teacher(args, parser):
+    """(teacher field, data, teacher description dict, exact target or None, data name) of --teacher."""
+    from .. import training as T
+    from ..schedules import get_schedule
+    from ..targets import TARGETS, get_target
+    from ._learned import train_data
+
+    if args.teacher in TARGETS:
+        schedule = get_schedule(args.schedule or "vp")
+        tg = get_target(args.teacher)
+        x, _, _ = train_data(args.teacher, args.n_train, args.seed, False)
+        desc = {"kind": "exact", "target": args.teacher, "schedule": schedule.settings()}
+        return tg.field(schedule), x, desc, tg, args.teacher
+    try:
+        state = T.load_checkpoint(args.teacher)
+    except ValueError as exc:
+        parser.error(f"--teacher: {exc}")
+    meta = state["meta"]
+    if meta.get("num_classes"):
+        parser.error(f"--teacher {args.teacher}: a class-conditional network needs labels; distill takes "
+                     "unconditional ones")
+    field = T.field_from_checkpoint(state)
+    if args.schedule is not None and field.schedule.settings() != get_schedule(args.schedule).settings():
+        parser.error(f"--schedule {args.schedule}: the teacher checkpoint was trained on {meta['schedule']}; "
+                     "leave --schedule out")
+    try:
+        x, _, _ = train_data(meta["data"], args.n_train, args.seed, False)
+    except ValueError as exc:
+        parser.error(f"--teacher {args.teacher}: its data {meta['data']!r}: {exc}")
+    desc = {"kind": "checkpoint", "path": os.path.abspath(args.teacher), "step": int(state["step"]),
+            "model": meta["model"], "prediction": meta["prediction"], "data": meta["data"],
+            "schedule": meta["schedule"]}
+    tg = get_target(meta["data"]) if meta["data"] in TARGETS else None
+    return field, x, desc, tg, meta["data"]
+
+
+def _meta(args, field, x, teacher_desc, data_name) -> dict:
+    return {"method": args.method, "teacher": teacher_desc, "schedule": field.schedule.settings(), "data": data_name,
+            "data_shape": list(x.shape[1:]), "n_train": int(x.shape[0]), "seed": args.seed,
+            "network": {"dim": int(math.prod(x.shape[1:])), "hidden": args.hidden, "depth": args.depth},
+            "sigma_data": round(float(x.std()), 6), "batch": args.batch, "grid_steps": args.grid_steps,
+            "grid_kind": args.grid_kind, "solver": args.solver, "lr": args.lr, "target_decay": args.target_decay,
+            "ema_decay": args.ema, "loss": args.loss, "huber_c": args.huber_c}
+
+
+def _build_run(meta, field, x, log_every):
+    import torch
+
+    from ..flowmap import FlowMap, TwoTimeMLP
+
+    torch.manual_seed(meta["seed"])
+    psi = FlowMap(TwoTimeMLP(**meta["network"]), field.schedule, sigma_data=meta["sigma_data"])
+    return TRAINERS[meta["method"]](psi, field, x, {**meta, "ema_decay": meta["ema_decay"]}, log_every)
+
+
+def _resume(args, parser, run_, meta, ckpt) -> None:
+    if not os.path.exists(ckpt):
+        parser.error(f"--resume: no checkpoint at {ckpt}")
+    try:
+        sd = load_distill_checkpoint(ckpt)
+    except ValueError as exc:
+        parser.error(f"--resume: {exc}")
+    diff = [k for k in _RESUME_KEYS if sd["meta"].get(k) != meta[k]]
+    if diff:
+        k = diff[0]
+        parser.error(f"--resume: the checkpoint was distilled with {k}={sd['meta'].get(k)!r}, this run asks for "
+                     f"{meta[k]!r}")
+    if sd["state"]["step"] > args.steps:
+        parser.error(f"--resume: the checkpoint is at step {sd['state']['step']}, beyond --steps {args.steps}")
+    run_.load_state_dict(sd["state"])
+
+
+def _save(path, meta, run_) -> None:
+    from ..training import save_checkpoint
+
+    save_checkpoint(path, {"format": DISTILL_FORMAT, "meta": meta, "state": run_.state_dict()})
+
+
+def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | None = None) -> dict:
+    """The flow map (EMA weights) at k = 1, 2, 4 calls on n held-out x_T ~ p_{t_max}: the deterministic chain's
+    mean / 90th-percentile ||x_hat - Phi(x_T)|| against the reference map (the exact PF-ODE map by DOP853, rtol =
+    ``rtol`` (default 1e-8), atol = rtol / 100, for an exact teacher; the teacher's own PF-ODE by adaptive
+    Dormand-Prince at rtol = atol = ``rtol`` (default 1e-6) for a learned one),
+    and, on exact-target data, the MMD^2 to the exact law p_{t_min} of the chain and of multistep consistency
+    sampling; the same for the teacher's own chain of solver steps over the distillation grid (the map distillation
+    converges to)."""
+    import torch
+
+    from ..flowmap import teacher_step
+    from ..metrics import mmd2_exact
+    from ..reference import flow_map
+    from ..samplers import sample
+    from ..samplers.grids import time_grid
+
+    sch = field.schedule
+    g = torch.Generator().manual_seed(seed + 2)
+    exact = meta["teacher"]["kind"] == "exact"
+    if target is not None:
+        x_T = target.marginal(sch, sch.t_max).sample(n, g)
+    else:
+        sigma_T = float(sch.sigma(torch.tensor(sch.t_max, dtype=torch.float64)))
+        x_T = torch.randn((n, *meta["data_shape"]), generator=g, dtype=torch.float64) * sigma_T
+    nfe0 = field.nfe
+    if exact:
+        rtol = 1e-8 if rtol is None else rtol
+        ref, _ = flow_map(field, x_T, sch.t_max, sch.t_min, rtol=rtol, atol=rtol / 100)
+        ref_desc = f"the exact PF-ODE flow map (DOP853, rtol {rtol:g})"
+    else:
+        rtol = 1e-6 if rtol is None else rtol
+        ref = sample(field, x_T, "adaptive", rtol=rtol, atol=rtol).x
+        ref_desc = f"the teacher's PF-ODE (adaptive Dormand-Prince 5(4), rtol = atol = {rtol:g})"
+    ref_nfe = field.nfe - nfe0
+    law = target.marginal(sch, sch.t_min) if target is not None else None
+    pp = mmd2_exact(ref.reshape(n, -1), law).pp if law is not None else None
+
+    def err(x):
+        e = (x.double() - ref).reshape(n, -1).norm(dim=1)
+        return float(e.mean()), float(e.quantile(0.9))
+
+    def mmd(x):
+        if law is None:
+            return {}
+        m = mmd2_exact(x.double().reshape(n, -1), law, pp=pp)
+        return {"mmd2": m.mmd2, "mmd2_se": m.se}
+
+    rows = [{"sampler": "reference", "nfe": ref_nfe, "err_mean": 0.0, "err_p90": 0.0, **mmd(ref)}]
+    grid = time_grid(sch, meta["grid_steps"], meta["grid_kind"])
+    chain = x_T.clone()
+    calls0 = field.nfe
+    for i in range(meta["grid_steps"]):
+        chain = teacher_step(field, chain, float(grid[i]), float(grid[i + 1]), meta["solver"])
+    em, e90 = err(chain)
+    rows.append({"sampler": f"teacher {meta['solver']} x{meta['grid_steps']}", "nfe": field.nfe - calls0,
+                 "err_mean": em, "err_p90": e90, **mmd(chain)})
+    samples = {}
+    for k in EVAL_STEPS:
+        for variant, noise in (("chain", False), ("multistep", True)):
+            if noise and k == 1:
+                continue
+            res = sample(psi, x_T, "flow_map", steps=k, noise_reinjection=noise,
+                         generator=torch.Generator().manual_seed(seed + 3))
+            row = {"sampler": f"flow map {variant}", "nfe": res.nfe, "err_mean": math.nan, "err_p90": math.nan}
+            if not noise:
+                row["err_mean"], row["err_p90"] = err(res.x)
+                samples[k] = res.x
+            rows.append({**row, **mmd(res.x)})
+    return {"reference": ref_desc, "reference_nfe": ref_nfe, "n": n, "rows": rows, "samples": samples, "x_T": x_T,
+            "ref": ref}
+
+
+def _figures(args, meta, run_, ev) -> list:
+    from ..plots import loss_curve, sample_panels
+
+    written = []
+    if run_.history:
+        name = f"loss.{args.format}"
+        loss_curve(run_.history, os.path.join(args.out, name),
+                   title=f"distill {meta['method']} from {args.teacher} ({meta['solver']} teacher)")
+        written.append(name)
+    if meta["data_shape"] == [2]:
+        name = f"samples.{args.format}"
+        panels = {"reference": ev["ref"], **{f"{k}": ev["samples"][k] for k in EVAL_STEPS}}
+        titles = {"reference": "reference map Phi(x_T)",
+                  **{f"{k}": f"flow map, {k} call{'s' if k > 1 else ''} (chain)" for k in EVAL_STEPS}}
+        sample_panels(panels, os.path.join(args.out, name), titles)
+        written.append(name)
+    return written
+
+
+def run(args, parser) -> int:
+    _check_options(args, parser)
+    C.set_threads(args, parser)
+    C.check_figure_options(args, parser)
+    field, x, teacher_desc, target, data_name = _teacher(args, parser)
+    meta = _meta(args, field, x, teacher_desc, data_name)
+    try:
+        run_ = _build_run(meta, field, x, args.log_every)
+    except ValueError as exc:
+        parser.error(str(exc))
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    if args.resume:
+        _resume(args, parser, run_, meta, ckpt)
+    C.prepare_out(args, parser, ["checkpoint.pt", "checkpoint.pt.tmp", "distill_log.csv", "summary.json",
+                                 *C.figure_names("loss", "samples")], keep=("checkpoint.pt",) if args.resume else ())
+    n_par = sum(p.numel() for p in run_.psi.net.parameters())
+    print(f"distill {meta['method']} from {args.teacher} ({teacher_desc['kind']} teacher, {meta['solver']} step, "
+          f"{meta['grid_steps']}-step {meta['grid_kind']} grid) into TwoTimeMLP ({n_par:,} parameters); schedule "
+          f"{meta['schedule']['name']}; from step {run_.step} to "
+          f"{args.steps}", flush=True)
+    t0 = time.perf_counter()
+
+    def on_log(rec):
+        print(f"step {rec['step']:6d}  loss {rec['loss']:.6f}  teacher calls {run_.teacher_calls}  "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+
+    run_.run(args.steps, on_log=on_log, ckpt_every=args.ckpt_every, on_checkpoint=lambda r: _save(ckpt, meta, r))
+    _save(ckpt, meta, run_)
+    train_s = time.perf_counter() - t0
+    ev = evaluate(run_.flow_map(), field, target, meta, args.eval_n, args.seed, args.ref_rtol)
+    rows = ev["rows"]
+    _print_evaluation(args, meta, run_, ev, train_s)
+    written = ["checkpoint.pt"]
+    if run_.history:
+        C.write_csv(os.path.join(args.out, "distill_log.csv"), run_.history)
+        written.append("distill_log.csv")
+    summary = {"command": "diffusion-lab distill", "settings": {**meta, "steps": args.steps, "quick": args.quick,
+                                                                 "eval_n": args.eval_n, "ref_rtol": args.ref_rtol},
+               "teacher_calls": run_.teacher_calls, "teacher_evals": run_.teacher_calls * meta["batch"],
+               "teacher_calls_per_step": run_.teacher_calls / max(run_.step, 1),
+               "final_loss": run_.history[-1]["loss"] if run_.history else None,
+               "evaluation": {"reference": ev["reference"], "reference_nfe": ev["reference_nfe"], "n": ev["n"],
+                              "law": "exact p_t_min" if target is not None else None, "rows": rows},
+               "seconds_this_run": train_s, "versions": C.versions()}
+    C.write_json(os.path.join(args.out, "summary.json"), summary, default=str)
+    written.append("summary.json")
+    if not args.no_plot:
+        from ..plots import style
+
+        with style(dpi=args.dpi):
+            written += _figures(args, meta, run_, ev)
+    C.wrote(written, args.out, f"({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _print_evaluation(args, meta, run_, ev, train_s) -> None:
+    rows = ev["rows"]
+    has_mmd = "mmd2" in rows[0]
+    print(f"step {run_.step}: {run_.teacher_calls} teacher calls ({run_.teacher_calls * meta['batch']:,} teacher "
+          f"evaluations), {train_s:.1f} s; evaluated on {ev['n']} x_T against {ev['reference']}")
+    hdr = f"{'sampler':22s} {'NFE':>4s} {'err mean':>10s} {'err p90':>10s}" + (
+        f" {'MMD^2':>10s} {'SE':>8s}" if has_mmd else "")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        em = "-" if math.isnan(r["err_mean"]) else f"{r['err_mean']:.4f}"
+        e9 = "-" if math.isnan(r["err_p90"]) else f"{r['err_p90']:.4f}"
+        print(f"{r['sampler']:22s} {r['nfe']:4d} {em:>10s} {e9:>10s}"
+              + (f" {r['mmd2']:10.2e} {r['mmd2_se']:8.1e}" if has_mmd else ""))
+    sys.stdout.flush()
