@@ -72,7 +72,7 @@ negative beyond 1.22 standard deviations, but only at O(u^2) = O(SNR(t_0)^{-2}) 
 below any Monte-Carlo error; its mean is sum_j [log(1+u_j) + 1/(1+u_j) - 1]/2 = sum_j u_j^2/4 + O(u^3). The per-sample
 inequality that holds exactly is against log p_theta, the law at t_0 pushed through the decoder (for Gaussian data
 N(mu, alpha_0^2 Sigma C_0^{-1} Sigma + V I), C_0 = alpha_0^2 Sigma + sigma_0^2 I, whose gap is the constant
-sum_j u_j^2/4 + O(u^3)). Both mismatches vanish as t_0 -> 0 (V -> 0) and T -> infinity (p_T -> the prior).
+sum_j u_j^2/4 + O(u^3), non-negative for every x, with an x-dependence only at O(u^3)). Both mismatches vanish as t_0 -> 0 (V -> 0) and T -> infinity (p_T -> the prior).
 ``gaussian_elbo_closed_form`` gives every term for Gaussian data in closed form; ``exact_elbo_terms`` estimates them
 for Gaussian mixtures by Monte Carlo over z. In discrete time the exact field's reverse kernels
 q(z_s | z_t, x_hat) are not the true reverse kernels, and the bound loses a further O(1/N) (``gaussian_diffusion_term``).
@@ -106,7 +106,8 @@ class ELBOResult:
     (``bpd`` = -elbo/(d ln 2), an upper bound on the NLL in bits/dim), the three terms of -ELBO as per-sample losses
     (``terms``: "prior", "reconstruction", "diffusion"; -elbo = their sum) with their SEs (``term_se``), and for the
     discrete bound the per-step terms L_1..L_N averaged over the batch (``per_step``, index i - 1 = step from t_i to
-    t_{i-1}, t_0 = t_min) with their SEs. ``nfe`` counts field evaluations (batched calls)."""
+    t_{i-1}, t_0 = t_min) with their SEs. ``nfe`` counts field calls (each batched over many rows);
+    ``extra["evaluations"]`` the model evaluations per sample."""
 
     elbo: torch.Tensor
     se: torch.Tensor
@@ -282,7 +283,7 @@ def continuous_elbo(field: VelocityField, x: torch.Tensor, *, n_t: int = 32, t_s
     fixed schedule), "uniform" (t ~ U(t_min, t_max), weight -lambda'(t)(t_max - t_min)), or "quadrature"
     (``n_t``-point Gauss-Legendre in u, one eps per node, ``n_rep`` >= 2 independent replicates for the SE).
     ``n_dec`` draws of z_0 for the reconstruction term (default ``n_t``). NFE = n_t (x n_rep) + n_dec batched calls
-    (in chunks of at most ``max_rows`` rows)."""
+    (in chunks of at most ``max_rows`` rows); ``extra["evaluations"]`` counts the model evaluations per sample."""
     if t_sampling not in T_SAMPLING:
         raise ValueError(f"t_sampling must be one of {T_SAMPLING}, got {t_sampling!r}")
     _check_common(x, "n_t", n_t, decoder, bin_width, data_var)
@@ -346,7 +347,8 @@ def continuous_elbo(field: VelocityField, x: torch.Tensor, *, n_t: int = 32, t_s
                 "log_snr_range": (uT, u0),
                 "schedule": sch.settings()}
     return _finish("continuous", field, x.shape, d, {"prior": pk, "reconstruction": rec, "diffusion": diff},
-                   {"prior": pk_se, "reconstruction": rec_se, "diffusion": diff_se}, nfe0, start, settings)
+                   {"prior": pk_se, "reconstruction": rec_se, "diffusion": diff_se}, nfe0, start, settings,
+                   extra={"evaluations": draws * A + int(n_dec)})
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -374,7 +376,9 @@ def ddpm_bound(field: VelocityField, x: torch.Tensor, steps=1000, *, grid_kind: 
 
     ``steps``: the number N of steps of a ``grid_kind`` grid (``samplers.time_grid``) on [t_min, t_max], or a grid
     (any order). ``variance``: "posterior" (beta~, s_p^2 = C^2) or "beta" (the forward step's variance). The per-step
-    terms averaged over the batch are in ``per_step`` (L_1 .. L_N) with their SEs. NFE = N n_eps + n_dec batched calls."""
+    terms averaged over the batch are in ``per_step`` (L_1 .. L_N) with their SEs. N n_eps + n_dec model evaluations
+    per sample (``extra["evaluations"]``), batched over samples, draws and steps in calls of at most ``max_rows`` rows
+    (``nfe`` counts the calls)."""
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
     sch = field.schedule
@@ -429,7 +433,7 @@ def ddpm_bound(field: VelocityField, x: torch.Tensor, steps=1000, *, grid_kind: 
                 "data_var": data_var, "control_variate": bool(control_variate), "schedule": sch.settings()}
     return _finish("ddpm", field, x.shape, d, {"prior": pk, "reconstruction": rec, "diffusion": diff},
                    {"prior": pk_se, "reconstruction": rec_se, "diffusion": diff_se}, nfe0, start, settings,
-                   per_step=per_step, per_step_se=per_step_se, grid=grid)
+                   per_step=per_step, per_step_se=per_step_se, grid=grid, extra={"evaluations": N * K + int(n_dec)})
 
 
 # ------------------------------------------------------------------------------------------------------------------
