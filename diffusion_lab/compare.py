@@ -28,6 +28,13 @@ count whose exact NFE fits, or e.g. DPM-Solver-fast's order composition). The de
   (read from one probe call on 2 samples); NaN for a sampler without them;
 - ``seconds``: wall time of the sampler call.
 
+Learned flow maps (``flow_maps``, e.g. checkpoints of ``diffusion-lab distill``) get rows of their own at
+``flow_map_nfes`` (default 1, 2, 4, 8 network calls) through ``sample(field, x_T, "flow_map", flow_map=psi)``, on the
+same x_T, with the same metrics and ranks (within an NFE budget shared with ODE rows, the ranks compare them). A map
+run as the deterministic chain gets ``flow_error``; with ``noise_reinjection`` (multistep consistency sampling) it
+samples the law, so only the law metrics. ``w2_exact`` is NaN for them: a network is not affine in x_T, so the
+Gaussian push-forward does not apply.
+
 The reference holds the MMD null band (mean and spread of mmd2 over ``null_repeats`` sets of exact samples,
 expectation exactly 0), the value for the exact flow map's samples, the bandwidth, the sliced-W2 floor, and
 ``ranking``: per NFE budget, the samplers ordered by (mmd_rank, mmd2).
@@ -53,9 +60,10 @@ from .schedules import Schedule
 from .targets import Gaussian, GaussianMixture
 
 __all__ = ["MethodSpec", "parse_method", "run_comparison", "mmd_ranks", "DEFAULT_METHODS", "DEFAULT_NFES",
-           "DEFAULT_SAMPLES"]
+           "DEFAULT_SAMPLES", "DEFAULT_FLOW_MAP_NFES"]
 
 DEFAULT_NFES = (5, 10, 20, 50)
+DEFAULT_FLOW_MAP_NFES = (1, 2, 4, 8)
 DEFAULT_SAMPLES = 4000
 DEFAULT_METHODS = ("auto", "auto_sde", "euler", "heun", "ddim", "dpm_solver_3", "dpmpp_2m", "dpmpp_3m", "unipc",
                    "ipndm", "deis", "em", "ddpm_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "pc")
@@ -175,13 +183,40 @@ def _noise_law(field, p_T, law, run_: _Run, final, x_probe):
     return gaussian_w2(m, c, law.mu, law.cov)
 
 
+def _flow_map_plan(flow_maps, flow_map_nfes, schedule, final):
+    """[(label, FlowMap, options, nfe)] of the ``flow_maps`` argument, checked before any work."""
+    from .flowmap import FlowMap
+
+    if not flow_maps:
+        return []
+    if final != "step":
+        raise ValueError("flow maps end at t_min: compare them with final='step'")
+    if not flow_map_nfes or any(int(k) != k or k < 1 for k in flow_map_nfes):
+        raise ValueError(f"flow_map_nfes must be integers >= 1, got {list(flow_map_nfes)}")
+    plan = []
+    for label, value in flow_maps.items():
+        psi, options = (value, {}) if isinstance(value, FlowMap) else value
+        if not isinstance(psi, FlowMap):
+            raise TypeError(f"flow map {label!r}: expected a diffusion_lab.flowmap.FlowMap or (FlowMap, options), got "
+                            f"{type(psi).__name__}")
+        if psi.schedule.settings() != schedule.settings():
+            raise ValueError(f"flow map {label!r} was trained on the schedule {psi.schedule.settings()}, the "
+                             f"comparison runs on {schedule.settings()}")
+        _check_option_names("flow_map", list(options), label)
+        plan += [(label, psi, dict(options), int(k)) for k in flow_map_nfes]
+    return plan
+
+
 def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DEFAULT_NFES, *,
                    n_samples: int = DEFAULT_SAMPLES, seed: int = 0, grid_kind: str = "logsnr", final: str = "step",
-                   progress=None, mmd_bandwidth_override: float | None = None, null_repeats: int = 8) -> dict:
+                   progress=None, mmd_bandwidth_override: float | None = None, null_repeats: int = 8,
+                   flow_maps: dict | None = None, flow_map_nfes=DEFAULT_FLOW_MAP_NFES) -> dict:
     """Run every (method, NFE) pair; returns {"rows": [...], "reference": {...}} (see module docstring).
     ``mmd_bandwidth_override`` replaces the law-based kernel bandwidth; ``null_repeats`` sets of exact samples
-    form the MMD null band."""
+    form the MMD null band. ``flow_maps``: {label: FlowMap or (FlowMap, {"noise_reinjection": bool})}, each run at
+    every budget of ``flow_map_nfes`` (one network call per step) after the samplers, on ``grid_kind``."""
     specs = [m if isinstance(m, MethodSpec) else parse_method(m) for m in methods]
+    map_plan = _flow_map_plan(flow_maps, flow_map_nfes, schedule, final)
     if n_samples < 3:
         raise ValueError(f"n_samples must be >= 3 (the MMD standard error needs it), got {n_samples}")
     plan = []
@@ -219,6 +254,7 @@ def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DE
     mmd_flow = mmd(ref)
     gaussian = isinstance(target, Gaussian)
     rows, results = [], []
+    total = len(plan) + len(map_plan)
     for k, (spec, nfe, run_) in enumerate(plan):
         info = get_method(run_.method)
         steps = run_.steps
@@ -247,9 +283,26 @@ def run_comparison(target: GaussianMixture, schedule: Schedule, methods, nfes=DE
             row["w2_exact"] = _noise_law(field, p_T, law, run_, final, x_T[:2])
         rows.append(row)
         if progress is not None:
-            progress(k + 1, len(plan), row)
+            progress(k + 1, total, row)
+    for k, (label, psi, options, nfe) in enumerate(map_plan):
+        res = sample(field, x_T, "flow_map", steps=nfe, grid_kind=grid_kind, flow_map=psi,
+                     generator=torch.Generator().manual_seed(seed + 1), **options)
+        deterministic = not options.get("noise_reinjection", False)
+        r = mmd(res.x)
+        results.append(r)
+        row = {
+            "sampler": label, "family": "flow_map", "order": math.nan, "stochastic": not deterministic,
+            "nfe_budget": nfe, "steps": nfe, "nfe": res.nfe, "grid_kind": grid_kind, "runs": "",
+            "mmd2": r.mmd2, "mmd2_se": r.se, "mmd2_z": z_of(r), "resolved": bool(z_of(r) > 2.0), "mmd_rank": 0,
+            "flow_error": mean_error(res.x, ref) if deterministic else math.nan,
+            "sw2": sw2(res.x), "sw2_exact_flow": sw2_exact_flow, "w2_exact": math.nan, "seconds": res.seconds,
+        }
+        row["sw2_resolved"] = bool(row["sw2"] > floor + 2 * sw2_spread)
+        rows.append(row)
+        if progress is not None:
+            progress(len(plan) + k + 1, total, row)
     ranking = {}
-    for budget in dict.fromkeys(int(nfe) for nfe in nfes):
+    for budget in dict.fromkeys([*(int(nfe) for nfe in nfes), *(nfe for *_, nfe in map_plan)]):
         idx = [i for i, row in enumerate(rows) if row["nfe_budget"] == budget]
         for i, rk in zip(idx, mmd_ranks([results[i] for i in idx])):
             rows[i]["mmd_rank"] = rk

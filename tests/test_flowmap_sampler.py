@@ -172,3 +172,31 @@ def test_works_on_the_edm_schedule_too():
     res = sample(GAUSS.field(sch), x, "flow_map", steps=1, flow_map=exact_map(schedule=sch))
     assert res.nfe == 1
     assert float((res.x - ref).abs().max()) < 1e-10 * (1 + float(ref.abs().max()))
+
+
+def test_compare_rows_for_flow_maps_share_starts_and_metrics():
+    """run_comparison's flow-map rows: the exact map's chain reproduces the reference flow map (flow_error at
+    round-off: DOP853 at rtol 1e-10 against the closed form), and its MMD^2 is then the exact flow map's own value
+    (same samples up to ~1e-10, so the U-statistic agrees to ~1e-9); NFE counts exact; the multistep variant has no
+    flow error; a map on another schedule is refused before any work."""
+    from diffusion_lab.compare import run_comparison
+
+    psi = exact_map()
+    out = run_comparison(GAUSS, SCH, ["ddim"], [5], n_samples=300, null_repeats=2,
+                         flow_maps={"exact map": psi, "exact map +noise": (psi, {"noise_reinjection": True})},
+                         flow_map_nfes=(1, 2, 4, 8))
+    rows = [r for r in out["rows"] if r["family"] == "flow_map"]
+    assert [(r["sampler"], r["nfe"]) for r in rows] == [(lab, k) for lab in ("exact map", "exact map +noise")
+                                                        for k in (1, 2, 4, 8)]
+    ref = out["reference"]
+    for r in rows[:4]:
+        assert r["flow_error"] < 1e-8, r
+        assert abs(r["mmd2"] - ref["mmd2_exact_flow"]) < 1e-8 and math.isnan(r["w2_exact"])
+    assert all(math.isnan(r["flow_error"]) and r["stochastic"] for r in rows[4:])
+    assert ref["ranking"][1] and "exact map" in ref["ranking"][8]
+    ddim = next(r for r in out["rows"] if r["sampler"] == "ddim")
+    assert ddim["flow_error"] > 1e-3  # DDIM at 5 steps is visibly off the map the exact flow map reproduces
+    with pytest.raises(ValueError, match="schedule"):
+        run_comparison(GAUSS, VPCosine(), ["ddim"], [5], n_samples=300, flow_maps={"m": psi})
+    with pytest.raises(ValueError, match="no option 'noise'"):
+        run_comparison(GAUSS, SCH, ["ddim"], [5], n_samples=300, flow_maps={"m": (psi, {"noise": True})})
