@@ -194,3 +194,96 @@ def test_consistency_distances_closed_form():
     res = distill(FlowMap(TwoTimeMLP(1, hidden=8, depth=1), SCH), tg.field(SCH), data, steps=3, batch=16,
                   grid_steps=4, solver="ddim", loss="pseudo_huber")
     assert res.settings["loss"] == "pseudo_huber" and math.isfinite(res.history[-1]["loss"])
+
+
+# ---- consistency training (no teacher) ------------------------------------------------------------------------------
+
+def test_ct_curriculum_closed_form():
+    """N(k) = min(s0 2^floor(k/K'), s1), K' = floor(K/(log2 floor(s1/s0) + 1)) (Song & Dhariwal 2023): K = 1000,
+    s0 = 10, s1 = 1280 gives K' = 125 and the doublings 10, 20, ..., 1280 at k = 0, 125, ..., 875."""
+    from diffusion_lab.flowmap import ct_steps
+
+    assert [ct_steps(k, 1000) for k in (0, 124, 125, 249, 250, 874, 875, 999)] == [10, 10, 20, 20, 40, 640, 1280, 1280]
+    assert ct_steps(5, 8, 10, 1280) == 320  # K' = 8 // 8 = 1: one doubling per step, 10 * 2^5
+    assert ct_steps(3, 4, 16, 16) == 16  # s0 = s1: a fixed discretisation
+    with pytest.raises(ValueError, match="s0 <= s1"):
+        ct_steps(0, 10, 20, 10)
+
+
+def test_ct_level_probabilities_are_lognormal_masses():
+    """p(n) is the N(P_mean, P_std^2) mass of (log sigmabar_{n-1}, log sigmabar_n], renormalised to the grid: compared
+    with scipy's normal CDF (independent of the erf form) to 1e-12."""
+    from scipy.stats import norm
+
+    from diffusion_lab.flowmap import ct_level_probabilities
+
+    g = time_grid(SCH, 40, "karras").flip(0)
+    sb = SCH.sigma(g) / SCH.alpha(g)
+    p = ct_level_probabilities(sb, -0.4, 2.0)
+    cdf = torch.from_numpy(norm.cdf((torch.log(sb).numpy() + 0.4) / 2.0))
+    ref = (cdf[1:] - cdf[:-1]) / (cdf[-1] - cdf[0])
+    assert torch.allclose(p, ref, rtol=1e-10, atol=1e-12) and math.isclose(float(p.sum()), 1.0, rel_tol=1e-14)
+    with pytest.raises(ValueError, match="increasing"):
+        ct_level_probabilities(sb.flip(0))
+
+
+def test_ct_trains_without_teacher_with_the_published_recipe():
+    tg = targets.bimodal_1d()
+    data = tg.sample(512, generator=torch.Generator().manual_seed(1)).float()
+    sd = float(data.std())
+    psi = FlowMap(TwoTimeMLP(1, hidden=8, depth=1), SCH, sigma_data=sd)
+    res = distill(psi, None, data, steps=8, batch=16, method="ct", log_every=4)
+    st = res.settings
+    assert res.teacher_calls == 0 and res.teacher_evals == 0
+    assert st["loss"] == "pseudo_huber" and st["target_decay"] == 0.0 and st["grid_kind"] == "karras"
+    assert math.isclose(st["p_mean"], -1.1 + math.log(sd / 0.5), rel_tol=1e-12) and st["p_std"] == 2.0
+    assert math.isclose(st["huber_c"], 0.00054 * sd / 0.5, rel_tol=1e-12)  # D = 1
+    # 8 steps: K' = 1, so the curriculum has doubled from 10 to 80 intervals by the last logged block
+    assert [h["grid_steps"] for h in res.history] == [80, 1280] and all(math.isfinite(h["loss"]) for h in res.history)
+    with pytest.raises(ValueError, match="teacher"):
+        distill(psi, None, data, steps=1, method="cd")
+
+
+def test_ct_objective_stationary_at_exact_consistency_function():
+    """The catalogue check's quantity: the weighted stop-gradient CT derivative is O(gap) at the exact Gaussian
+    consistency function (ratio to the perturbed one's < 1e-3 at gap 1e-5; measured 6.5e-5) and O(1) when the
+    pair does not share its noise (a planted error)."""
+    from theory_checks.reflow_checks import ct_stationary_residual
+
+    assert ct_stationary_residual().residual < 1e-3
+    assert ct_stationary_residual(same_noise=False).residual > 0.5
+
+
+def test_consistency_training_loss_closed_form():
+    """On a 1-D Gaussian with the exact (affine) consistency function f*, the l2 CT loss at a fixed pair of levels
+    is E[(k_s (x_s - alpha_s m) - k_u (xhat - alpha_u m))^2] with k_r = sqrt(v_min)/sqrt(v_r), v_r = alpha_r^2 v + sigma_r^2;
+    with x_0 = m + sqrt(v) y this is (k_s alpha_s - k_u alpha_u)^2 v + (k_s sigma_s - k_u sigma_u)^2, checked on
+    3 x 3 Gauss-Hermite nodes (exact for the quadratic integrand)."""
+    import numpy as np
+
+    from diffusion_lab.flowmap import consistency_training_loss
+
+    m, v = 0.7, 0.3
+    tg = targets.Gaussian([m], [[v]])
+
+    class Exact:
+        schedule = SCH
+
+        def __call__(self, x, s, t):
+            return gaussian_flow_map(tg, SCH, x, float(s), float(t))
+
+    nodes, w = np.polynomial.hermite_e.hermegauss(3)
+    Y, Z = np.meshgrid(nodes, nodes, indexing="ij")
+    W = torch.from_numpy(np.outer(w, w).reshape(-1) / (2 * math.pi))
+    x0 = torch.from_numpy(m + math.sqrt(v) * Y.reshape(-1))[:, None]
+    z = torch.from_numpy(Z.reshape(-1))[:, None]
+    s, u = 0.4, 0.3
+    got = float((W * consistency_training_loss(Exact(), x0, z, s, u)).sum())
+    T = lambda r: torch.tensor(r, dtype=torch.float64)  # noqa: E731
+    a = {r: float(SCH.alpha(T(r))) for r in (s, u, SCH.t_min)}
+    sg = {r: float(SCH.sigma(T(r))) for r in (s, u, SCH.t_min)}
+    k = {r: math.sqrt((a[SCH.t_min] ** 2 * v + sg[SCH.t_min] ** 2) / (a[r] ** 2 * v + sg[r] ** 2)) for r in (s, u)}
+    ref = (k[s] * a[s] - k[u] * a[u]) ** 2 * v + (k[s] * sg[s] - k[u] * sg[u]) ** 2
+    assert math.isclose(got, ref, rel_tol=1e-10), (got, ref)
+    with pytest.raises(ValueError, match="u < s"):
+        consistency_training_loss(Exact(), x0, z, 0.3, 0.4)
