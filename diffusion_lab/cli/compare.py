@@ -55,6 +55,16 @@ def add_parser(sub):
                         "(--target, --schedule and --dim are then ignored)")
     p.add_argument("--rtol", type=float, default=1e-6,
                    help="--checkpoint: relative (and absolute) tolerance of the adaptive reference solve (default 1e-6)")
+    p.add_argument("--flow-map", nargs="+", default=[], metavar="PATH",
+                   help="also compare learned flow maps: `diffusion-lab distill` checkpoints (EMA weights), run by "
+                        "method flow_map at the --flow-map-nfe budgets on the same starts and metrics (exact target "
+                        "only; the map's schedule must be --schedule)")
+    p.add_argument("--flow-map-nfe", type=int, nargs="+", default=[1, 2, 4, 8], metavar="K",
+                   help="network calls of the flow maps (default 1 2 4 8)")
+    p.add_argument("--flow-map-sampling", default="auto", choices=("auto", "chain", "multistep", "both"),
+                   help="flow maps: the deterministic chain Psi(x, t_i, t_i+1), multistep consistency sampling "
+                        "(re-noising with fresh noise), or both; auto: the chain for a two-time map (ctm), multistep "
+                        "for a consistency model (cd) (default auto)")
     p.add_argument("--list-methods", action="store_true",
                    help="list the samplers with family, order, NFE/step and their options (name=default); run nothing")
     p.set_defaults(func=run)
@@ -128,6 +138,46 @@ def list_methods() -> None:
         print(f"{m.name:16s} {m.family:12s} {m.order:5g} {str(m.stochastic):>10s} {nps:>8s}  {m.description}")
         print(f"{'':16s} options: {_options_text(m.name)}")
     print("give options as name:key=value,key=value (e.g. ddim:eta=0.5)")
+    print("learned flow maps (method flow_map, needs a FlowMap): compare --flow-map PATH (a `diffusion-lab distill` "
+          "checkpoint) at --flow-map-nfe K ..., sampled by --flow-map-sampling chain|multistep|both|auto")
+
+
+def _flow_maps(args, parser, target, schedule) -> dict:
+    """{label: (FlowMap, options)} of --flow-map, checked before any work: a readable `distill` checkpoint, on
+    --schedule, distilled for --target's data when its teacher was an exact target (a map of another law would be
+    scored against the wrong one)."""
+    from .distill import flow_map_from_checkpoint
+
+    if not args.flow_map:
+        return {}
+    if args.final != "step":
+        parser.error("--flow-map: a flow map ends at t_min; compare it with --final step")
+    if any(k < 1 for k in args.flow_map_nfe):
+        parser.error(f"--flow-map-nfe must be >= 1, got {args.flow_map_nfe}")
+    out, labels = {}, {}
+    for path in args.flow_map:
+        try:
+            psi, meta = flow_map_from_checkpoint(path)
+        except (ValueError, FileNotFoundError) as exc:
+            parser.error(f"--flow-map: {exc}")
+        if psi.schedule.settings() != schedule.settings():
+            parser.error(f"--flow-map {path}: distilled on the schedule {meta['schedule']['name']}, this comparison "
+                         f"runs on {args.schedule}; pass --schedule {meta['schedule']['name']}")
+        if meta.get("data") != args.target or list(meta.get("data_shape", [])) != [target.dim]:
+            parser.error(f"--flow-map {path}: distilled for the data {meta.get('data')!r}, this comparison's target is "
+                         f"{args.target!r} (d={target.dim}); pass --target {meta.get('data')}")
+        mode = args.flow_map_sampling
+        if mode == "auto":
+            mode = "chain" if meta["method"] == "ctm" else "multistep"
+        base = f"flow_map {meta['method']} ({os.path.basename(os.path.dirname(os.path.abspath(path))) or path})"
+        for variant in (("chain", "multistep") if mode == "both" else (mode,)):
+            label = f"{base} {variant}"
+            if label in out:
+                parser.error(f"--flow-map {path}: two maps share the label {label!r}; give each its own folder")
+            out[label] = (psi, {"noise_reinjection": variant == "multistep"})
+            labels[label] = path
+    args.flow_map_labels = labels
+    return out
 
 
 def _method_specs(args, parser) -> list:
@@ -231,10 +281,13 @@ def run(args, parser) -> int:
         parser.error(f"--nfe budgets must be >= 1, got {args.nfe}")
     C.check_figure_options(args, parser)
     specs = _method_specs(args, parser)
+    if args.flow_map and args.checkpoint is not None:
+        parser.error("--flow-map compares on an exact target; it does not combine with --checkpoint")
     if args.checkpoint is not None:
         _check_budgets(args, parser, specs)
         return _run_checkpoint(args, parser, specs)
     target, schedule = _build_target(args, parser), get_schedule(args.schedule)
+    flow_maps = _flow_maps(args, parser, target, schedule)
     _check_budgets(args, parser, specs)
     _check_memory(args, parser, target.dim)
     C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("error_vs_nfe")])
@@ -242,11 +295,13 @@ def run(args, parser) -> int:
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=len(specs) * len(args.nfe), desc="compare", leave=False)
+        bar = tqdm(total=len(specs) * len(args.nfe) + len(flow_maps) * len(args.flow_map_nfe), desc="compare",
+                   leave=False)
     progress = (lambda k, n, row: bar.update(1)) if bar is not None else None
     t0 = time.perf_counter()
     out = run_comparison(target, schedule, specs, args.nfe, n_samples=args.n, seed=args.seed, grid_kind=args.grid,
-                         final=args.final, progress=progress)
+                         final=args.final, progress=progress, flow_maps=flow_maps,
+                         flow_map_nfes=args.flow_map_nfe)
     total = time.perf_counter() - t0
     if bar is not None:
         bar.close()
@@ -258,6 +313,8 @@ def run(args, parser) -> int:
         "schedule": schedule.settings(),
         "methods": [s_.label for s_ in specs], "nfe": args.nfe, "grid": args.grid, "final": args.final,
         "n_samples": args.n, "seed": args.seed, "reference": ref, "seconds": total, "versions": C.versions(),
+        "flow_maps": {label: os.path.abspath(path) for label, path in getattr(args, "flow_map_labels", {}).items()},
+        "flow_map_nfe": args.flow_map_nfe if flow_maps else [],
     }
     C.write_json(os.path.join(args.out, "settings.json"), settings)
     written = ["results.csv", "settings.json"]
