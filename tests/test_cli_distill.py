@@ -170,3 +170,39 @@ def test_learned_teacher_from_a_train_checkpoint(tmp_path):
     with pytest.raises(SystemExit):  # a train checkpoint is not a flow map
         main(["compare", "--flow-map", str(tr / "checkpoint.pt"), "--methods", "ddim", "--nfe", "5", "--n", "64",
               "--out", str(tmp_path / "c")])
+
+
+def test_compare_flow_map_rows_beside_the_samplers(tmp_path, capsys):
+    import csv
+
+    d = tmp_path / "d"
+    assert main([*SMALL, "--steps", "2", "--out", str(d), "--method", "ctm"]) == 0
+    ckpt = str(d / "checkpoint.pt")
+    out = tmp_path / "c"
+    common = ["compare", "--target", "bimodal_1d", "--methods", "ddim", "--nfe", "5", "--n", "100", "--no-plot"]
+    assert main([*common, "--flow-map", ckpt, "--flow-map-nfe", "1", "2", "--flow-map-sampling", "both",
+                 "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    maps = [r for r in rows if r["family"] == "flow_map"]
+    assert [(r["sampler"].split()[-1], r["nfe"]) for r in maps] == [("chain", "1"), ("chain", "2"),
+                                                                    ("multistep", "1"), ("multistep", "2")]
+    assert all(r["flow_error"] != "nan" for r in maps[:2]) and all(r["flow_error"] == "nan" for r in maps[2:])
+    # the one-call chain row is the checkpoint's map on compare's x_T (seed 0): the same flow error recomputed
+    from diffusion_lab.reference import flow_map
+
+    psi, _ = flow_map_from_checkpoint(ckpt)
+    sch, tg = VPLinear(), targets.bimodal_1d()
+    x_T = tg.marginal(sch, sch.t_max).sample(100, torch.Generator().manual_seed(0))
+    phi, _ = flow_map(tg.field(sch), x_T, sch.t_max, sch.t_min)
+    with torch.no_grad():
+        e = float((psi(x_T, sch.t_max, sch.t_min).double() - phi).norm(dim=1).mean())
+    assert math.isclose(float(maps[0]["flow_error"]), e, rel_tol=1e-9)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["flow_map_nfe"] == [1, 2] and len(settings["flow_maps"]) == 2
+    capsys.readouterr()
+    for argv, message in ((["--target", "ring8"], "pass --target bimodal_1d"),
+                          (["--schedule", "cosine"], "pass --schedule vp"),
+                          (["--final", "denoise"], "--final step")):
+        with pytest.raises(SystemExit):
+            main([*common, *argv, "--flow-map", ckpt, "--out", str(tmp_path / "x")])
+        assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
