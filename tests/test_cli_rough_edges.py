@@ -209,6 +209,7 @@ def test_compare_checkpoint_measures_samplers_against_the_adaptive_solve_of_the_
     import json
 
     from diffusion_lab import training as T
+    from diffusion_lab.distributed import initial_noise
     from diffusion_lab.metrics import mean_error, mmd2_exact
     from diffusion_lab.samplers import sample
     from diffusion_lab.targets import ring8
@@ -227,7 +228,8 @@ def test_compare_checkpoint_measures_samplers_against_the_adaptive_solve_of_the_
     state = T.load_checkpoint(str(checkpoint))
     field = T.field_from_checkpoint(state)
     sigma_T = float(field.schedule.sigma(torch.tensor(field.schedule.t_max, dtype=torch.float64)))
-    x_T = torch.randn((64, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigma_T
+    # compare's seeding (diffusion_lab.distributed): start i from (seed 0, i); 64 samples are one batch
+    x_T = initial_noise(0, 0, 64, (2,), sigma_T)
     exact_flow = sample(field, x_T, "adaptive", rtol=1e-5, atol=1e-5).x
     heun = sample(field, x_T, "heun", nfe=8).x
     assert float(rows["heun"]["flow_error"]) == pytest.approx(mean_error(heun, exact_flow), rel=1e-9)

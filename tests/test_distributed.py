@@ -3,6 +3,9 @@
 * ``diffusion-lab sample`` on 2 ranks writes bitwise the samples of a single-process run with the same seed (a
   package checkpoint with a stochastic sampler and CFG, and a reference-layout DiT), with a sample count that
   does not fill the last round of batches;
+* ``diffusion-lab compare --checkpoint`` on 2 ranks: rank 0 alone writes, results.csv and the reference are the
+  single-process run's (every number but the timings), and the gathered terminal samples of every sampler and of
+  the adaptive reference are bitwise those of one process;
 * training resume under DDP: after a checkpoint at step 3 and a resume in fresh trainers, every rank draws
   bitwise the same t, noise and global-RNG numbers as in an uninterrupted run, and ends with the same weights;
   a checkpoint without per-rank states (as written before they were kept) gives rank 1 other streams (the
@@ -88,6 +91,29 @@ def _train_streams(rank, world, tmp):
     return result
 
 
+# compare --checkpoint: a deterministic and a stochastic sampler, 7 samples in batches of 2 (rank 1 has no batch in
+# the last round), a loose reference tolerance (the test is about equality, not accuracy)
+CMP_METHODS, CMP_NFE, CMP_N, CMP_BATCH, CMP_SEED, CMP_RTOL = ["heun", "ddim:eta=0.5"], [4, 6], 7, 2, 3, 1e-3
+
+
+def _compare_argv(tmp):
+    return ["compare", "--checkpoint", os.path.join(tmp, "uncond", "checkpoint.pt"), "--methods", *CMP_METHODS,
+            "--nfe", *map(str, CMP_NFE), "--n", str(CMP_N), "--batch", str(CMP_BATCH), "--seed", str(CMP_SEED),
+            "--rtol", str(CMP_RTOL), "--no-plot"]
+
+
+def _compare_samples(tmp):
+    """checkpoint_comparison's terminal samples (rank 0; None elsewhere) with the settings of _compare_argv."""
+    from diffusion_lab.cli.compare import checkpoint_comparison
+    from diffusion_lab.compare import parse_method
+
+    state = T.load_checkpoint(os.path.join(tmp, "uncond", "checkpoint.pt"))
+    out = checkpoint_comparison(T.field_from_checkpoint(state), state["meta"], [parse_method(m) for m in CMP_METHODS],
+                                CMP_NFE, n=CMP_N, seed=CMP_SEED, grid_kind="logsnr", final="step", rtol=CMP_RTOL,
+                                batch=CMP_BATCH, keep_samples=True)
+    return None if out is None else out["samples"]
+
+
 def _worker(rank, world, tmp, port, sample_args):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -98,6 +124,11 @@ def _worker(rank, world, tmp, port, sample_args):
     try:
         for name, argv in sample_args.items():
             assert main([*argv, "--out", os.path.join(tmp, name + "_ddp"), "--device", "cpu"]) == 0
+        assert main([*_compare_argv(tmp), "--out", os.path.join(tmp, "cmp_ddp")]) == 0
+        samples = _compare_samples(tmp)
+        assert (samples is None) == (rank != 0)
+        if rank == 0:
+            torch.save(samples, os.path.join(tmp, "cmp_samples_ddp.pt"))
         torch.save(_train_streams(rank, world, tmp), os.path.join(tmp, f"streams{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -109,6 +140,10 @@ def runs(tmp_path_factory):
     assert main(["train", "--data", "ring8", "--conditional", "--steps", "2", "--batch", "64", "--n-train", "256",
                  "--hidden", "16", "--depth", "1", "--eval-n", "0", "--no-plot", "--log-every", "2",
                  "--out", str(tmp / "train")]) == 0
+    # unconditional, trained enough (lr 1e-2, 30 steps) that its samples are O(1) and the MMD columns not degenerate
+    assert main(["train", "--data", "ring8", "--steps", "30", "--lr", "1e-2", "--batch", "64", "--n-train", "256",
+                 "--hidden", "16", "--depth", "1", "--eval-n", "0", "--no-plot", "--log-every", "30",
+                 "--out", str(tmp / "uncond")]) == 0
     from diffusion_lab.models import DiT, DiTConfig
     from diffusion_lab.models.convert import reference_state_dict
 
@@ -130,6 +165,8 @@ def runs(tmp_path_factory):
     torch.multiprocessing.spawn(_worker, args=(WORLD, str(tmp), _free_port(), sample_args), nprocs=WORLD, join=True)
     for name, argv in sample_args.items():
         assert main([*argv, "--out", str(tmp / (name + "_one"))]) == 0
+    assert main([*_compare_argv(str(tmp)), "--out", str(tmp / "cmp_one")]) == 0
+    torch.save(_compare_samples(str(tmp)), tmp / "cmp_samples_one.pt")
     return tmp
 
 
@@ -144,6 +181,59 @@ def test_distributed_sampling_is_bitwise_the_single_process_run(runs, name):
     s = json.loads((runs / f"{name}_ddp" / "settings.json").read_text())
     assert s["world_size"] == WORLD
     assert not any(f.startswith("samples") for f in os.listdir(runs / "train"))  # no stray files elsewhere
+
+
+def test_distributed_compare_checkpoint_is_the_single_process_run(runs):
+    import csv
+    import json
+
+    ddp, one = runs / "cmp_ddp", runs / "cmp_one"
+    assert sorted(os.listdir(ddp)) == ["results.csv", "settings.json"]  # rank 0 alone wrote, no temporary files
+    with open(ddp / "results.csv") as fa, open(one / "results.csv") as fb:
+        a, b = list(csv.DictReader(fa)), list(csv.DictReader(fb))
+    assert len(a) == len(CMP_METHODS) * len(CMP_NFE) == len(b)
+    for ra, rb in zip(a, b):  # the CSV holds repr(float): equal text is the same double
+        assert {k: v for k, v in ra.items() if k != "seconds"} == {k: v for k, v in rb.items() if k != "seconds"}
+        assert float(ra["sw2"]) > 0.01 and float(ra["mmd2_se"]) > 1e-3  # not degenerate (samples far from the law)
+    sa, sb = (json.loads((d / "settings.json").read_text()) for d in (ddp, one))
+    assert sa["world_size"] == WORLD and sb["world_size"] == 1 and sa["batch"] == sb["batch"] == CMP_BATCH
+    assert sa["reference"] == sb["reference"] and sa["reference"]["n_batches"] == 4
+    xa = torch.load(runs / "cmp_samples_ddp.pt", weights_only=True)
+    xb = torch.load(runs / "cmp_samples_one.pt", weights_only=True)
+    assert torch.equal(xa["x_T"], xb["x_T"]) and torch.equal(xa["reference"], xb["reference"])
+    assert len(xa["rows"]) == len(b) and all(torch.equal(p, q) for p, q in zip(xa["rows"], xb["rows"]))
+    # the stochastic sampler drew noise: ddim with eta = 0.5 ends away from the deterministic heun at the same budget
+    assert (xa["rows"][2] - xa["rows"][0]).abs().max() > 1e-3
+
+
+def test_compare_checkpoint_batches_do_not_change_the_starts(runs):
+    """The start of sample i depends on (seed, i) only: batches of 2 or one batch of 7 start from the same x_T, and
+    with a deterministic sampler the terminal samples agree to the network's rounding."""
+    from diffusion_lab.cli.compare import checkpoint_comparison
+    from diffusion_lab.compare import parse_method
+
+    state = T.load_checkpoint(str(runs / "uncond" / "checkpoint.pt"))
+    out = checkpoint_comparison(T.field_from_checkpoint(state), state["meta"], [parse_method("heun")], [4], n=CMP_N,
+                                seed=CMP_SEED, grid_kind="logsnr", final="step", rtol=CMP_RTOL, keep_samples=True)
+    mine = torch.load(runs / "cmp_samples_one.pt", weights_only=True)
+    assert torch.equal(out["samples"]["x_T"], mine["x_T"]) and out["reference"]["n_batches"] == 1
+    # the network runs in float32, whose matrix products over batch shapes 2 and 7 may round differently (unit
+    # roundoff 6e-8 per call, 3 calls of O(1) samples): 1e-5 is rounding, a different start would be O(1) off
+    assert torch.allclose(out["samples"]["rows"][0], mine["rows"][0], rtol=0, atol=1e-5)
+    assert (out["samples"]["rows"][0] - mine["rows"][0]).abs().max() < 1e-5 < mine["rows"][0].abs().max()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--n", "8", "--batch", "4"], "--batch applies to --checkpoint only"),
+    (["compare", "--n", "8"], "run compare --checkpoint only"),
+])
+def test_compare_refuses_what_it_cannot_distribute(monkeypatch, capsys, tmp_path, argv, message):
+    if "--batch" not in argv:
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is made
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "c")])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def _streams(runs):

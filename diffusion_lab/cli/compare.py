@@ -40,9 +40,10 @@ def add_parser(sub):
     p.add_argument("--grid", default="logsnr", choices=GRID_KINDS, help="time grid (default logsnr)")
     p.add_argument("--final", default="step", choices=("step", "denoise"),
                    help="last step: stop at t_min (compare with p_t_min) or return the denoiser (compare with p_0)")
-    p.add_argument("--n", type=int, default=DEFAULT_SAMPLES,
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=DEFAULT_SAMPLES,
                    help=f"number of samples (default {DEFAULT_SAMPLES}: enough for the MMD to resolve em at NFE 20 "
-                        "on ring8 by >= 3 standard errors)")
+                        "on ring8 by >= 3 standard errors); under torchrun write --num-samples (torchrun reads --n "
+                        "as an abbreviation of its own options)")
     C.add_seed(p)
     C.add_out(p, "results/compare")
     C.add_no_plot(p)
@@ -53,6 +54,11 @@ def add_parser(sub):
                         "against the adaptive Dormand-Prince solve of its PF-ODE from the same starts (--rtol); on a "
                         "network trained on an exact target the MMD^2 to that target's law is reported too "
                         "(--target, --schedule and --dim are then ignored)")
+    p.add_argument("--batch", type=int, default=None, metavar="B",
+                   help=f"--checkpoint: samples per batch (default {CHECKPOINT_BATCH}); part of the seeding: sample i "
+                        "starts from noise seeded by (--seed, i) and batch b draws its sampler noise from (--seed, b), "
+                        "so that several processes (torchrun --nproc_per_node N -m diffusion_lab.cli compare "
+                        "--checkpoint ...) give the numbers of one process with the same --seed and --batch")
     p.add_argument("--rtol", type=float, default=1e-6,
                    help="--checkpoint: relative (and absolute) tolerance of the adaptive reference solve (default 1e-6)")
     p.add_argument("--flow-map", nargs="+", default=[], metavar="PATH",
@@ -286,6 +292,11 @@ def run(args, parser) -> int:
     if args.checkpoint is not None:
         _check_budgets(args, parser, specs)
         return _run_checkpoint(args, parser, specs)
+    if args.batch is not None:
+        parser.error("--batch applies to --checkpoint only (the exact-target comparison runs all --n at once)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parser.error("several processes (torchrun) run compare --checkpoint only; run the exact-target comparison "
+                     "as one process")
     target, schedule = _build_target(args, parser), get_schedule(args.schedule)
     flow_maps = _flow_maps(args, parser, target, schedule)
     _check_budgets(args, parser, specs)
@@ -336,30 +347,81 @@ def run(args, parser) -> int:
 # --checkpoint: samplers on a trained network, against the adaptive solve of its own PF-ODE
 
 def checkpoint_comparison(field, meta: dict, specs, nfes, *, n: int, seed: int, grid_kind: str, final: str,
-                          rtol: float, progress=None) -> dict:
-    """Every (sampler, budget) on a learned ``field`` from the same starts x_T = sigma(t_max) z, z ~ N(0, I).
+                          rtol: float, batch: int | None = None, keep_samples: bool = False,
+                          progress=None) -> dict | None:
+    r"""Every (sampler, budget) on a learned ``field`` from the same starts x_T,i = sigma(t_max) z_i, on one process
+    or on every process of a torch.distributed group.
+
+    The samples are seeded as in ``diffusion-lab sample`` (``diffusion_lab.distributed``): z_i from a generator
+    seeded by (``seed``, i), the samples cut into batches of ``batch`` (default: all n in one), and a stochastic
+    sampler's noise in batch b drawn from a generator seeded by (``seed``, b), fresh for each (sampler, budget).
+    Process r of W runs the batches b = r mod W; rank 0 gathers every batch (``distributed.gather_batches``) and
+    computes the metrics on all n samples, so any W gives bitwise the samples and the metrics of one process with
+    the same ``seed`` and ``batch``.
 
     Reference: the adaptive Dormand-Prince 5(4) solve of the learned PF-ODE from the same x_T (rtol = atol =
-    ``rtol``), so ``flow_error`` = mean_i ||x_i - Phi_theta(x_T,i)|| measures the sampler alone, not the network.
-    ``sw2``: sliced W2 to the reference's samples (descriptive). When the training data is an exact target,
-    ``mmd2`` (+- ``mmd2_se``) is the unbiased MMD^2 to its exact law (p_0 with final='denoise', else p_t_min),
-    which measures network and sampler together; the reference's own value is in the returned reference.
+    ``rtol``, each batch with its own step-size control), so ``flow_error`` = mean_i ||x_i - Phi_theta(x_T,i)||
+    measures the sampler alone, not the network. ``sw2``: sliced W2 to the reference's samples (descriptive).
+    When the training data is an exact target, ``mmd2`` (+- ``mmd2_se``) is the unbiased MMD^2 to its exact law
+    (p_0 with final='denoise', else p_t_min), which measures network and sampler together; the reference's own
+    value is in the returned reference. ``seconds``: the sampler's time summed over the batches (compute time, not
+    wall time, under several processes).
+
+    Parameters
+    ----------
+    batch : int, optional
+        Samples per batch (>= 1); part of the seeding.
+    keep_samples : bool
+        Also return the samples: ``"samples"`` = {"x_T", "reference", "rows"} (the terminal samples of every row,
+        in the order of the rows).
+    progress : callable, optional
+        ``progress(done, total)`` after each (sampler, budget) on this process.
+
+    Returns
+    -------
+    dict or None
+        {"rows", "reference"} (and "samples") on rank 0, None on the other ranks.
     """
     import torch
 
+    from .. import distributed as D
+    from ..compare import plan_row
     from ..diagnostics import mmd2_two_sample
     from ..metrics import mean_error, mmd2_exact, sliced_w2
     from ..samplers import get_method, sample
     from ..targets import TARGETS, get_target
-    from ..compare import plan_row
 
     schedule = field.schedule
-    g = torch.Generator().manual_seed(seed)
+    shape = tuple(meta["data_shape"])
     sigma_T = float(schedule.sigma(torch.tensor(schedule.t_max, dtype=torch.float64)))
-    x_T = torch.randn((n, *meta["data_shape"]), generator=g, dtype=torch.float64) * sigma_T
-    nfe0 = field.nfe
-    ref_res = sample(field, x_T, "adaptive", rtol=rtol, atol=rtol, final=final)
-    ref, ref_nfe = ref_res.x, field.nfe - nfe0
+    bounds = D.batch_bounds(n, n if batch is None else batch)
+    starts = {}
+
+    def x_T(b):  # this process's batches only, drawn once
+        if b not in starts:
+            starts[b] = D.initial_noise(seed, *bounds[b], shape, sigma_T)
+        return starts[b]
+
+    def solve(b):
+        nfe0 = field.nfe
+        res = sample(field, x_T(b), "adaptive", rtol=rtol, atol=rtol, final=final)
+        return {"x": res.x, "nfe": field.nfe - nfe0}
+
+    plan = [(spec, nfe, plan_row(spec, nfe, final, grid_kind, schedule)) for spec in specs for nfe in nfes]
+
+    def run(run_):
+        def run_batch(b):
+            g = torch.Generator().manual_seed(D.derived_seed(seed, D.SAMPLER_STREAM, b))
+            res = sample(field, x_T(b), run_.method, steps=run_.steps, grid_kind=run_.grid_kind, final=final,
+                         generator=g, **run_.options)
+            return {"x": res.x, "nfe": int(res.nfe), "seconds": res.seconds}
+        return run_batch
+
+    parts = D.gather_batches(len(bounds), solve)
+    root = parts is not None
+    if root:
+        ref = torch.cat([p["x"] for p in parts])
+        ref_nfes = [p["nfe"] for p in parts]
     law = None
     if meta["data"] in TARGETS and not meta.get("num_classes"):
         target = get_target(meta["data"])
@@ -368,36 +430,50 @@ def checkpoint_comparison(field, meta: dict, specs, nfes, *, n: int, seed: int, 
     def sw2(x):
         return sliced_w2(x.reshape(n, -1), ref.reshape(n, -1), 256, torch.Generator().manual_seed(seed + 3))
 
-    rows = []
-    plan = [(spec, nfe, plan_row(spec, nfe, final, grid_kind, schedule)) for spec in specs for nfe in nfes]
+    rows, kept = [], []
     for k, (spec, nfe, run_) in enumerate(plan):
+        parts = D.gather_batches(len(bounds), run(run_))
+        if progress is not None:
+            progress(k + 1, len(plan))
+        if not root:
+            continue
+        x = torch.cat([p["x"] for p in parts])
         info = get_method(run_.method)
-        res = sample(field, x_T, run_.method, steps=run_.steps, grid_kind=run_.grid_kind, final=final,
-                     generator=torch.Generator().manual_seed(seed + 1), **run_.options)
         deterministic = not info.stochastic and not dict(spec.options).get("eta", 0)
         row = {"sampler": spec.label, "family": info.family, "order": info.order, "stochastic": not deterministic,
-               "nfe_budget": int(nfe), "steps": run_.steps, "nfe": res.nfe, "grid_kind": run_.grid_kind,
-               "runs": f"{run_.method}/{run_.grid_kind}" if run_.method != spec.name else "",
-               "flow_error": mean_error(res.x, ref) if deterministic else math.nan, "sw2": sw2(res.x),
-               "seconds": res.seconds}
+               "nfe_budget": int(nfe), "steps": run_.steps, "nfe": max(p["nfe"] for p in parts),
+               "grid_kind": run_.grid_kind, "runs": f"{run_.method}/{run_.grid_kind}" if run_.method != spec.name else "",
+               "flow_error": mean_error(x, ref) if deterministic else math.nan, "sw2": sw2(x),
+               "seconds": sum(p["seconds"] for p in parts)}
         if law is not None:
-            m = mmd2_exact(res.x.reshape(n, -1), law)
+            m = mmd2_exact(x.reshape(n, -1), law)
             row["mmd2"], row["mmd2_se"] = m.mmd2, m.se
             # the split total = network + discretisation (diagnostics.decompose_sampler_error): the sampler against
             # the adaptive solve of the same network, paired two-sample MMD^2 with the law's kernel
-            row["mmd2_discretisation"], row["mmd2_discretisation_se"] = mmd2_two_sample(res.x, ref, m.bandwidth)
+            row["mmd2_discretisation"], row["mmd2_discretisation_se"] = mmd2_two_sample(x, ref, m.bandwidth)
         rows.append(row)
-        if progress is not None:
-            progress(k + 1, len(plan), row)
-    reference = {"solver": "adaptive (Dormand-Prince 5(4))", "rtol": rtol, "atol": rtol, "nfe": ref_nfe,
+        if keep_samples:
+            kept.append(x)
+    if not root:
+        return None
+    # nfe: the most any batch took (the NFE of one sample's path); nfe_batches: each batch's
+    reference = {"solver": "adaptive (Dormand-Prince 5(4))", "rtol": rtol, "atol": rtol, "nfe": max(ref_nfes),
+                 "nfe_batches": ref_nfes, "batch": bounds[0][1], "n_batches": len(bounds),
                  "law": None if law is None else ("p_0" if final == "denoise" else "p_t_min")}
     if law is not None:
         m = mmd2_exact(ref.reshape(n, -1), law)
         reference["mmd2_adaptive"], reference["mmd2_adaptive_se"] = m.mmd2, m.se
         for row in rows:
             row["mmd2_network"], row["mmd2_network_se"] = m.mmd2, m.se
-    return {"rows": rows, "reference": reference}
+    out = {"rows": rows, "reference": reference}
+    if keep_samples:
+        out["samples"] = {"x_T": D.initial_noise(seed, 0, n, shape, sigma_T), "reference": ref, "rows": kept}
+    return out
 
+
+#: Default samples per batch of compare --checkpoint: large enough that the per-call overhead of a small network
+#: stays small, small enough to deal the default --n over 4 processes.
+CHECKPOINT_BATCH = 1000
 
 #: Rough count of float64 arrays of --n samples alive at compare's peak: the initial noise, the exact reference
 #: samples, the sampler's state, its stages (up to ~6 for the Runge-Kutta methods), noise and denoiser outputs, the
@@ -411,28 +487,58 @@ def _check_memory(args, parser, dim: int) -> None:
 
 
 def _run_checkpoint(args, parser, specs) -> int:
+    """--checkpoint on one process, or on every process torchrun starts (gloo group; rank 0 writes)."""
+    from .. import distributed as D
     from .. import training as T
 
     if not os.path.exists(args.checkpoint):
         parser.error(f"no checkpoint at {args.checkpoint}")
     if not 0 < args.rtol < 1:
         parser.error(f"--rtol must be in (0, 1), got {args.rtol}")
+    if args.batch is None:
+        args.batch = CHECKPOINT_BATCH
+    C.at_least(parser, "--batch", args.batch, 1)
     state = T.load_checkpoint(args.checkpoint)
     meta = state["meta"]
     if meta.get("num_classes"):
         parser.error("--checkpoint: a class-conditional network needs labels; compare takes unconditional ones")
     _check_memory(args, parser, math.prod(meta["data_shape"]))
-    C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("error_vs_nfe")])
-    field = T.field_from_checkpoint(state)
-    t0 = time.perf_counter()
-    out = checkpoint_comparison(field, meta, specs, args.nfe, n=args.n, seed=args.seed, grid_kind=args.grid,
-                                final=args.final, rtol=args.rtol)
-    total = time.perf_counter() - t0
+    started = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: the samplers run in float64 on the CPU
+        import torch.distributed as dist
+
+        started = not dist.is_initialized()
+        T.init_distributed("gloo")
+    rank, world = D.world()
+    try:
+        if rank == 0:
+            C.prepare_out(args, parser, ["results.csv", "settings.json", *C.figure_names("error_vs_nfe")])
+        else:
+            C.check_out(args, parser)
+        field = T.field_from_checkpoint(state)
+        t0 = time.perf_counter()
+        out = checkpoint_comparison(field, meta, specs, args.nfe, n=args.n, seed=args.seed, grid_kind=args.grid,
+                                    final=args.final, rtol=args.rtol, batch=args.batch)
+        total = time.perf_counter() - t0
+        if rank != 0:
+            return 0
+        return _report_checkpoint(args, state, specs, out, total, world)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _report_checkpoint(args, state, specs, out, total: float, world: int) -> int:
+    """Rank 0: the table, results.csv, settings.json and the figure of compare --checkpoint."""
+    meta = state["meta"]
     rows, ref = out["rows"], out["reference"]
     has_mmd = ref["law"] is not None
     w = max(22, *(len(_name(r)) for r in rows))
+    where = f" on {world} processes" if world > 1 else ""
     print(f"checkpoint {args.checkpoint} (step {state['step']}, {meta['model']} on {meta['data']}), grid {args.grid}, "
-          f"final={args.final}, {args.n} samples, seed {args.seed}")
+          f"final={args.final}, {args.n} samples in batches of {args.batch}{where}, seed {args.seed}")
     hdr = (f"{'sampler':{w}s} {'NFE':>4s} {'flow error':>11s} {'sliced W2':>10s}"
            + (f" {'MMD^2':>10s} {'SE':>8s} {'network':>10s} {'discret.':>10s} {'SE':>8s}" if has_mmd else "")
            + f" {'time [s]':>9s}")
@@ -444,7 +550,7 @@ def _run_checkpoint(args, parser, specs) -> int:
               + (f" {r['mmd2']:10.3e} {r['mmd2_se']:8.1e} {r['mmd2_network']:10.3e} {r['mmd2_discretisation']:10.3e}"
                  f" {r['mmd2_discretisation_se']:8.1e}" if has_mmd else "") + f" {r['seconds']:9.3f}")
     print(f"reference: the network's PF-ODE solved adaptively (Dormand-Prince 5(4), rtol = atol = {args.rtol:g}, "
-          f"{ref['nfe']} NFE) from the same starts; flow error and sliced W2 are measured against it"
+          f"{ref['nfe']} NFE at most in a batch of {args.batch}) from the same starts; flow error and sliced W2 are measured against it"
           + (f"; MMD^2 to the exact {ref['law']} of {meta['data']}: the reference scores "
              f"{ref['mmd2_adaptive']:.2e} +- {ref['mmd2_adaptive_se']:.1e} (the network's own error)" if has_mmd else ""))
     if has_mmd:
@@ -454,7 +560,8 @@ def _run_checkpoint(args, parser, specs) -> int:
     settings = {"command": "diffusion-lab compare --checkpoint", "checkpoint": os.path.abspath(args.checkpoint),
                 "checkpoint_step": int(state["step"]), "train": meta, "methods": [s_.label for s_ in specs],
                 "nfe": args.nfe, "grid": args.grid, "final": args.final, "n_samples": args.n, "seed": args.seed,
-                "reference": ref, "seconds": total, "versions": C.versions()}
+                "batch": args.batch, "world_size": world, "reference": ref, "seconds": total,
+                "versions": C.versions()}
     C.write_json(os.path.join(args.out, "settings.json"), settings, default=str)
     written = ["results.csv", "settings.json"]
     if not args.no_plot:
