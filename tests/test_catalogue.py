@@ -26,9 +26,11 @@ EXPECTED_NAMES = {
     "dit.variant_zero_output_at_init", "dit.block_permutation_equivariant",
     "dit.attention_matches_multihead_reference", "dit.block_matches_reference", "dit.softmax_temperature_limits",
     "dit.claim_softmax_one_hot_limit", "dit.rms_layer_norm_scale_properties", "dit.attention_rollout_row_stochastic",
-    # flow_maps (reflow and consistency training)
+    # flow_maps (reflow and consistency training; MeanFlow, shortcut, boundary, CTM)
     "flow_maps.reflow_preserves_marginals", "flow_maps.reflow_does_not_increase_convex_costs",
     "flow_maps.ct_objective_stationary_at_consistency_function",
+    "flow_maps.meanflow_identity", "flow_maps.boundary[flowmap]", "flow_maps.boundary[meanflow]",
+    "flow_maps.boundary[shortcut]", "flow_maps.ctm_exact_teacher",
     # fokker_planck
     "fokker_planck.mass_conservation", "fokker_planck.positivity_backward_euler",
     "fokker_planck.discrete_equilibrium", "fokker_planck.space_order", "fokker_planck.forward_matches_closed_form",

@@ -155,7 +155,7 @@ def catalogue() -> Catalogue:
     from . import (  # noqa: F401
         claims, dit_checks, fokker_planck_checks, kernels, langevin_checks, likelihood_checks, parameterisation, pde, solvers,
         solvers_multistep, solvers_sde, solvers_stochastic, training_checks, learned_checks, elbo_checks,
-        reflow_checks,
+        reflow_checks, flowmap_checks,
     )
 
     return Catalogue(list(REGISTRY))

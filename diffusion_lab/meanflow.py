@@ -1,0 +1,474 @@
+r"""Flow maps trained from one network's own derivatives or self-consistency: MeanFlow and shortcut models.
+
+Both learn an *average velocity* over an interval and turn it into a flow map Psi(x, s, t) ~ Phi_{s->t}(x) for
+s >= t (time runs from data at t_min to noise at t_max, as everywhere in the package), with the call convention of
+``flowmap.FlowMap`` (``forward(x, s, t)``, ``.schedule``, ``.nfe``), so ``flowmap.flow_map_sample`` samples with
+them unchanged.
+
+MeanFlow (Geng, Deng, Bai, Kolter & He 2025). Along the PF-ODE path z_tau, the average velocity over [r, t], r <= t,
+
+    u(z_t, r, t) = (t - r)^{-1} int_r^t v(z_tau, tau) d tau,   so   z_r = z_t - (t - r) u(z_t, r, t).      (1)
+
+Differentiating (t - r) u = int_r^t v d tau in t with r fixed gives the MeanFlow identity
+
+    u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t),   d/dt u = v . grad_z u + d_t u,                   (2)
+
+the total derivative along the path, i.e. the Jacobian-vector product of u along the tangent (v, 0, 1) in
+(z, r, t). Training regresses u_theta onto the right side of (2) with u_theta in place of u and a stop-gradient:
+
+    L = E w || u_theta(z_t, r, t) - sg[v - (t - r) (v . grad_z u_theta + d_t u_theta)] ||^2,
+
+with z_t = alpha_t x_0 + sigma_t eps and v the conditional velocity alpha'_t x_0 + sigma'_t eps (data alone, the
+paper's setting; alpha = 1 - t, sigma = t on ``RectifiedFlow``) or a teacher field's velocity v(z_t, t) (MeanFlow
+distillation). One ``torch.func.jvp`` gives u_theta and d/dt u_theta together (``meanflow_target``). The paper's
+adaptive weight w = sg[1 / (||Delta||^2 + c)^p] and its (r, t) sampling (both times logit-normal, sorted, r = t for a
+fraction of the batch) are the defaults of ``train_meanflow``. The flow map is (1):
+
+    Psi(x, s, t) = x - (s - t) u_theta(x, t, s)      (u's first time is the earlier-in-noise, later-in-data one),
+
+exactly x at s = t for any network.
+
+Shortcut models (Frans, Hafner, Levine & Abbeel 2024). A network s_theta(x, tau, d) conditioned on the step size d
+predicts the step x_{tau - d} = x_tau - d s_theta(x_tau, tau, d). Training: flow matching at d = 0,
+|| s_theta(x_tau, tau, 0) - v ||^2, and self-consistency for a fraction of the batch,
+
+    s_theta(x_tau, tau, 2d) ~ sg[(s(x_tau, tau, d) + s(x'_{tau - d}, tau - d, d)) / 2],
+    x'_{tau - d} = x_tau - d s(x_tau, tau, d),                                                               (3)
+
+with the target evaluated by an EMA of theta and step sizes d = L / 2^k (L = t_max - t_min) on a grid of M = 2^K
+steps. The flow map is Psi(x, s, t) = x - (s - t) s_theta(x, s, s - t).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._tensor import as_tensor, bcast
+from .field import VelocityField
+from .flowmap import DistillResult, TwoTimeMLP, _param_dtype
+from .schedules import Schedule
+from .training import EMA
+
+__all__ = ["MeanFlowMap", "ShortcutMap", "meanflow_target", "meanflow_loss", "train_meanflow", "shortcut_target",
+           "train_shortcut", "sample_meanflow_times", "TIME_DISTRIBUTIONS"]
+
+TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
+
+
+def _check_schedule(schedule):
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a diffusion_lab Schedule, got {type(schedule).__name__}")
+
+
+def _default_net(dim, schedule, hidden, depth):
+    # times enter the embedding as tau / t_max * 1000 (DiT's integer-step range), as in the official MeanFlow code
+    return TwoTimeMLP(dim, hidden=hidden, depth=depth, time_scale=1000.0 / schedule.t_max)
+
+
+class _AverageVelocityMap(nn.Module):
+    """Shared plumbing: time checks of ``FlowMap`` and the map x - (s - t) w(x, s, t)."""
+
+    def __init__(self, net, schedule: Schedule):
+        super().__init__()
+        _check_schedule(schedule)
+        if not callable(net):
+            raise TypeError(f"net must be callable (x, c_1, c_2) -> tensor, got {type(net).__name__}")
+        self.net = net
+        self.schedule = schedule
+        self.nfe = 0
+
+    def _times(self, s, t, x):
+        """s, t as (batch,) float64 tensors inside the schedule's range with s >= t (python numbers are read in
+        float64, not x's dtype: a float32 0.999 would fall outside RectifiedFlow's t_max = 0.999)."""
+        n = x.shape[0]
+        out = []
+        for name, v in (("s", s), ("t", t)):
+            v = as_tensor(v).to(device=x.device, dtype=torch.float64)
+            if v.ndim > 1 or (v.ndim == 1 and v.shape[0] != n):
+                raise ValueError(f"{name} must be a scalar or a (batch,) tensor with batch={n}; got shape "
+                                 f"{tuple(v.shape)}")
+            self.schedule.check_t(v, what=name)
+            out.append(v.expand(n) if v.ndim == 0 else v)
+        s, t = out
+        if bool((t > s).any()):
+            i = int(torch.nonzero(t > s)[0])
+            raise ValueError(f"a flow map runs from s down to t <= s; got s={float(s[i])!r} < t={float(t[i])!r}")
+        return s, t
+
+    def _net(self, x, c1, c2):
+        wdtype = _param_dtype(self.net, x.dtype)
+        out = self.net(x.to(wdtype), c1.to(wdtype), c2.to(wdtype))
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"network returned {shape}, expected x's shape {tuple(x.shape)}")
+        return out.to(x.dtype)
+
+    def forward(self, x: torch.Tensor, s, t) -> torch.Tensor:
+        """Psi(x, s, t) = x - (s - t) w(x, s, t); s, t scalars or (batch,) tensors with s >= t. One network call."""
+        if not isinstance(x, torch.Tensor) or x.ndim < 2:
+            raise ValueError(f"x must be a tensor of shape (batch, *data_shape), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        s, t = self._times(s, t, x)
+        w = self._average_velocity_st(x, s, t)
+        self.nfe += 1
+        return x - bcast(s - t, x).to(x.dtype) * w  # s = t: the product is exactly 0, so Psi(x, t, t) = x
+
+
+class MeanFlowMap(_AverageVelocityMap):
+    r"""MeanFlow's average velocity u_theta(z, r, t), r <= t, and its flow map Psi(x, s, t) = x - (s - t) u(x, t, s).
+
+    The network sees (z, t, t - r), the conditioning of the official code (the time and the interval length):
+    u_theta(z, r, t) = F(z, t, t - r). ``TwoTimeMLP`` fits (its two embedded inputs are t and t - r).
+
+    Parameters
+    ----------
+    net : nn.Module or callable
+        F(z, t, h) -> tensor of z's shape, h = t - r >= 0.
+    schedule : Schedule
+    """
+
+    def u(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """u_theta(z, r, t) for (batch,) tensors r <= t (not counted in ``nfe``; no range checks: it is the
+        function differentiated by ``meanflow_target``)."""
+        return self._net(z, t, t - r)
+
+    def _average_velocity_st(self, x, s, t):
+        return self.u(x, t, s)
+
+
+class ShortcutMap(_AverageVelocityMap):
+    r"""A shortcut model s_theta(x, tau, d) and its flow map Psi(x, s, t) = x - (s - t) s_theta(x, s, s - t).
+
+    Steps no longer than the finest level d_min = (t_max - t_min) / M are flow steps: the network is asked for
+    d = 0 (the instantaneous velocity), as the official code conditions its finest level on the flow-matching
+    input. The network sees d / (t_max - t_min) * t_max so that d and tau share one embedding scale.
+
+    Parameters
+    ----------
+    net : nn.Module or callable
+        F(x, tau, d_in) -> tensor of x's shape.
+    schedule : Schedule
+    levels : int
+        K: step sizes d = L / 2^k, k = 0..K-1, on a grid of M = 2^K steps (the paper's M = 128 is K = 7).
+    """
+
+    def __init__(self, net, schedule: Schedule, levels: int = 7):
+        super().__init__(net, schedule)
+        if int(levels) != levels or not 1 <= levels <= 20:
+            raise ValueError(f"levels must be an integer in [1, 20] (M = 2^levels steps), got {levels!r}")
+        self.levels = int(levels)
+
+    @property
+    def span(self) -> float:
+        return float(self.schedule.t_max - self.schedule.t_min)
+
+    @property
+    def d_min(self) -> float:
+        """L / M, the finest step; steps <= d_min are flow (d = 0) steps."""
+        return self.span / 2 ** self.levels
+
+    def step_velocity(self, x: torch.Tensor, tau: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """s_theta(x, tau, d) for (batch,) tensors tau, d >= 0 (not counted in ``nfe``)."""
+        d = torch.where(d <= self.d_min * (1 + 1e-9), torch.zeros_like(d), d)
+        return self._net(x, tau, d * (self.schedule.t_max / self.span))
+
+    def _average_velocity_st(self, x, s, t):
+        return self.step_velocity(x, s, s - t)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MeanFlow: target and loss
+
+
+JVP_MODES = ("func", "forward_ad")
+
+
+def _jvp(fn, primals, tangents, mode):
+    if mode == "func":
+        return torch.func.jvp(fn, primals, tangents)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = fn(*(fwAD.make_dual(p, tg) for p, tg in zip(primals, tangents)))
+        primal, tangent = fwAD.unpack_dual(out)
+        if tangent is None:  # the output does not depend on the inputs
+            tangent = torch.zeros_like(primal)
+        return primal, tangent
+
+
+def meanflow_target(u_fn, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor, *,
+                    jvp: str = "func"):
+    r"""The MeanFlow regression target (2) of any average-velocity function, from one Jacobian-vector product.
+
+        (u, du/dt) = jvp(u_fn, (z, r, t), (v, 0, 1)),   du/dt = v . grad_z u + d_t u,
+        target     = v - (t - r) du/dt.
+
+    ``jvp="func"`` is ``torch.func.jvp`` (the official code's ``jax.jvp``); ``"forward_ad"`` computes the same
+    product with ``torch.autograd.forward_ad`` dual tensors, which on CPU in this torch costs several times less
+    per call for small networks (the functional transform dispatches many elementwise operations through Python
+    reference implementations). Both give u with its graph for the loss.
+
+    Parameters
+    ----------
+    u_fn : callable (z, r, t) -> tensor of z's shape
+        u(z, r, t) for (batch,) times r <= t (e.g. ``MeanFlowMap.u``, or an exact average velocity).
+    z : tensor (batch, *data_shape), the point z_t
+    r, t : (batch,) tensors of z's dtype
+    v : tensor of z's shape, the velocity at (z, t) (conditional or a field's)
+
+    Returns
+    -------
+    (u, target, du_dt)
+        u carries the graph of u_fn (for the loss); target and du_dt are detached (the stop-gradient).
+    """
+    if v.shape != z.shape:
+        raise ValueError(f"v has shape {tuple(v.shape)}, expected z's shape {tuple(z.shape)}")
+    r = as_tensor(r, like=z).to(z.dtype).expand(z.shape[0])
+    t = as_tensor(t, like=z).to(z.dtype).expand(z.shape[0])
+    if jvp not in JVP_MODES:
+        raise ValueError(f"unknown jvp mode {jvp!r}; choose one of {JVP_MODES}")
+    u, du_dt = _jvp(u_fn, (z, r, t), (v.to(z.dtype), torch.zeros_like(r), torch.ones_like(t)), jvp)
+    du_dt = du_dt.detach()
+    target = (v - bcast(t - r, z) * du_dt).detach()
+    return u, target, du_dt
+
+
+def meanflow_loss(u_fn, z, r, t, v, *, p: float = 1.0, c: float = 1e-2, jvp: str = "func") -> torch.Tensor:
+    r"""Per-sample MeanFlow loss (batch,): w ||u - target||^2 with the adaptive weight w = sg[(||Delta||^2 + c)^{-p}]
+    (p = 0: plain squared error; the official code's p = 1, c = 0.01). ``target`` from ``meanflow_target``."""
+    if not p >= 0 or not c > 0:
+        raise ValueError(f"need the adaptive-weight power p >= 0 and constant c > 0, got p={p!r}, c={c!r}")
+    u, target, _ = meanflow_target(u_fn, z, r, t, v, jvp=jvp)
+    sq = (u - target).pow(2).reshape(z.shape[0], -1).sum(1)
+    if p == 0:
+        return sq
+    return sq / (sq.detach() + c) ** p
+
+
+def sample_meanflow_times(schedule: Schedule, n: int, *, distribution: str = "logit_normal", mean: float = -0.4,
+                          std: float = 1.0, fraction_r_neq_t: float = 0.25, generator=None):
+    r"""(r, t), (n,) float64, r <= t in [t_min, t_max]: two draws u_1, u_2 of ``distribution`` on (0, 1)
+    (logit-normal sigmoid(mean + std N(0, 1)), the paper's default mean -0.4, std 1.0; or uniform), sorted, mapped to
+    t_min + (t_max - t_min) u; then r = t for all but a fraction ``fraction_r_neq_t`` of the batch (the paper's 25%).
+    """
+    if distribution not in TIME_DISTRIBUTIONS:
+        raise ValueError(f"unknown time distribution {distribution!r}; choose one of {TIME_DISTRIBUTIONS}")
+    if not 0.0 <= fraction_r_neq_t <= 1.0:
+        raise ValueError(f"fraction_r_neq_t must be in [0, 1], got {fraction_r_neq_t!r}")
+    if not std > 0:
+        raise ValueError(f"the logit-normal std must be > 0, got {std!r}")
+    if distribution == "logit_normal":
+        a = torch.sigmoid(mean + std * torch.randn(2, n, generator=generator, dtype=torch.float64))
+    else:
+        a = torch.rand(2, n, generator=generator, dtype=torch.float64)
+    lo, hi = schedule.t_min, schedule.t_max
+    a = lo + (hi - lo) * a
+    t, r = a.max(0).values, a.min(0).values
+    n_neq = int(round(n * fraction_r_neq_t))
+    r = torch.where(torch.arange(n) < n_neq, r, t)
+    return r, t
+
+
+def _check_training_args(schedule, teacher, steps, batch, log_every):
+    if teacher is not None:
+        if not isinstance(teacher, VelocityField):
+            raise TypeError(f"teacher must be a VelocityField or None, got {type(teacher).__name__}")
+        if teacher.schedule.settings() != schedule.settings():
+            raise ValueError(f"the map's schedule {schedule!r} differs from the teacher's {teacher.schedule!r}")
+    for name, v in (("steps", steps), ("batch", batch), ("log_every", log_every)):
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def _noised(schedule, x0, tau, z):
+    """(x_tau, conditional velocity) = (alpha x0 + sigma z, alpha' x0 + sigma' z)."""
+    a, s, da, ds = (bcast(c(tau), x0).to(x0.dtype) for c in (schedule.alpha, schedule.sigma, schedule.dalpha,
+                                                                schedule.dsigma))
+    return a * x0 + s * z, da * x0 + ds * z
+
+
+def _velocity(schedule, teacher, x0, tau, gen):
+    z = torch.randn(x0.shape, generator=gen, dtype=x0.dtype)
+    xt, v = _noised(schedule, x0, tau, z)
+    if teacher is not None:
+        with torch.no_grad():
+            v = teacher.velocity(xt.to(torch.float64), tau).to(x0.dtype)
+    return xt, v
+
+
+def train_meanflow(mf: MeanFlowMap, data: torch.Tensor, *, teacher: VelocityField | None = None,
+                   steps: int = 1000, batch: int = 256, lr: float = 1e-3, betas=(0.9, 0.95),
+                   distribution: str = "logit_normal", mean: float = -0.4, std: float = 1.0,
+                   fraction_r_neq_t: float = 0.25, p: float = 1.0, c: float = 1e-2, ema_decay: float = 0.999,
+                   seed: int = 0, log_every: int = 100) -> DistillResult:
+    r"""Train ``mf`` (in place) with the MeanFlow loss of the module docstring (Geng et al. 2025, Algorithm 1).
+
+    Parameters
+    ----------
+    mf : MeanFlowMap around an ``nn.Module`` network.
+    data : tensor (N, *data_shape), samples x_0 (batches drawn with replacement).
+    teacher : VelocityField, optional
+        None: v is the conditional velocity alpha'_t x_0 + sigma'_t eps (training from data alone). A field: v is its
+        velocity at (z_t, t), one batched teacher call per step (MeanFlow distillation).
+    steps, batch, lr, betas : Adam steps, batch size, learning rate and (beta_1, beta_2) (the official 0.9, 0.95).
+    distribution, mean, std, fraction_r_neq_t : the (r, t) sampling of ``sample_meanflow_times``.
+    p, c : the adaptive loss weight (``meanflow_loss``).
+    ema_decay : the evaluation EMA (package warm-up).
+
+    Returns
+    -------
+    DistillResult
+        ``psi`` = mf, ``psi_ema`` a MeanFlowMap around the EMA network, ``teacher_calls`` and ``teacher_evals``
+        (0 without a teacher), the loss history and the settings.
+    """
+    if not isinstance(mf, MeanFlowMap) or not isinstance(mf.net, nn.Module):
+        raise TypeError("mf must be a MeanFlowMap around a torch.nn.Module network")
+    sch = mf.schedule
+    _check_training_args(sch, teacher, steps, batch, log_every)
+    sample_meanflow_times(sch, 1, distribution=distribution, mean=mean, std=std, fraction_r_neq_t=fraction_r_neq_t)
+    if not p >= 0 or not c > 0:
+        raise ValueError(f"need the adaptive-weight power p >= 0 and constant c > 0, got p={p!r}, c={c!r}")
+    gen = torch.Generator().manual_seed(int(seed))
+    dtype = _param_dtype(mf.net, torch.float32)
+    ema = EMA(mf.net, ema_decay, warmup=True)
+    opt = torch.optim.Adam(mf.net.parameters(), lr=lr, betas=tuple(betas))
+    calls0 = teacher.nfe if teacher is not None else 0
+    history, acc, acc_n = [], 0.0, 0
+    mf.net.train()
+    for step in range(int(steps)):
+        x0 = data[torch.randint(0, data.shape[0], (batch,), generator=gen)].to(dtype)
+        r, t = sample_meanflow_times(sch, batch, distribution=distribution, mean=mean, std=std,
+                                     fraction_r_neq_t=fraction_r_neq_t, generator=gen)
+        z, v = _velocity(sch, teacher, x0, t, gen)
+        loss = meanflow_loss(mf.u, z, r.to(dtype), t.to(dtype), v, p=p, c=c).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update(mf.net)
+        acc, acc_n = acc + float(loss.detach()), acc_n + 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": acc / acc_n})
+            acc, acc_n = 0.0, 0
+    mf.net.eval()
+    calls = teacher.nfe - calls0 if teacher is not None else 0
+    settings = {"method": "meanflow", "teacher": teacher is not None, "steps": int(steps), "batch": int(batch),
+                "lr": lr, "betas": list(betas), "distribution": distribution, "mean": mean, "std": std,
+                "fraction_r_neq_t": fraction_r_neq_t, "p": p, "c": c, "ema_decay": ema_decay, "seed": int(seed)}
+    return DistillResult(psi=mf, psi_ema=MeanFlowMap(ema.module, sch), history=history, teacher_calls=calls,
+                         teacher_evals=calls * int(batch), settings=settings)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shortcut models
+
+
+def shortcut_target(s_fn, x: torch.Tensor, tau: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    r"""The self-consistency target (3) for the step 2d from two steps d of ``s_fn``:
+
+        s_1 = s(x, tau, d),   x' = x - d s_1,   s_2 = s(x', tau - d, d),   target = (s_1 + s_2) / 2,
+
+    so that x - 2d target = x' - d s_2 (two shortcut steps of size d). Detached (no gradient).
+
+    Parameters
+    ----------
+    s_fn : callable (x, tau, d) -> tensor of x's shape, (batch,) tau and d
+    x : tensor (batch, *data_shape), x_tau
+    tau, d : (batch,) tensors, tau - 2d >= t_min
+    """
+    with torch.no_grad():
+        s1 = s_fn(x, tau, d)
+        x2 = x - bcast(d, x).to(x.dtype) * s1
+        s2 = s_fn(x2, tau - d, d)
+        return 0.5 * (s1 + s2)
+
+
+def train_shortcut(sm: ShortcutMap, data: torch.Tensor, *, teacher: VelocityField | None = None,
+                   steps: int = 1000, batch: int = 256, lr: float = 1e-3, bootstrap_every: int = 8,
+                   target_decay: float = 0.999, ema_decay: float = 0.999, seed: int = 0,
+                   log_every: int = 100) -> DistillResult:
+    r"""Train ``sm`` (in place) as a shortcut model (Frans et al. 2024): per batch, ``batch // bootstrap_every``
+    self-consistency samples (the paper's 1/8) and the rest flow matching.
+
+    - Flow matching: tau = t_min + L k / M, k uniform in {1..M}; loss ||s_theta(x_tau, tau, 0) - v||^2 with v the
+      conditional velocity alpha' x_0 + sigma' eps, or a teacher field's velocity (distillation).
+    - Self-consistency: level k uniform over {0..K-1} (equal counts, as the official code), d = L / 2^k, tau =
+      t_min + d j, j uniform in {1..2^k}; target (3) at the half step d/2 from the target network theta- (an EMA of
+      theta with decay ``target_decay``, the official 0.999); loss ||s_theta(x_tau, tau, d) - target||^2. The finest
+      half step d/2 = L/M is a flow (d = 0) step, as in ``ShortcutMap``.
+
+    The loss is the mean over the whole batch. Returns a ``DistillResult`` (``psi_ema``: the evaluation EMA).
+    """
+    if not isinstance(sm, ShortcutMap) or not isinstance(sm.net, nn.Module):
+        raise TypeError("sm must be a ShortcutMap around a torch.nn.Module network")
+    sch = sm.schedule
+    _check_training_args(sch, teacher, steps, batch, log_every)
+    if int(bootstrap_every) != bootstrap_every or bootstrap_every < 1 or batch // bootstrap_every < sm.levels:
+        raise ValueError(f"bootstrap_every must be an integer >= 1 leaving batch // bootstrap_every >= levels "
+                         f"({sm.levels}) self-consistency samples; got bootstrap_every={bootstrap_every!r} with "
+                         f"batch={batch}")
+    if not 0.0 <= target_decay < 1.0:
+        raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
+    gen = torch.Generator().manual_seed(int(seed))
+    dtype = _param_dtype(sm.net, torch.float32)
+    target_net = EMA(sm.net, target_decay, warmup=False)
+    ema = EMA(sm.net, ema_decay, warmup=True)
+    sm_target = ShortcutMap(target_net.module, sch, sm.levels)
+    opt = torch.optim.Adam(sm.net.parameters(), lr=lr)
+    L, K, M = sm.span, sm.levels, 2 ** sm.levels
+    n_sc = batch // int(bootstrap_every)
+    n_fm = batch - n_sc
+    per_level = n_sc // K
+    calls0 = teacher.nfe if teacher is not None else 0
+    history, acc, acc_n = [], 0.0, 0
+    sm.net.train()
+    for step in range(int(steps)):
+        x0 = data[torch.randint(0, data.shape[0], (batch,), generator=gen)].to(dtype)
+        # self-consistency part
+        k = torch.arange(K).repeat_interleave(per_level)
+        k = torch.cat([k, torch.randint(0, K, (n_sc - k.numel(),), generator=gen)])
+        d = L / 2.0 ** k.to(torch.float64)
+        j = (torch.rand(n_sc, generator=gen, dtype=torch.float64) * 2.0 ** k).floor() + 1
+        tau_sc = (sch.t_min + d * j).clamp(max=sch.t_max)
+        z = torch.randn((n_sc, *x0.shape[1:]), generator=gen, dtype=dtype)
+        x_sc, _ = _noised(sch, x0[:n_sc], tau_sc, z)
+        tgt_sc = shortcut_target(sm_target.step_velocity, x_sc, tau_sc.to(dtype), (d / 2).to(dtype))
+        # flow-matching part
+        kf = torch.randint(1, M + 1, (n_fm,), generator=gen).to(torch.float64)
+        tau_fm = (sch.t_min + L * kf / M).clamp(max=sch.t_max)
+        x_fm, v_fm = _velocity(sch, teacher, x0[n_sc:], tau_fm, gen)
+        x = torch.cat([x_sc, x_fm])
+        tau = torch.cat([tau_sc, tau_fm]).to(dtype)
+        dd = torch.cat([d, torch.zeros(n_fm, dtype=torch.float64)]).to(dtype)
+        tgt = torch.cat([tgt_sc, v_fm])
+        loss = (sm.step_velocity(x, tau, dd) - tgt).pow(2).reshape(batch, -1).sum(1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        target_net.update(sm.net)
+        ema.update(sm.net)
+        acc, acc_n = acc + float(loss.detach()), acc_n + 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            history.append({"step": step + 1, "loss": acc / acc_n})
+            acc, acc_n = 0.0, 0
+    sm.net.eval()
+    calls = teacher.nfe - calls0 if teacher is not None else 0
+    settings = {"method": "shortcut", "teacher": teacher is not None, "steps": int(steps), "batch": int(batch),
+                "lr": lr, "levels": K, "bootstrap_every": int(bootstrap_every), "target_decay": target_decay,
+                "ema_decay": ema_decay, "seed": int(seed)}
+    return DistillResult(psi=sm, psi_ema=ShortcutMap(ema.module, sch, K), history=history, teacher_calls=calls,
+                         teacher_evals=calls * n_fm, settings=settings)
+
+
+def meanflow_map(dim: int, schedule: Schedule, hidden: int = 64, depth: int = 3) -> MeanFlowMap:
+    """A MeanFlowMap around a fresh ``TwoTimeMLP`` (times embedded as tau / t_max * 1000)."""
+    _check_schedule(schedule)
+    return MeanFlowMap(_default_net(dim, schedule, hidden, depth), schedule)
+
+
+def shortcut_map(dim: int, schedule: Schedule, hidden: int = 64, depth: int = 3, levels: int = 7) -> ShortcutMap:
+    """A ShortcutMap around a fresh ``TwoTimeMLP``."""
+    _check_schedule(schedule)
+    return ShortcutMap(_default_net(dim, schedule, hidden, depth), schedule, levels)
+
+
+__all__ += ["meanflow_map", "shortcut_map"]
