@@ -49,13 +49,13 @@ DEFAULT_CACHE = "results/cache"
 
 
 def recipe(quick: bool) -> dict:
-    """The training recipe: ``ring8_recipe()`` (quick: 300 steps of batch 256, 50 warm-up steps)."""
-    return dict(ring8_recipe(), steps=300, batch=256, warmup=50) if quick else ring8_recipe()
+    """The training recipe: ``ring8_recipe()`` (quick: 100 steps of batch 256, 20 warm-up steps)."""
+    return dict(ring8_recipe(), steps=100, batch=256, warmup=20) if quick else ring8_recipe()
 
 
 def stages(quick: bool) -> tuple:
     """The snapshot steps of the training run (the last one is measured here; experiments.score_error uses all)."""
-    return (300,) if quick else RECIPE_STAGES
+    return (100,) if quick else RECIPE_STAGES
 
 
 def train(name: str, quick: bool, seed: int, cache):
@@ -76,9 +76,9 @@ def measure(name: str, quick: bool, seed: int, cache, n_boot: int = 2000, log=pr
     c0 = time.process_time()
     learned, train_cpu, step = train(name, quick, seed, cache)
     log(f"{name}: network ready ({train_cpu:.0f} CPU s of training, {time.process_time() - c0:.0f} s here)")
-    n = 500 if quick else 4000
+    n = 300 if quick else 4000
     x_T = tg.marginal(sch, sch.t_max).sample(n, torch.Generator().manual_seed(seed + 1000))
-    prof = Dg.score_error_profile(learned, tg, n_times=8 if quick else 16, n=300 if quick else 1000, seed=seed)
+    prof = Dg.score_error_profile(learned, tg, n_times=6 if quick else 16, n=200 if quick else 1000, seed=seed)
     lik, lik_se = prof.integral("likelihood")
     dec = {}
     for field_name, f in (("exact", tg.field(sch)), ("learned", learned)):
@@ -130,8 +130,9 @@ def verdict(block: dict, budget: str, label: str = "total") -> str:
             f"{len(noise)} swapped within noise")
 
 
-def run(quick: bool = False, seed: int = 0, cache=DEFAULT_CACHE, targets=None, n_boot: int = 2000):
+def run(quick: bool = False, seed: int = 0, cache=DEFAULT_CACHE, targets=None, n_boot: int | None = None):
     torch.set_num_threads(1)
+    n_boot = (400 if quick else 2000) if n_boot is None else n_boot
     names = list(targets or TARGETS)
     blocks = {name: measure(name, quick, seed, cache, n_boot) for name in names}
     rows = [r for b in blocks.values() for r in b["rows"]]
@@ -204,15 +205,17 @@ def figure(headline: dict, path: str | None = None):
 def main(argv=None):
     p = _common.parser(__doc__.split("\n")[0], "benchmarks/results")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results (JSON) to PATH")
-    p.add_argument("--cache", default=DEFAULT_CACHE, metavar="DIR",
-                   help=f"store the trained networks in DIR and reuse them (default {DEFAULT_CACHE}; '' for none)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help=f"store the trained networks in DIR and reuse them (default {DEFAULT_CACHE}, none with "
+                        f"--quick; '' for none)")
     p.add_argument("--targets", default=None, help=f"comma-separated subset of {','.join(TARGETS)}")
     args = p.parse_args(argv)
     targets = args.targets.split(",") if args.targets else None
     for t in targets or ():
         if t not in TARGETS:
             p.error(f"unknown target {t!r}; choose from {', '.join(TARGETS)}")
-    rows, meta = run(args.quick, args.seed, args.cache or None, targets)
+    cache = (None if args.quick else DEFAULT_CACHE) if args.cache is None else (args.cache or None)
+    rows, meta = run(args.quick, args.seed, cache, targets)
     print(_common.table(rows, COLS))
     h = meta["headline"]
     for name, per in h["verdict"].items():

@@ -178,10 +178,12 @@ def main(argv=None):
     p = _common.parser(__doc__.split("\n")[0], "docs/figures")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="also save the final EMA network as a checkpoint (for diffusion-lab diagnose / compare)")
-    p.add_argument("--cache", default=DEFAULT_CACHE, metavar="DIR",
-                   help=f"store the trained networks in DIR and reuse them (default {DEFAULT_CACHE}; '' for none)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help=f"store the trained networks in DIR and reuse them (default {DEFAULT_CACHE}, none with "
+                        f"--quick; '' for none)")
     args = p.parse_args(argv)
-    rows, meta = run(args.quick, args.seed, args.checkpoint, args.cache or None)
+    cache = (None if args.quick else DEFAULT_CACHE) if args.cache is None else (args.cache or None)
+    rows, meta = run(args.quick, args.seed, args.checkpoint, cache)
     print(_common.table(rows, ["stage", "train_cpu_s", "I_eps", "kl_bound", "kl_truth", "ratio", "fp_tv"]))
     print(_common.table(meta["decomposition"], ["field", "sampler", "nfe_budget", "mmd2_total", "mmd2_total_se",
                                                 "mmd_rank", "mmd2_network", "mmd2_discretisation",

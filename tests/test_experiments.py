@@ -199,3 +199,25 @@ def test_cfg_counterexample(tmp_path):
         r = h[key]
         assert r["tv_ode_vs_powered"] > 3 * r["mc_floor"] and r["tv_sde_vs_powered"] > 3 * r["mc_floor"]
         assert r["tv_ode_vs_sde"] > 2 * r["mc_floor"]
+
+
+@pytest.mark.slow
+def test_learned_ranking_quick(tmp_path):
+    """experiments.learned_ranking in quick mode: every sampler ranked on both fields of both targets, Kendall's tau in
+    [-1, 1] with its SE, 21 labelled pairs per budget; on the exact field the adaptive solve samples the exact law
+    (MMD^2 within 4 SE of 0, MC) and every row keeps the triangle inequality of the MMD (4 SE of slack)."""
+    from experiments import learned_ranking
+
+    h = _run(learned_ranking, tmp_path, "learned_ranking")
+    assert set(h["targets"]) == {"ring8", "multiscale_8d_k16"}
+    for b in h["targets"].values():
+        assert abs(b["mmd2_exact_adaptive"]) <= 4 * b["mmd2_exact_adaptive_se"]
+        for r in b["rows"]:
+            slack = 4 * (r["learned_total_se"] + r["learned_network_se"] + r["learned_discretisation_se"]) ** 0.5
+            assert (max(r["learned_total"], 0) ** 0.5 <= max(r["learned_network"], 0) ** 0.5
+                    + max(r["learned_discretisation"], 0) ** 0.5 + slack)
+        for per in b["agreement"].values():
+            for a in per.values():
+                assert sorted(a["order_a"]) == sorted(a["order_b"]) == sorted(learned_ranking.SAMPLERS)
+                assert -1 <= a["tau"] <= 1 and a["tau_se"] >= 0 and -1 <= a["tau_noise_a"] <= 1
+                assert sum(a["counts"].values()) == 21 == len(a["pairs"])
