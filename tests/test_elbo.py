@@ -247,3 +247,16 @@ def test_cli_elbo_refuses_bad_options(argv, msg, capsys):
     with pytest.raises(SystemExit):
         main(["likelihood", "--n", "4", *argv])
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.slow  # three exact targets, 32 samples, N = 200: ~15 s
+def test_elbo_gap_experiment_quick(tmp_path):
+    """experiments.elbo_gap --quick: the continuous gap of every exact field within 5 SE of 0 (its predicted value is
+    ~1e-5 nats), the DDPM bound on DDPM's uniform-t chain looser than on the log-SNR grid of the same N, both > 0."""
+    from experiments import elbo_gap
+
+    doc = elbo_gap.main(["--quick", "--json", str(tmp_path / "e.json")])
+    assert json.loads((tmp_path / "e.json").read_text())["rows"] == doc["rows"]
+    for r in doc["rows"]:
+        assert abs(r["gap_continuous"] - r["predicted_gap"]) < 5 * r["gap_continuous_se"], r
+        assert r["gap_ddpm200_uniform"] > r["gap_ddpm200_logsnr"] > 3 * r["gap_ddpm200_logsnr_se"], r  # ~4-9 SE here
