@@ -188,8 +188,8 @@ def prior_kl(schedule, x: torch.Tensor, prior: Callable | float | None = None, d
     """(KL(q(z_T|x) || p(z_T)) per sample, its SE) with q(z_T|x) = N(alpha_T x, sigma_T^2 I), x flat (n, d).
 
     ``prior`` None: N(0, v I), v = alpha_T^2 data_var + sigma_T^2; a number: that variance v; both in closed form
-    KL = (1/2) sum_j [sigma_T^2/v + alpha_T^2 x_j^2/v - 1 - log(sigma_T^2/v)] (SE 0). A callable log-density:
-    Monte Carlo over ``n_mc`` draws z_T, KL = E[log N(z_T; alpha_T x, sigma_T^2 I) - log p(z_T)]."""
+    KL = (1/2) sum_j [sigma_T^2/v + alpha_T^2 x_j^2/v - 1 - log(sigma_T^2/v)] (SE 0). A callable log-density of flat
+    points (m, d): Monte Carlo over ``n_mc`` draws z_T, KL = E[log N(z_T; alpha_T x, sigma_T^2 I) - log p(z_T)]."""
     T = schedule.t_max if t1 is None else float(t1)
     a, s, _ = _coef(schedule, T)
     a, s = float(a), float(s)
@@ -360,7 +360,8 @@ def _discrete_grid(schedule, steps, kind):
     if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
         g = time_grid(schedule, int(steps), kind)
     else:
-        g = time_grid(schedule, kind=torch.as_tensor(steps, dtype=torch.float64))
+        t = torch.as_tensor(steps, dtype=torch.float64).reshape(-1)
+        g = time_grid(schedule, kind=torch.sort(t, descending=True).values)
     return torch.flip(g, (0,))  # ascending: t_0 = t_min < ... < t_N = t_max
 
 
@@ -420,7 +421,8 @@ def ddpm_bound(field: VelocityField, x: torch.Tensor, steps=1000, *, grid_kind: 
     diff = per.sum(0)
     diff_se = torch.sqrt(var.sum(0) / K)
     per_step = per.mean(1)
-    per_step_se = torch.sqrt(per.var(1) / n + var.sum(1) / (K * n * n)) if n > 1 else torch.sqrt(var[:, 0] / K)
+    # the spread of the per-sample values over the batch holds both the spread of x and the draws' noise
+    per_step_se = per.std(1) / math.sqrt(n) if n > 1 else torch.sqrt(var[:, 0] / K)
     rec_v = _reconstruction(field, xf, int(n_dec), decoder, bin_width, data_range, control_variate, data_var,
                             generator, max_rows, shape)
     rec = rec_v.mean(1)

@@ -260,3 +260,11 @@ def test_elbo_gap_experiment_quick(tmp_path):
     for r in doc["rows"]:
         assert abs(r["gap_continuous"] - r["predicted_gap"]) < 5 * r["gap_continuous_se"], r
         assert r["gap_ddpm200_uniform"] > r["gap_ddpm200_logsnr"] > 3 * r["gap_ddpm200_logsnr_se"], r  # ~4-9 SE here
+
+
+def test_ddpm_bound_takes_a_grid_in_either_order():
+    tg, sch = gaussian_2d(), S.VPLinear()
+    x = tg.sample(4, torch.Generator().manual_seed(0))
+    grid = [sch.t_min, 0.1, 0.4, sch.t_max]
+    a, b = (E.ddpm_bound(tg.field(sch), x, g, generator=torch.Generator().manual_seed(1)) for g in (grid, grid[::-1]))
+    assert torch.equal(a.elbo, b.elbo) and a.per_step.shape == (3,) and a.settings["grid_kind"] == "given"
