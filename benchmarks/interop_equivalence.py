@@ -5,7 +5,8 @@ Three blocks, every network a small random one (nothing is downloaded), float64 
 
 1. diffusers schedulers: a random UNet2DModel as a field (``interop.from_diffusers``); diffusers' own loop
    (DDIM, DPM-Solver++ 2M, UniPC, Euler; timestep_spacing "trailing" and the scheduler's default) against ours
-   on the scheduler's timesteps (``grid = t_of_timestep(schedule, scheduler.timesteps)``, final="denoise"), for
+   on the scheduler's timesteps (``interop.step_states``: grid = t_of_timestep(schedule, scheduler.timesteps),
+   final="denoise"), for
    every prediction type and beta schedule. Column "step": max over steps of max |ours - theirs| / max(1, max
    |theirs|) of the states at the timesteps; "final": the same for the output; "NFE": ours / theirs. A row with a
    deliberately broken timestep map (the network called at k + 1) shows what a wrong mapping gives.
@@ -36,13 +37,11 @@ try:
     from diffusion_lab import interop as I
     from diffusion_lab.models import DiT
     from diffusion_lab.models import convert as C
-    from diffusion_lab.samplers import sample
 except ImportError:  # running from a checkout without installation
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     from diffusion_lab import interop as I
     from diffusion_lab.models import DiT
     from diffusion_lab.models import convert as C
-    from diffusion_lab.samplers import sample
 
 SCHEDULERS = {  # ours, our options (to match the scheduler's last steps), diffusers class, its options
     "ddim": ("ddim", {}, "DDIMScheduler", dict(clip_sample=False)),
@@ -51,10 +50,6 @@ SCHEDULERS = {  # ours, our options (to match the scheduler's last steps), diffu
     "euler": ("euler", dict(coords="edm"), "EulerDiscreteScheduler", {}),
 }
 BETAS = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (1e-4, 0.02)}
-
-
-def _rel(a, b) -> float:
-    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
 
 
 def tiny_unet(seed=0):
@@ -77,31 +72,11 @@ def scheduler_row(unet, x_T, name, prediction_type, beta_schedule, spacing, step
         cfg["timestep_spacing"] = spacing
     sch = getattr(diffusers, cls)(**cfg)
     field = I.from_diffusers(unet, sch)
-    sch.set_timesteps(steps)
-    grid = I.t_of_timestep(field.schedule, sch.timesteps)
-    alpha = field.schedule.alpha(grid)
-    states, calls = [], [0]
-
-    def net(x, k):
-        calls[0] += 1
-        return unet(x, k + shift)
-
-    def keep(i, k, x, s):  # the state at the next timestep in x-space (see tests/test_interop.py)
-        if name == "unipc":
-            if 1 <= i <= steps - 2:
-                states.append(s.last_sample.clone())
-            if i == steps - 2:
-                states.append(x.clone())
-        elif i + 1 < steps:
-            states.append(x * alpha[i + 1] if name == "euler" else x.clone())
-
-    with torch.no_grad():
-        out = I.diffusers_loop(sch, net, x_T, steps, alpha_start=float(alpha[0]), callback=keep)
-        res = sample(field, x_T, ours, grid=grid, final="denoise", return_trajectory=True, **our_opts)
-    step = max(_rel(res.trajectory[i + 1], s) for i, s in enumerate(states))
+    st = I.step_states(sch, lambda x, k: unet(x, k + shift), field, x_T, steps, ours, **our_opts)
     return {"block": "diffusers", "ours": ours, "theirs": cls, "prediction_type": prediction_type,
             "beta_schedule": beta_schedule, "spacing": spacing, "steps": steps, "broken": bool(shift),
-            "step": step, "final": _rel(res.x, out), "nfe_ours": res.nfe, "nfe_theirs": calls[0]}
+            "step": max(st.step_errors()), "final": st.final_error(), "nfe_ours": st.nfe_ours,
+            "nfe_theirs": st.nfe_theirs}
 
 
 class SmoothDenoiser:

@@ -13,6 +13,8 @@ Three bridges, each through the package's ``VelocityField``:
 
   so a sampler whose grid lies on the knots calls the network exactly as diffusers' own loops do.
   ``prediction_type`` maps as epsilon -> "eps", v_prediction -> "v" (Salimans & Ho 2022), sample -> "x0".
+  ``diffusers_loop`` runs a scheduler as diffusers' pipelines do, and ``step_states`` runs it beside one of our
+  samplers on the same timesteps and returns both loops' states at every timestep (``StepStates``).
 * **k-diffusion both ways** -- ``from_k_diffusion(denoiser)`` makes a denoiser D(x, sigma) (Karras et al. 2022,
   eq. 2-3; k-diffusion's ``model(x, sigma, **extra_args)``) a field on the EDM schedule (alpha = 1, sigma = t);
   ``k_diffusion_sampler(name)`` (and the module attributes ``sample_<name>``) export every registered method of
@@ -49,8 +51,9 @@ from .schedules import EDM, DDPMDiscrete, Schedule
 
 __all__ = [
     "k_diffusion_sampling", "DiscreteVP", "diffusers_alphas_cumprod", "schedule_from_diffusers", "PREDICTION_TYPES",
-    "timestep_of_t", "t_of_timestep", "DiffusersAdapter", "FieldAsDiffusers", "diffusers_loop", "from_diffusers", "KDenoiserModel", "from_k_diffusion",
-    "k_diffusion_sampler", "k_diffusion_samplers", "load_dit_checkpoint", "dit_field", "load_vae", "decode_latents",
+    "timestep_of_t", "t_of_timestep", "DiffusersAdapter", "FieldAsDiffusers", "diffusers_loop", "StepStates",
+    "step_states", "from_diffusers", "KDenoiserModel", "from_k_diffusion", "k_diffusion_sampler",
+    "k_diffusion_samplers", "load_dit_checkpoint", "dit_field", "load_vae", "decode_latents",
 ]
 
 _K_SAMPLING = None
@@ -617,6 +620,121 @@ def diffusers_loop(scheduler, model: Callable, x_start: torch.Tensor, steps: int
         if callback is not None:
             callback(i, k, x, scheduler)
     return x
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max(1, max |b|): an absolute difference for states of size <= 1, relative beyond."""
+    return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+@dataclass(frozen=True)
+class StepStates:
+    r"""diffusers' scheduler loop and one of our samplers, run from the same x_{t_0} on the same timesteps
+    k_0 > k_1 > ... > k_{N-1} (our grid t_i = (k_i + 1)/N_train), with their states at t_1, ..., t_{N-1} in x-space.
+
+    Attributes
+    ----------
+    theirs, ours : torch.Tensor
+        (N - 1, *x.shape): the states at t_1..t_{N-1}, diffusers' and ours (our trajectory's states 1..N-1).
+    theirs_final, ours_final : torch.Tensor
+        The outputs after the last timestep (final="denoise" on our side: D(x_{t_{N-1}})).
+    nfe_theirs, nfe_ours : int
+        Model calls of diffusers' loop and of ours.
+    grid : torch.Tensor
+        Our grid t_0..t_{N-1} (float64).
+    """
+
+    theirs: torch.Tensor
+    ours: torch.Tensor
+    theirs_final: torch.Tensor
+    ours_final: torch.Tensor
+    nfe_theirs: int
+    nfe_ours: int
+    grid: torch.Tensor
+
+    def step_errors(self) -> list[float]:
+        """Per state i = 1..N-1: max |ours_i - theirs_i| / max(1, max |theirs_i|)."""
+        return [_relative_difference(a, b) for a, b in zip(self.ours, self.theirs)]
+
+    def final_error(self) -> float:
+        """The same relative difference of the outputs."""
+        return _relative_difference(self.ours_final, self.theirs_final)
+
+
+def step_states(scheduler, model: Callable, field: VelocityField, x_start: torch.Tensor, steps: int, method: str,
+                *, generator: torch.Generator | None = None, **options) -> StepStates:
+    r"""Run diffusers' loop (``diffusers_loop``) with ``model`` and our ``method`` on ``field`` from the same
+    x_{t_0}, on the scheduler's own timesteps, and collect both sets of states at t_1..t_{N-1} (``StepStates``).
+
+    Our side samples on the grid t_i = (k_i + 1)/N_train of the scheduler's timesteps k_i (``t_of_timestep``),
+    final="denoise" (diffusers' last step returns the denoiser's x_0), with the trajectory kept. diffusers' states
+    are read after each ``step`` and brought to x-space:
+
+    * schedulers whose state is xbar = x / alpha (``init_noise_sigma`` != 1: Euler, Heun, ...): x_{i+1} =
+      alpha(t_{i+1}) xbar_{i+1};
+    * UniPC (Zhao et al. 2023) returns the predictor's state and applies the corrector at the start of the next
+      step, keeping the corrected state as ``last_sample``: after step i >= 1 the corrected x_{t_i} is read from
+      there; the state at t_{N-1} is the predictor's (the corrector there is never used: the last step returns
+      the denoiser of the predicted state, and ours stops at t_{N-1} uncorrected as well);
+    * the others: ``prev_sample`` itself.
+
+    Parameters
+    ----------
+    scheduler : a diffusers scheduler, configured as for the field (``set_timesteps(steps)`` is called here)
+    model : callable
+        diffusers' side, ``model(x, k)`` (a tensor or an object with ``.sample``); its calls are counted. Pass a
+        different callable from ``field``'s network to see what a wrong mapping does.
+    field : VelocityField
+        Ours, on ``schedule_from_diffusers(scheduler)`` (``from_diffusers(model, scheduler)``).
+    x_start : torch.Tensor
+        Samples of p_{t_0} in x-space.
+    steps : int
+        ``num_inference_steps`` N >= 2.
+    method : str
+        Our sampler (``samplers.sample``); ``options`` are passed to it (e.g. lower_order_final=False).
+    generator : torch.Generator, optional
+        Passed to diffusers' ``step`` (stochastic schedulers) -- ours draws its own noise, so only deterministic
+        pairs can agree.
+
+    Returns
+    -------
+    StepStates
+    """
+    from .samplers import sample
+
+    if int(steps) < 2:
+        raise ValueError(f"steps must be >= 2 (states at t_1..t_(N-1)), got {steps}")
+    if not isinstance(field.schedule, DDPMDiscrete):
+        raise TypeError(f"field must be on a discrete schedule (from_diffusers), got {type(field.schedule).__name__}")
+    steps = int(steps)
+    scheduler.set_timesteps(steps)
+    grid = t_of_timestep(field.schedule, scheduler.timesteps)
+    alpha = field.schedule.alpha(grid)
+    scaled = float(scheduler.init_noise_sigma) != 1.0
+    unipc = type(scheduler).__name__.startswith("UniPC")
+    states, calls = [], [0]
+
+    def counted(x, k):
+        calls[0] += 1
+        return model(x, k)
+
+    def keep(i, k, x, s):
+        if unipc:
+            if 1 <= i <= steps - 2:
+                states.append(s.last_sample.clone())
+            if i == steps - 2:
+                states.append(x.clone())
+        elif i + 1 < steps:
+            states.append(x * alpha[i + 1] if scaled else x.clone())
+
+    with torch.no_grad():
+        theirs = diffusers_loop(scheduler, counted, x_start, steps, alpha_start=float(alpha[0]), callback=keep,
+                                generator=generator)
+        res = sample(field, x_start, method, grid=grid, final="denoise", return_trajectory=True, **options)
+    if len(states) != steps - 1:  # a scheduler whose state this reading does not know
+        raise RuntimeError(f"collected {len(states)} diffusers states for {steps} steps, expected {steps - 1}")
+    return StepStates(theirs=torch.stack(states), ours=res.trajectory[1:steps], theirs_final=theirs,
+                      ours_final=res.x, nfe_theirs=calls[0], nfe_ours=int(res.nfe), grid=grid)
 
 
 # ================================================================================================

@@ -93,41 +93,23 @@ SCHEDULERS = {  # ours, our options, scheduler class, scheduler options
 
 
 def _compare(unet, x_T, name, prediction_type, beta_schedule, steps=10, timestep=None, spacing="trailing"):
-    """Run diffusers' loop and ours on the same network and start; return (per-step rel. errors, final rel. error,
-    nfe ours, nfe theirs). ``spacing`` None: the scheduler's default timestep_spacing."""
+    """Run diffusers' loop and ours on the same network and start (``interop.step_states``); return (per-step rel.
+    errors, final rel. error, nfe ours, nfe theirs). ``timestep``: diffusers' side calls the network at timestep(k)
+    (a deliberately wrong mapping); ``spacing`` None: the scheduler's default timestep_spacing."""
     ours, our_opts, cls, opts = SCHEDULERS[name]
     cfg = dict(beta_schedule=beta_schedule, beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
     if spacing is not None:
         cfg["timestep_spacing"] = spacing
     sch = getattr(diffusers, cls)(**cfg, **opts)
     field = I.from_diffusers(unet, sch)
-    sch.set_timesteps(steps)
-    grid = I.t_of_timestep(field.schedule, sch.timesteps)
-    alpha = field.schedule.alpha(grid)
-    states, calls = [], []
 
     def net(x, k):
-        calls.append(float(k))
         return unet(x, k if timestep is None else timestep(k))
 
-    def keep(i, k, x, s):
-        # the state at the next timestep, in x-space. UniPC returns the predictor's state and corrects it at the
-        # start of the next step (keeping it as last_sample); the corrected state at the last timestep is never
-        # used (its final step outputs the denoiser of the predicted state), and ours stops there uncorrected.
-        if name == "unipc":
-            if 1 <= i <= steps - 2:
-                states.append(s.last_sample.clone())
-            if i == steps - 2:
-                states.append(x.clone())
-        elif i + 1 < steps:
-            states.append(x * alpha[i + 1] if name == "euler" else x.clone())
-
-    with torch.no_grad():
-        out = I.diffusers_loop(sch, net, x_T, steps, alpha_start=float(alpha[0]), callback=keep)
-        res = sample(field, x_T, ours, grid=grid, final="denoise", return_trajectory=True, **our_opts)
-    errs = [_rel(res.trajectory[i + 1], s) for i, s in enumerate(states)]
-    assert len(errs) == steps - 1
-    return errs, _rel(res.x, out), res.nfe, len(calls)
+    st = I.step_states(sch, net, field, x_T, steps, ours, **our_opts)
+    errs = st.step_errors()
+    assert len(errs) == steps - 1 and st.ours.shape == st.theirs.shape == (steps - 1, *x_T.shape)
+    return errs, st.final_error(), st.nfe_ours, st.nfe_theirs
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -183,6 +165,18 @@ def test_broken_timestep_mapping_fails(unet, x_T):
     errs, final, _, _ = _compare(unet, x_T, "dpmpp_2m", "epsilon", "scaled_linear",
                                  timestep=lambda k: k + 1)
     assert max(errs) > 1e3 * REL and final > 1e3 * REL
+
+
+def test_step_states_refuses_what_it_cannot_compare(unet, x_T):
+    sch = diffusers.DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
+    field = I.from_diffusers(unet, sch)
+    with pytest.raises(ValueError, match="steps must be >= 2"):
+        I.step_states(sch, unet, field, x_T, 1, "ddim")
+    from diffusion_lab import targets
+
+    exact = targets.ring8().field(S.VPLinear(), "eps")  # a continuous schedule: no timesteps to share
+    with pytest.raises(TypeError, match="discrete schedule"):
+        I.step_states(sch, unet, exact, x_T, 4, "ddim")
 
 
 def test_our_defaults_differ_where_documented(unet, x_T):
