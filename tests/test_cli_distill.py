@@ -17,28 +17,36 @@ SMALL = ["distill", "--teacher", "bimodal_1d", "--batch", "16", "--grid-steps", 
          "--ref-rtol", "1e-6"]
 
 
-@pytest.mark.parametrize("method", ["cd", "ctm"])
+@pytest.mark.parametrize("method", ["cd", "ctm", "ct"])
 def test_resumable_run_equals_flowmap_distill_bitwise(method):
-    """The CLI's trainer is flowmap.distill cut at step boundaries: same weights, EMA, losses, teacher calls."""
+    """The CLI's trainer is flowmap.distill cut at step boundaries: same weights, EMA, losses, teacher calls (ct:
+    distill's own defaults, a curriculum 2 -> 8 intervals that changes within the 9 steps)."""
     tg = targets.ring8()
     sch = VPLinear()
     data = tg.sample(512, generator=torch.Generator().manual_seed(1)).float()
-    kw = dict(batch=32, grid_steps=5, solver="heun", lr=2e-3, target_decay=0.9, ema_decay=0.99, seed=3)
+    if method == "ct":
+        kw = dict(batch=32, lr=2e-3, ema_decay=0.99, seed=3, ct_s0=2, ct_s1=8)
+        teacher = None
+    else:
+        kw = dict(batch=32, grid_steps=5, solver="heun", lr=2e-3, target_decay=0.9, ema_decay=0.99, seed=3)
+        teacher = tg.field(sch)
     torch.manual_seed(0)
-    a = distill(FlowMap(TwoTimeMLP(2, hidden=16, depth=2), sch, 0.5), tg.field(sch), data, steps=9, method=method,
+    a = distill(FlowMap(TwoTimeMLP(2, hidden=16, depth=2), sch, 0.5), teacher, data, steps=9, method=method,
                 log_every=4, **kw)
     torch.manual_seed(0)
-    run = ConsistencyRun(FlowMap(TwoTimeMLP(2, hidden=16, depth=2), sch, 0.5), tg.field(sch), data, method=method,
-                         log_every=4, **kw)
+    run = ConsistencyRun(FlowMap(TwoTimeMLP(2, hidden=16, depth=2), sch, 0.5), tg.field(sch) if teacher else None,
+                         data, method=method, log_every=4, total_steps=9 if method == "ct" else None, **kw)
     run.run(4)
     run.run(9)  # continued in a second call, as after a resume
     for p, q in zip(a.psi.net.parameters(), run.psi.net.parameters()):
         assert torch.equal(p, q)
     for p, q in zip(a.psi_ema.net.parameters(), run.flow_map().net.parameters()):
         assert torch.equal(p, q)
-    assert [r["loss"] for r in a.history] == [r["loss"] for r in run.history]
-    assert [r["step"] for r in run.history] == [4, 8, 9]
-    assert a.teacher_calls == run.teacher_calls == 18  # Heun: two teacher calls per step
+    assert a.history == run.history and [r["step"] for r in run.history] == [4, 8, 9]
+    assert a.teacher_calls == run.teacher_calls == (0 if method == "ct" else 18)  # Heun: two calls per step
+    if method == "ct":
+        # the curriculum ran: K' = floor(9 / (log2(8/2) + 1)) = 3, N(k) = 2 * 2^(k // 3), logged at k = 3, 7, 8
+        assert [r["grid_steps"] for r in run.history] == [4, 8, 8]
 
 
 def _states(path):
@@ -51,6 +59,9 @@ def _assert_same_state(a, b):
         for k in a[key]:
             assert torch.equal(a[key][k], b[key][k]), k
     for key in ("target", "ema"):
+        if not a[key]:  # ct: no target network (theta- = stopgrad theta)
+            assert not b[key]
+            continue
         for k in a[key]["module"]:
             assert torch.equal(a[key]["module"][k], b[key]["module"][k]), (key, k)
         assert a[key]["updates"] == b[key]["updates"]
@@ -61,8 +72,10 @@ def _assert_same_state(a, b):
     assert a["history"] == b["history"] and a["teacher_calls"] == b["teacher_calls"]
 
 
-def test_resume_after_interruption_is_bitwise_one_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["cd", pytest.param("ct", marks=pytest.mark.slow)])
+def test_resume_after_interruption_is_bitwise_one_run(tmp_path, monkeypatch, capsys, method):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
+    SMALL = [*globals()["SMALL"], "--method", method, "--ct-s0", "2", "--ct-s1", "8"]
     assert main([*SMALL, "--steps", "12", "--ckpt-every", "4", "--out", str(straight)]) == 0
     original = ConsistencyRun.train_step
 
@@ -88,7 +101,8 @@ def test_resume_after_interruption_is_bitwise_one_run(tmp_path, monkeypatch, cap
     assert e.value.code == 2 and "lr=0.001" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*SMALL, "--steps", "6", "--out", str(broken), "--resume"])
-    assert "beyond --steps 6" in capsys.readouterr().err
+    # ct's curriculum depends on the total steps: another --steps is another run
+    assert ("total_steps=12" if method == "ct" else "beyond --steps 6") in capsys.readouterr().err
     assert (broken / "checkpoint.pt").read_bytes() == before
 
 
@@ -121,8 +135,8 @@ def test_summary_matches_the_written_map_and_counts(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "ct"], "not available in this version"),
     (["--method", "meanflow"], "not available in this version"),
+    (["--method", "reflow"], "not available in this version"),
     (["--method", "xyz"], "unknown --method 'xyz'"),
     (["--teacher", "no_such_thing"], "neither an exact target"),
     (["--steps", "0"], "--steps must be >= 1"),

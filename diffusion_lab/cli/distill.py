@@ -15,11 +15,11 @@ DISTILL_FORMAT = "diffusion_lab.distill/1"
 
 #: checkpoint settings that must match for --resume to continue the same run
 _RESUME_KEYS = ("method", "teacher", "schedule", "data", "n_train", "seed", "network", "sigma_data", "batch",
-                "grid_steps", "grid_kind", "solver", "lr", "target_decay", "ema_decay", "loss", "huber_c")
+                "grid_steps", "grid_kind", "solver", "lr", "target_decay", "ema_decay", "loss", "huber_c",
+                "total_steps", "ct_s0", "ct_s1")
 
 #: methods whose trainers this version does not have; named here so that asking for one gets a clear refusal
 PENDING = {
-    "ct": "consistency training without a teacher (Song et al. 2023, Algorithm 3)",
     "meanflow": "MeanFlow (Geng et al. 2025)",
     "shortcut": "shortcut models (Frans et al. 2025)",
     "reflow": "rectified-flow reflow (Liu et al. 2023)",
@@ -33,89 +33,149 @@ EVAL_STEPS = (1, 2, 4)
 # the resumable trainer of cd / ctm
 
 class ConsistencyRun:
-    r"""``flowmap.distill`` (method "cd" or "ctm") cut at step boundaries, with a state a checkpoint can hold.
+    r"""``flowmap.distill`` (method "cd", "ctm" or "ct") cut at step boundaries, with a state a checkpoint can hold.
 
-    Step for step the same draws from the same generator, the same loss
-    d(Psi_theta(x, tau_n, tau_m), Psi_theta-(xhat, tau_{n-1}, tau_m)) with xhat one teacher step tau_n -> tau_{n-1},
-    the same Adam, target-EMA (theta- <- mu theta- + (1 - mu) theta) and evaluation-EMA updates and the same log
-    records as ``distill`` (tests/test_cli_distill.py checks bitwise equality); what ``distill`` keeps in local
-    variables lives here: the online weights (in ``psi``), both EMAs, Adam's moments, the generator, the open log
-    interval and the teacher-call count. ``run(steps)`` continues to a total of ``steps``.
+    Step for step the same draws from the same generator, the same loss (cd/ctm: d(Psi_theta(x, tau_n, tau_m),
+    Psi_theta-(xhat, tau_{n-1}, tau_m)) with xhat one teacher step tau_n -> tau_{n-1}; ct: the weighted
+    ``flowmap.consistency_training_loss`` on the curriculum ``flowmap.ct_steps`` and the level law
+    ``flowmap.ct_level_probabilities``), the same Adam, target-EMA (theta- <- mu theta- + (1 - mu) theta; none for
+    mu = 0) and evaluation-EMA updates and the same log records as ``distill``, with its defaults
+    (tests/test_cli_distill.py checks bitwise equality); what ``distill`` keeps in local variables lives here: the
+    online weights (in ``psi``), both EMAs, Adam's moments, the generator, the open log interval and the
+    teacher-call count. ``run(steps)`` continues to a total of ``steps``. ct's curriculum depends on the total
+    ``total_steps`` K, so a ct run continues only to the K it was built with.
     """
 
     def __init__(self, psi, teacher, data, *, method: str = "cd", solver: str = "heun", batch: int = 256,
-                 grid_steps: int = 16, grid_kind: str = "logsnr", lr: float = 1e-3, target_decay: float = 0.95,
-                 ema_decay: float = 0.999, seed: int = 0, loss: str = "l2", huber_c: float | None = None,
-                 log_every: int = 100):
+                 grid_steps: int = 16, grid_kind: str | None = None, lr: float = 1e-3,
+                 target_decay: float | None = None, ema_decay: float = 0.999, seed: int = 0, loss: str | None = None,
+                 huber_c: float | None = None, log_every: int = 100, total_steps: int | None = None,
+                 ct_s0: int = 10, ct_s1: int = 1280, p_mean: float | None = None, p_std: float = 2.0,
+                 noise_sampling: str = "lognormal", ct_weighting: str = "inverse_gap"):
         import torch
 
-        from ..flowmap import DISTILL_LOSSES, TEACHER_SOLVERS, FlowMap
-        from ..samplers.grids import time_grid
+        from .. import flowmap as F
         from ..training import EMA
 
-        if method not in ("cd", "ctm"):
-            raise ValueError(f"ConsistencyRun trains 'cd' or 'ctm', got {method!r}")
-        if solver not in TEACHER_SOLVERS:
-            raise ValueError(f"unknown teacher solver {solver!r}; choose one of {TEACHER_SOLVERS}")
-        if loss not in DISTILL_LOSSES:
-            raise ValueError(f"unknown consistency loss {loss!r}; choose one of {DISTILL_LOSSES}")
-        if psi.schedule.settings() != teacher.schedule.settings():
+        if method not in ("cd", "ctm", "ct"):
+            raise ValueError(f"ConsistencyRun trains 'cd', 'ctm' or 'ct', got {method!r}")
+        ct = method == "ct"
+        if solver not in F.TEACHER_SOLVERS:
+            raise ValueError(f"unknown teacher solver {solver!r}; choose one of {F.TEACHER_SOLVERS}")
+        if teacher is None and not ct:
+            raise ValueError(f"method {method!r} needs a teacher VelocityField")
+        if teacher is not None and psi.schedule.settings() != teacher.schedule.settings():
             raise ValueError(f"student schedule {psi.schedule!r} differs from the teacher's {teacher.schedule!r}")
-        self.psi, self.teacher, self.data = psi, teacher, data
+        loss = ("pseudo_huber" if ct else "l2") if loss is None else loss
+        if loss not in F.DISTILL_LOSSES:
+            raise ValueError(f"unknown consistency loss {loss!r}; choose one of {F.DISTILL_LOSSES}")
+        target_decay = (0.0 if ct else 0.95) if target_decay is None else float(target_decay)
+        self.grid_kind = ("karras" if ct else "logsnr") if grid_kind is None else grid_kind
+        if ct:
+            if total_steps is None:
+                raise ValueError("method 'ct' needs total_steps: its curriculum N(k) depends on the total K")
+            F.ct_steps(0, int(total_steps), ct_s0, ct_s1)  # validates the curriculum
+            if noise_sampling not in F.CT_NOISE_SAMPLINGS or ct_weighting not in F.CT_WEIGHTINGS:
+                raise ValueError(f"noise_sampling must be one of {F.CT_NOISE_SAMPLINGS} and ct_weighting one of "
+                                 f"{F.CT_WEIGHTINGS}; got {noise_sampling!r}, {ct_weighting!r}")
+            if p_mean is None:
+                p_mean = -1.1 + math.log(psi.sigma_data / 0.5)
+            if huber_c is None and loss == "pseudo_huber":
+                huber_c = 0.00054 * math.sqrt(data[0].numel()) * psi.sigma_data / 0.5
+        self.psi, self.teacher, self.data, self.ct = psi, teacher, data, ct
         self.method, self.solver, self.batch, self.grid_steps = method, solver, int(batch), int(grid_steps)
         self.loss_kind, self.huber_c, self.log_every = loss, huber_c, int(log_every)
-        sch = psi.schedule
-        self.grid = time_grid(sch, self.grid_steps, grid_kind).flip(0)  # ascending tau_0 = t_min .. tau_N = t_max
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.ct_s0, self.ct_s1, self.p_mean, self.p_std = int(ct_s0), int(ct_s1), p_mean, float(p_std)
+        self.noise_sampling, self.ct_weighting = noise_sampling, ct_weighting
+        self.resolved = {"grid_kind": self.grid_kind, "target_decay": target_decay, "loss": loss, "huber_c": huber_c,
+                         **({"p_mean": p_mean} if ct else {})}
+        self._grids = {}
         self.generator = torch.Generator().manual_seed(int(seed))
         self.dtype = next(p for p in psi.net.parameters() if p.is_floating_point()).dtype
-        self.target = EMA(psi.net, target_decay, warmup=False)
+        self.target = EMA(psi.net, target_decay, warmup=False) if target_decay > 0 else None
         self.ema = EMA(psi.net, ema_decay, warmup=True)
-        self.psi_target = FlowMap(self.target.module, sch, psi.sigma_data)
+        self.psi_target = F.FlowMap(self.target.module, psi.schedule, psi.sigma_data) if self.target else psi
         self.opt = torch.optim.Adam(psi.net.parameters(), lr=lr)
         self.step, self.history, self.acc, self.acc_n, self.teacher_calls = 0, [], 0.0, 0, 0
 
-    def train_step(self) -> float:
-        """One optimiser step (the body of ``distill``'s loop); returns the batch loss."""
+    def _ascending(self, n_int):
+        """tau_0 = t_min < ... < tau_N = t_max, the law of the interval index n and ct's weights lambda_n."""
+        import torch
+
+        from ..flowmap import ct_level_probabilities
+        from ..samplers.grids import time_grid
+
+        if n_int not in self._grids:
+            sch = self.psi.schedule
+            g = time_grid(sch, n_int, self.grid_kind).flip(0)
+            sb = sch.sigma(g) / sch.alpha(g)
+            if self.ct and self.noise_sampling == "lognormal":
+                prob = ct_level_probabilities(sb, self.p_mean, self.p_std)
+            else:
+                prob = torch.full((n_int,), 1.0 / n_int, dtype=torch.float64)
+            if self.ct and self.ct_weighting == "inverse_gap":
+                lam = 1.0 / (sb[1:] - sb[:-1])
+            else:
+                lam = torch.ones(n_int, dtype=torch.float64)
+            self._grids[n_int] = (g, prob, lam)
+        return self._grids[n_int]
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimiser step (the body of ``distill``'s loop); returns the batch loss and the grid's N."""
         import torch
 
         from .._tensor import bcast
-        from ..flowmap import distance, teacher_step
+        from ..flowmap import consistency_training_loss, ct_steps, distance, teacher_step
 
         g, batch, sch, dtype = self.generator, self.batch, self.psi.schedule, self.dtype
+        n_int = ct_steps(self.step, self.total_steps, self.ct_s0, self.ct_s1) if self.ct else self.grid_steps
+        grid, prob, lam = self._ascending(n_int)
         idx = torch.randint(0, self.data.shape[0], (batch,), generator=g)
         x0 = self.data[idx].to(dtype)
-        n = torch.randint(1, self.grid_steps + 1, (batch,), generator=g)
+        if self.ct and self.noise_sampling == "lognormal":
+            n = torch.multinomial(prob, batch, replacement=True, generator=g) + 1
+        else:
+            n = torch.randint(1, n_int + 1, (batch,), generator=g)
         if self.method == "ctm":
             m = (torch.rand(batch, generator=g, dtype=torch.float64) * n).long()  # uniform in {0..n-1}
         else:
             m = torch.zeros_like(n)
-        s, u, t = self.grid[n], self.grid[n - 1], self.grid[m]
+        s, u, t = grid[n], grid[n - 1], grid[m]
         z = torch.randn(x0.shape, generator=g, dtype=dtype)
-        x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
-        calls0 = self.teacher.nfe
-        with torch.no_grad():
-            xhat = teacher_step(self.teacher, x.to(torch.float64), s, u, self.solver).to(dtype)
-            y = self.psi_target(xhat, u, t)
-        self.teacher_calls += self.teacher.nfe - calls0
-        loss = distance(self.psi(x, s, t), y, self.loss_kind, self.huber_c).mean()
+        if self.ct:  # the same z one level down: no teacher
+            per = consistency_training_loss(self.psi, x0, z, s, u, t, target=self.psi_target, loss=self.loss_kind,
+                                            huber_c=self.huber_c)
+            loss = (lam[n - 1].to(per.dtype) * per).mean()
+        else:
+            x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
+            calls0 = self.teacher.nfe
+            with torch.no_grad():
+                xhat = teacher_step(self.teacher, x.to(torch.float64), s, u, self.solver).to(dtype)
+                y = self.psi_target(xhat, u, t)
+            self.teacher_calls += self.teacher.nfe - calls0
+            loss = distance(self.psi(x, s, t), y, self.loss_kind, self.huber_c).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        self.target.update(self.psi.net)
+        if self.target is not None:
+            self.target.update(self.psi.net)
         self.ema.update(self.psi.net)
-        return float(loss.detach())
+        return float(loss.detach()), n_int
 
     def run(self, steps: int, *, on_log=None, ckpt_every: int = 0, on_checkpoint=None) -> None:
         """Train from ``self.step`` to ``steps``; ``on_log(record)`` after each log record, ``on_checkpoint(self)``
         every ``ckpt_every`` steps before the last (the caller saves the final state itself)."""
+        if self.ct and steps > self.total_steps:
+            raise ValueError(f"a ct run built for {self.total_steps} steps (its curriculum) cannot run to {steps}")
         self.psi.net.train()
         try:
             while self.step < steps:
-                loss = self.train_step()
+                loss, n_int = self.train_step()
                 self.step += 1
                 self.acc, self.acc_n = self.acc + loss, self.acc_n + 1
                 if self.step % self.log_every == 0 or self.step == steps:
-                    rec = {"step": self.step, "loss": self.acc / self.acc_n}
+                    rec = {"step": self.step, "loss": self.acc / self.acc_n, "grid_steps": n_int}
                     self.history.append(rec)
                     self.acc, self.acc_n = 0.0, 0
                     if on_log is not None:
@@ -135,7 +195,8 @@ class ConsistencyRun:
         """Tensors and plain containers only (``torch.load(weights_only=True)``)."""
         from ..training import rng_state
 
-        return {"step": self.step, "net": self.psi.net.state_dict(), "target": self.target.state_dict(),
+        return {"step": self.step, "net": self.psi.net.state_dict(),
+                "target": self.target.state_dict() if self.target is not None else {},
                 "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "generator": self.generator.get_state(),
                 "rng": rng_state(), "history": [dict(r) for r in self.history], "acc": self.acc, "acc_n": self.acc_n,
                 "teacher_calls": self.teacher_calls}
@@ -144,7 +205,8 @@ class ConsistencyRun:
         from ..training import set_rng_state
 
         self.psi.net.load_state_dict(sd["net"])
-        self.target.load_state_dict(sd["target"])
+        if self.target is not None:
+            self.target.load_state_dict(sd["target"])
         self.ema.load_state_dict(sd["ema"])
         self.opt.load_state_dict(sd["opt"])
         self.generator.set_state(sd["generator"])
@@ -157,14 +219,15 @@ def _consistency(method):
     def build(psi, teacher, data, settings, log_every):
         keys = ("solver", "batch", "grid_steps", "grid_kind", "lr", "target_decay", "ema_decay", "seed", "loss",
                 "huber_c")
-        return ConsistencyRun(psi, teacher, data, method=method, log_every=log_every,
-                              **{k: settings[k] for k in keys})
+        extra = ({k: settings[k] for k in ("total_steps", "ct_s0", "ct_s1")} if method == "ct" else {})
+        return ConsistencyRun(psi, teacher if method != "ct" else None, data, method=method, log_every=log_every,
+                              **{k: settings[k] for k in keys}, **extra)
 
     return build
 
 
 #: method name -> builder(psi, teacher, data, settings, log_every) of a resumable run (``ConsistencyRun``'s interface)
-TRAINERS = {"cd": _consistency("cd"), "ctm": _consistency("ctm")}
+TRAINERS = {"cd": _consistency("cd"), "ctm": _consistency("ctm"), "ct": _consistency("ct")}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +287,8 @@ def add_parser(sub):
             "Distil the PF-ODE of a teacher into a learned flow map Psi(x, s, t) (diffusion_lab.flowmap): "
             "--teacher is an exact target (its exact field) or a `diffusion-lab train` checkpoint (its EMA network). "
             f"Methods: {', '.join(TRAINERS)} (consistency distillation, Song et al. 2023; its two-time version after "
-            "Kim et al. 2024). Writes checkpoint.pt (the map, both EMAs, Adam, every RNG state; loads with "
+            "Kim et al. 2024; consistency training without a teacher, Song et al. 2023 with the improved recipe of "
+            "Song & Dhariwal 2023: the teacher then only supplies the data and the reference). Writes checkpoint.pt (the map, both EMAs, Adam, every RNG state; loads with "
             "torch.load(weights_only=True); `diffusion-lab compare --flow-map` reads it), distill_log.csv, "
             "summary.json (settings, teacher evaluations, the 1/2/4-call errors against the exact flow map when the "
             "teacher is exact, or against the teacher's own PF-ODE, MMD^2 to the exact law on exact-target data) and "
@@ -244,13 +308,18 @@ def add_parser(sub):
     p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--grid-steps", type=int, default=18, help="N intervals of the distillation grid (default 18)")
-    p.add_argument("--grid-kind", default="logsnr", choices=GRID_KINDS, help="distillation grid (default logsnr)")
+    p.add_argument("--grid-kind", default=None, choices=GRID_KINDS,
+                   help="distillation grid (default logsnr; ct: karras)")
     p.add_argument("--solver", default="heun", choices=TEACHER_SOLVERS,
                    help="one teacher step: heun (2 evaluations) or ddim (1) (default heun)")
-    p.add_argument("--target-decay", type=float, default=0.95,
-                   help="mu of the target network theta- (default 0.95, Song et al. 2023)")
+    p.add_argument("--target-decay", type=float, default=None,
+                   help="mu of the target network theta- (default 0.95, Song et al. 2023; ct: 0, theta- = stopgrad "
+                        "theta, Song & Dhariwal 2023)")
+    p.add_argument("--ct-s0", type=int, default=10, help="ct: initial intervals of the curriculum (default 10)")
+    p.add_argument("--ct-s1", type=int, default=1280, help="ct: final intervals of the curriculum (default 1280)")
     p.add_argument("--ema", type=float, default=0.999, help="evaluation EMA decay (default 0.999)")
-    p.add_argument("--loss", default="l2", choices=DISTILL_LOSSES, help="consistency distance (default l2)")
+    p.add_argument("--loss", default=None, choices=DISTILL_LOSSES,
+                   help="consistency distance (default l2; ct: pseudo_huber)")
     p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber constant c (default 0.00054 sqrt(D))")
     p.add_argument("--hidden", type=int, default=64, help="TwoTimeMLP width (default 64)")
     p.add_argument("--depth", type=int, default=3, help="TwoTimeMLP residual blocks (default 3)")
@@ -295,7 +364,7 @@ def _check_options(args, parser) -> None:
         parser.error(f"--lr must be > 0, got {args.lr}")
     for name in ("target_decay", "ema"):
         v = getattr(args, name)
-        if not 0 <= v < 1:
+        if v is not None and not 0 <= v < 1:
             parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
     if args.ref_rtol is not None and not 0 < args.ref_rtol < 1:
         parser.error(f"--ref-rtol must be in (0, 1), got {args.ref_rtol}")
@@ -348,7 +417,9 @@ def _meta(args, field, x, teacher_desc, data_name) -> dict:
             "network": {"dim": int(math.prod(x.shape[1:])), "hidden": args.hidden, "depth": args.depth},
             "sigma_data": round(float(x.std()), 6), "batch": args.batch, "grid_steps": args.grid_steps,
             "grid_kind": args.grid_kind, "solver": args.solver, "lr": args.lr, "target_decay": args.target_decay,
-            "ema_decay": args.ema, "loss": args.loss, "huber_c": args.huber_c}
+            "ema_decay": args.ema, "loss": args.loss, "huber_c": args.huber_c,
+            "total_steps": args.steps if args.method == "ct" else None,
+            "ct_s0": args.ct_s0 if args.method == "ct" else None, "ct_s1": args.ct_s1 if args.method == "ct" else None}
 
 
 def _build_run(meta, field, x, log_every):
@@ -432,14 +503,15 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
         return {"mmd2": m.mmd2, "mmd2_se": m.se}
 
     rows = [{"sampler": "reference", "nfe": ref_nfe, "err_mean": 0.0, "err_p90": 0.0, **mmd(ref)}]
-    grid = time_grid(sch, meta["grid_steps"], meta["grid_kind"])
-    chain = x_T.clone()
-    calls0 = field.nfe
-    for i in range(meta["grid_steps"]):
-        chain = teacher_step(field, chain, float(grid[i]), float(grid[i + 1]), meta["solver"])
-    em, e90 = err(chain)
-    rows.append({"sampler": f"teacher {meta['solver']} x{meta['grid_steps']}", "nfe": field.nfe - calls0,
-                 "err_mean": em, "err_p90": e90, **mmd(chain)})
+    if meta["method"] != "ct":  # ct has no teacher chain
+        grid = time_grid(sch, meta["grid_steps"], meta["resolved"]["grid_kind"])
+        chain = x_T.clone()
+        calls0 = field.nfe
+        for i in range(meta["grid_steps"]):
+            chain = teacher_step(field, chain, float(grid[i]), float(grid[i + 1]), meta["solver"])
+        em, e90 = err(chain)
+        rows.append({"sampler": f"teacher {meta['solver']} x{meta['grid_steps']}", "nfe": field.nfe - calls0,
+                     "err_mean": em, "err_p90": e90, **mmd(chain)})
     samples = {}
     for k in EVAL_STEPS:
         for variant, noise in (("chain", False), ("multistep", True)):
@@ -463,7 +535,8 @@ def _figures(args, meta, run_, ev) -> list:
     if run_.history:
         name = f"loss.{args.format}"
         loss_curve(run_.history, os.path.join(args.out, name),
-                   title=f"distill {meta['method']} from {args.teacher} ({meta['solver']} teacher)")
+                   title=f"distill {meta['method']} from {args.teacher}"
+                         + (f" ({meta['solver']} teacher)" if meta["method"] != "ct" else " (no teacher)"))
         written.append(name)
     if meta["data_shape"] == [2]:
         name = f"samples.{args.format}"
@@ -485,14 +558,17 @@ def run(args, parser) -> int:
         run_ = _build_run(meta, field, x, args.log_every)
     except ValueError as exc:
         parser.error(str(exc))
+    meta["resolved"] = run_.resolved
     ckpt = os.path.join(args.out, "checkpoint.pt")
     if args.resume:
         _resume(args, parser, run_, meta, ckpt)
     C.prepare_out(args, parser, ["checkpoint.pt", "checkpoint.pt.tmp", "distill_log.csv", "summary.json",
                                  *C.figure_names("loss", "samples")], keep=("checkpoint.pt",) if args.resume else ())
     n_par = sum(p.numel() for p in run_.psi.net.parameters())
-    print(f"distill {meta['method']} from {args.teacher} ({teacher_desc['kind']} teacher, {meta['solver']} step, "
-          f"{meta['grid_steps']}-step {meta['grid_kind']} grid) into TwoTimeMLP ({n_par:,} parameters); schedule "
+    how = (f"{meta['solver']} step, {meta['grid_steps']}-step {run_.grid_kind} grid" if meta["method"] != "ct" else
+           f"no teacher: data and reference only, curriculum {meta['ct_s0']}..{meta['ct_s1']} intervals, "
+           f"{run_.grid_kind} grid")
+    print(f"distill {meta['method']} from {args.teacher} ({teacher_desc['kind']} teacher, {how}) into TwoTimeMLP ({n_par:,} parameters); schedule "
           f"{meta['schedule']['name']}; from step {run_.step} to "
           f"{args.steps}", flush=True)
     t0 = time.perf_counter()
