@@ -185,7 +185,7 @@ def _noise_law(field, p_T, law, run_: _Run, final, x_probe):
 
 def _flow_map_plan(flow_maps, flow_map_nfes, schedule, final):
     """[(label, FlowMap, options, nfe)] of the ``flow_maps`` argument, checked before any work."""
-    from .flowmap import FlowMap
+    from .samplers.flowmap import is_flow_map
 
     if not flow_maps:
         return []
@@ -195,8 +195,8 @@ def _flow_map_plan(flow_maps, flow_map_nfes, schedule, final):
         raise ValueError(f"flow_map_nfes must be integers >= 1, got {list(flow_map_nfes)}")
     plan = []
     for label, value in flow_maps.items():
-        psi, options = (value, {}) if isinstance(value, FlowMap) else value
-        if not isinstance(psi, FlowMap):
+        psi, options = (value, {}) if is_flow_map(value) else value
+        if not is_flow_map(psi):
             raise TypeError(f"flow map {label!r}: expected a diffusion_lab.flowmap.FlowMap or (FlowMap, options), got "
                             f"{type(psi).__name__}")
         if psi.schedule.settings() != schedule.settings():

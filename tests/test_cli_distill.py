@@ -135,7 +135,6 @@ def test_summary_matches_the_written_map_and_counts(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "meanflow"], "not available in this version"),
     (["--method", "reflow"], "not available in this version"),
     (["--method", "xyz"], "unknown --method 'xyz'"),
     (["--teacher", "no_such_thing"], "neither an exact target"),
@@ -220,3 +219,29 @@ def test_compare_flow_map_rows_beside_the_samplers(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main([*common, *argv, "--flow-map", ckpt, "--out", str(tmp_path / "x")])
         assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_meanflow_and_shortcut_train_in_one_call_and_compare_samples_them(tmp_path, capsys):
+    """MeanFlow / shortcut maps (diffusion_lab.meanflow) through distill: one call, the checkpoint at the end, no
+    --resume; the written map is sampled by method flow_map in compare (its call convention is FlowMap's)."""
+    import csv
+
+    out = tmp_path / "mf"
+    assert main([*SMALL, "--method", "meanflow", "--steps", "4", "--out", str(out)]) == 0
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["settings"]["map"] == "meanflow" and summ["teacher_calls"] == 4  # one teacher velocity per step
+    psi, _ = flow_map_from_checkpoint(str(out / "checkpoint.pt"))
+    from diffusion_lab.meanflow import MeanFlowMap
+
+    assert isinstance(psi, MeanFlowMap)
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--method", "meanflow", "--steps", "4", "--out", str(out), "--resume"])
+    assert "no resumable state" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--method", "shortcut", "--steps", "4", "--out", str(tmp_path / "sc")])
+    assert "--batch >= 56" in capsys.readouterr().err and not (tmp_path / "sc").exists()
+    c = tmp_path / "c"
+    assert main(["compare", "--target", "bimodal_1d", "--methods", "ddim", "--nfe", "5", "--n", "50", "--no-plot",
+                 "--flow-map", str(out / "checkpoint.pt"), "--flow-map-nfe", "1", "--out", str(c)]) == 0
+    rows = [r for r in csv.DictReader(open(c / "results.csv")) if r["family"] == "flow_map"]
+    assert len(rows) == 1 and rows[0]["nfe"] == "1" and "meanflow" in rows[0]["sampler"]

@@ -20,9 +20,8 @@ _RESUME_KEYS = ("method", "teacher", "schedule", "data", "n_train", "seed", "net
 
 #: methods whose trainers this version does not have; named here so that asking for one gets a clear refusal
 PENDING = {
-    "meanflow": "MeanFlow (Geng et al. 2025)",
-    "shortcut": "shortcut models (Frans et al. 2025)",
-    "reflow": "rectified-flow reflow (Liu et al. 2023)",
+    "reflow": "rectified-flow reflow (Liu et al. 2023) trains a velocity field, not a flow map (use "
+              "diffusion_lab.reflow.reflow, then `sample` with euler at one step)",
 }
 
 QUICK_STEPS, QUICK_EVAL_N = 400, 1000
@@ -226,8 +225,54 @@ def _consistency(method):
     return build
 
 
-#: method name -> builder(psi, teacher, data, settings, log_every) of a resumable run (``ConsistencyRun``'s interface)
-TRAINERS = {"cd": _consistency("cd"), "ctm": _consistency("ctm"), "ct": _consistency("ct")}
+class OneShotRun:
+    """A trainer without resumable state (``meanflow.train_meanflow``, ``meanflow.train_shortcut``) behind
+    ``ConsistencyRun``'s interface: ``run(steps)`` trains from step 0 to ``steps`` in one call (no periodic
+    checkpoints, no resume: ``resumable`` is False); its state is the trained map, its EMA and the log."""
+
+    resumable = False
+
+    def __init__(self, psi, train_fn, teacher, data, kwargs: dict):
+        self.psi, self.train_fn, self.teacher, self.data, self.kwargs = psi, train_fn, teacher, data, kwargs
+        self.step, self.history, self.teacher_calls, self.result = 0, [], 0, None
+        self.resolved, self.grid_kind = {}, None
+
+    def run(self, steps: int, *, on_log=None, ckpt_every: int = 0, on_checkpoint=None) -> None:
+        if self.step:
+            raise ValueError("a one-shot trainer runs once, from step 0")
+        self.result = self.train_fn(self.psi, self.data, teacher=self.teacher, steps=int(steps), **self.kwargs)
+        self.step, self.history = int(steps), list(self.result.history)
+        self.teacher_calls = int(self.result.teacher_calls)
+        for rec in self.history:
+            if on_log is not None:
+                on_log(rec)
+
+    def flow_map(self):
+        return self.result.psi_ema
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "net": self.psi.net.state_dict(),
+                "ema": {"module": self.result.psi_ema.net.state_dict()}, "history": [dict(r) for r in self.history],
+                "teacher_calls": self.teacher_calls, "resumable": False}
+
+
+def _one_shot(method):
+    def build(psi, teacher, data, settings, log_every):
+        from .. import meanflow as M
+
+        fn = M.train_meanflow if method == "meanflow" else M.train_shortcut
+        kwargs = {"batch": settings["batch"], "lr": settings["lr"], "ema_decay": settings["ema_decay"],
+                  "seed": settings["seed"], "log_every": log_every}
+        return OneShotRun(psi, fn, teacher, data, kwargs)
+
+    return build
+
+
+#: method name -> builder(psi, teacher, data, settings, log_every) of a run with ``ConsistencyRun``'s interface
+TRAINERS = {"cd": _consistency("cd"), "ctm": _consistency("ctm"), "ct": _consistency("ct"),
+            "meanflow": _one_shot("meanflow"), "shortcut": _one_shot("shortcut")}
+#: the map class each method trains: FlowMap(TwoTimeMLP) or the average-velocity maps of ``diffusion_lab.meanflow``
+MAP_KIND = {"cd": "flowmap", "ctm": "flowmap", "ct": "flowmap", "meanflow": "meanflow", "shortcut": "shortcut"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,15 +306,30 @@ def load_distill_checkpoint(path: str) -> dict:
 
 def flow_map_from_checkpoint(sd_or_path, ema: bool = True):
     """(FlowMap with the EMA weights (or the online ones), meta) of a `distill` checkpoint (path or loaded dict)."""
-    from ..flowmap import FlowMap, TwoTimeMLP
     from ..training import schedule_from_settings
 
     sd = load_distill_checkpoint(sd_or_path) if isinstance(sd_or_path, str) else sd_or_path
     meta = sd["meta"]
-    net = TwoTimeMLP(**meta["network"])
-    net.load_state_dict(sd["state"]["ema"]["module"] if ema else sd["state"]["net"])
-    net.eval()
-    return FlowMap(net, schedule_from_settings(meta["schedule"]), sigma_data=float(meta["sigma_data"])), meta
+    weights = sd["state"]["ema"]["module"] if ema else sd["state"]["net"]
+    psi = _new_map(meta, schedule_from_settings(meta["schedule"]))
+    psi.net.load_state_dict(weights)
+    psi.net.eval()
+    return psi, meta
+
+
+def _new_map(meta: dict, schedule):
+    """A fresh map of meta's kind on ``schedule``: FlowMap(TwoTimeMLP) with the EDM preconditioning at sigma_data,
+    or a MeanFlow / shortcut map (``meanflow.meanflow_map`` / ``shortcut_map``)."""
+    from ..flowmap import FlowMap, TwoTimeMLP
+
+    kind = meta.get("map", "flowmap")
+    net = meta["network"]
+    if kind == "flowmap":
+        return FlowMap(TwoTimeMLP(**net), schedule, sigma_data=float(meta["sigma_data"]))
+    from .. import meanflow as M
+
+    build = M.meanflow_map if kind == "meanflow" else M.shortcut_map
+    return build(net["dim"], schedule, hidden=net["hidden"], depth=net["depth"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,7 +348,9 @@ def add_parser(sub):
             "--teacher is an exact target (its exact field) or a `diffusion-lab train` checkpoint (its EMA network). "
             f"Methods: {', '.join(TRAINERS)} (consistency distillation, Song et al. 2023; its two-time version after "
             "Kim et al. 2024; consistency training without a teacher, Song et al. 2023 with the improved recipe of "
-            "Song & Dhariwal 2023: the teacher then only supplies the data and the reference). Writes checkpoint.pt (the map, both EMAs, Adam, every RNG state; loads with "
+            "Song & Dhariwal 2023: the teacher then only supplies the data and the reference; MeanFlow, Geng et al. "
+            "2025, and shortcut models, Frans et al. 2024, on the teacher's velocity: these two train in one call, "
+            "so they write their checkpoint at the end and take no --resume). Writes checkpoint.pt (the map, both EMAs, Adam, every RNG state; loads with "
             "torch.load(weights_only=True); `diffusion-lab compare --flow-map` reads it), distill_log.csv, "
             "summary.json (settings, teacher evaluations, the 1/2/4-call errors against the exact flow map when the "
             "teacher is exact, or against the teacher's own PF-ODE, MMD^2 to the exact law on exact-target data) and "
@@ -352,6 +414,9 @@ def _check_options(args, parser) -> None:
                      f"available: {', '.join(TRAINERS)}")
     if args.method not in TRAINERS:
         parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(TRAINERS)}")
+    if args.method == "shortcut" and args.batch // 8 < 7:  # train_shortcut's 1/8 self-consistency share, 7 levels
+        parser.error(f"--method shortcut needs --batch >= 56 (an eighth of the batch covers its 7 step-size levels), "
+                     f"got {args.batch}")
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else 3000
     if args.eval_n is None:
@@ -419,17 +484,16 @@ def _meta(args, field, x, teacher_desc, data_name) -> dict:
             "grid_kind": args.grid_kind, "solver": args.solver, "lr": args.lr, "target_decay": args.target_decay,
             "ema_decay": args.ema, "loss": args.loss, "huber_c": args.huber_c,
             "total_steps": args.steps if args.method == "ct" else None,
-            "ct_s0": args.ct_s0 if args.method == "ct" else None, "ct_s1": args.ct_s1 if args.method == "ct" else None}
+            "ct_s0": args.ct_s0 if args.method == "ct" else None, "ct_s1": args.ct_s1 if args.method == "ct" else None,
+            "map": MAP_KIND[args.method]}
 
 
 def _build_run(meta, field, x, log_every):
     import torch
 
-    from ..flowmap import FlowMap, TwoTimeMLP
-
     torch.manual_seed(meta["seed"])
-    psi = FlowMap(TwoTimeMLP(**meta["network"]), field.schedule, sigma_data=meta["sigma_data"])
-    return TRAINERS[meta["method"]](psi, field, x, {**meta, "ema_decay": meta["ema_decay"]}, log_every)
+    psi = _new_map(meta, field.schedule)
+    return TRAINERS[meta["method"]](psi, field, x, meta, log_every)
 
 
 def _resume(args, parser, run_, meta, ckpt) -> None:
@@ -503,7 +567,7 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
         return {"mmd2": m.mmd2, "mmd2_se": m.se}
 
     rows = [{"sampler": "reference", "nfe": ref_nfe, "err_mean": 0.0, "err_p90": 0.0, **mmd(ref)}]
-    if meta["method"] != "ct":  # ct has no teacher chain
+    if meta["method"] in ("cd", "ctm"):  # the chain a consistency distillation converges to
         grid = time_grid(sch, meta["grid_steps"], meta["resolved"]["grid_kind"])
         chain = x_T.clone()
         calls0 = field.nfe
@@ -536,7 +600,7 @@ def _figures(args, meta, run_, ev) -> list:
         name = f"loss.{args.format}"
         loss_curve(run_.history, os.path.join(args.out, name),
                    title=f"distill {meta['method']} from {args.teacher}"
-                         + (f" ({meta['solver']} teacher)" if meta["method"] != "ct" else " (no teacher)"))
+                         + (f" ({meta['solver']} teacher)" if meta["method"] in ("cd", "ctm") else ""))
         written.append(name)
     if meta["data_shape"] == [2]:
         name = f"samples.{args.format}"
@@ -560,22 +624,29 @@ def run(args, parser) -> int:
         parser.error(str(exc))
     meta["resolved"] = run_.resolved
     ckpt = os.path.join(args.out, "checkpoint.pt")
+    if not getattr(run_, "resumable", True):
+        if args.resume:
+            parser.error(f"--resume: method {args.method}'s trainer (diffusion_lab.meanflow) has no resumable state in "
+                         f"this version; rerun it from step 0")
+        args.ckpt_every = 0  # one call trains all steps: the checkpoint is written at the end
     if args.resume:
         _resume(args, parser, run_, meta, ckpt)
     C.prepare_out(args, parser, ["checkpoint.pt", "checkpoint.pt.tmp", "distill_log.csv", "summary.json",
                                  *C.figure_names("loss", "samples")], keep=("checkpoint.pt",) if args.resume else ())
     n_par = sum(p.numel() for p in run_.psi.net.parameters())
-    how = (f"{meta['solver']} step, {meta['grid_steps']}-step {run_.grid_kind} grid" if meta["method"] != "ct" else
-           f"no teacher: data and reference only, curriculum {meta['ct_s0']}..{meta['ct_s1']} intervals, "
-           f"{run_.grid_kind} grid")
+    how = {"ct": f"no teacher: data and reference only, curriculum {meta['ct_s0']}..{meta['ct_s1']} intervals, "
+                 f"{run_.grid_kind} grid",
+           "meanflow": "MeanFlow distillation: v = the teacher's velocity, one call per step",
+           "shortcut": "shortcut model, flow matching on the teacher's velocity"}.get(
+        meta["method"], f"{meta['solver']} step, {meta['grid_steps']}-step {run_.grid_kind} grid")
     print(f"distill {meta['method']} from {args.teacher} ({teacher_desc['kind']} teacher, {how}) into TwoTimeMLP ({n_par:,} parameters); schedule "
           f"{meta['schedule']['name']}; from step {run_.step} to "
           f"{args.steps}", flush=True)
     t0 = time.perf_counter()
 
     def on_log(rec):
-        print(f"step {rec['step']:6d}  loss {rec['loss']:.6f}  teacher calls {run_.teacher_calls}  "
-              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        calls = f"  teacher calls {run_.teacher_calls}" if getattr(run_, "resumable", True) else ""
+        print(f"step {rec['step']:6d}  loss {rec['loss']:.6f}{calls}  {time.perf_counter() - t0:.1f} s", flush=True)
 
     run_.run(args.steps, on_log=on_log, ckpt_every=args.ckpt_every, on_checkpoint=lambda r: _save(ckpt, meta, r))
     _save(ckpt, meta, run_)

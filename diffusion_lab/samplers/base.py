@@ -200,9 +200,9 @@ def _field_and_flow_map(field, method: str, options: dict):
     psi = options.get("flow_map")
     if isinstance(field, VelocityField) and psi is None and method != "flow_map":
         return field, None
-    from ..flowmap import FlowMap  # lazy: diffusion_lab.flowmap imports this module
+    from .flowmap import is_flow_map
 
-    if isinstance(field, FlowMap):
+    if not isinstance(field, VelocityField) and is_flow_map(field):
         if method != "flow_map":
             raise TypeError(f"a FlowMap samples with method='flow_map', not {method!r}")
         if psi is not None and psi is not field:
@@ -218,8 +218,9 @@ def _field_and_flow_map(field, method: str, options: dict):
     if psi is None:
         raise TypeError("method 'flow_map' needs the learned map: sample(field, x, 'flow_map', steps=k, "
                         "flow_map=psi) with psi a diffusion_lab.flowmap.FlowMap, or sample(psi, x, 'flow_map', steps=k)")
-    if not isinstance(psi, FlowMap):
-        raise TypeError(f"flow_map must be a diffusion_lab.flowmap.FlowMap, got {type(psi).__name__}")
+    if not is_flow_map(psi):
+        raise TypeError(f"flow_map must be a diffusion_lab.flowmap.FlowMap (or a map with its call convention: "
+                        f"psi(x, s, t), .schedule, .nfe), got {type(psi).__name__}")
     if psi.schedule.settings() != field.schedule.settings():
         raise ValueError(f"the flow map's schedule {psi.schedule!r} differs from the field's {field.schedule!r}; a "
                          f"flow map samples on the schedule it was trained on")

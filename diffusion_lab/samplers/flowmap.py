@@ -12,7 +12,9 @@ law p_{t_end}, not the map of x_T). The chain is the two-time map's sampler (Kim
 trained for t = t_min only should use ``noise_reinjection=True`` beyond one step.
 
 The flow map is a companion of the field: ``sample(field, x, "flow_map", steps=k, flow_map=psi)``, or the map alone
-``sample(psi, x, "flow_map", steps=k)`` (it knows its schedule). The grid is built on the common schedule by every
+``sample(psi, x, "flow_map", steps=k)`` (it knows its schedule). Any map with ``FlowMap``'s call convention works
+(``is_flow_map``: psi(x, s, t), ``.schedule``, ``.nfe``), e.g. the MeanFlow and shortcut maps of
+``diffusion_lab.meanflow``. The grid is built on the common schedule by every
 grid kind of ``time_grid`` (or given as a decreasing list); a flow map only runs from s down to t <= s.
 """
 from __future__ import annotations
@@ -21,13 +23,20 @@ import torch
 
 from .base import register, step_iter
 
-__all__ = ["flow_map_step_loop"]
+__all__ = ["flow_map_step_loop", "is_flow_map"]
 
 
-def _flow_map_type():
+def is_flow_map(obj) -> bool:
+    """A ``flowmap.FlowMap``, or any callable with its call convention: ``obj(x, s, t)`` (one network call, counted
+    in ``obj.nfe``) and ``obj.schedule`` (the MeanFlow and shortcut maps of ``diffusion_lab.meanflow``)."""
+    from ..field import VelocityField
     from ..flowmap import FlowMap  # lazy: diffusion_lab.flowmap imports this package
+    from ..schedules import Schedule
 
-    return FlowMap
+    if isinstance(obj, FlowMap):
+        return True
+    return (not isinstance(obj, VelocityField) and callable(obj) and isinstance(getattr(obj, "schedule", None), Schedule)
+            and isinstance(getattr(obj, "nfe", None), int))
 
 
 @register("flow_map", family="flow_map", order=float("nan"), stochastic=False, needs="flow_map",
@@ -38,9 +47,8 @@ def flow_map_step_loop(field, x, grid, *, flow_map=None, noise_reinjection: bool
     """The k steps of the module docstring on ``grid`` with ``flow_map`` (the FlowMap; default ``field`` itself when
     it is one). ``callback(i, x_i)`` sees the state at grid[i] (for noise_reinjection: the re-noised state, and the
     last xhat_0 at the end)."""
-    FlowMap = _flow_map_type()
     psi = field if flow_map is None else flow_map
-    if not isinstance(psi, FlowMap):
+    if not is_flow_map(psi):
         raise TypeError(f"method 'flow_map' needs a FlowMap (flow_map=psi, or psi in place of the field); got "
                         f"{type(psi).__name__}")
     if not isinstance(noise_reinjection, bool):
