@@ -10,7 +10,7 @@ from diffusion_lab.compare import run_comparison
 from diffusion_lab.schedules import get_schedule
 from diffusion_lab.targets import get_target
 
-SUBCOMMANDS = ("check", "compare", "likelihood", "fokker-planck", "train", "sample", "diagnose")
+SUBCOMMANDS = ("check", "compare", "likelihood", "fokker-planck", "train", "distill", "sample", "diagnose")
 
 
 def _subparsers(parser):
