@@ -1,6 +1,7 @@
 """Learned flow maps against the exact PF-ODE flow map: consistency distillation (CD, Song et al. 2023) and its
 two-time version (CTM-style, Kim et al. 2024) from the exact field of ring8 (2-D) and bimodal_1d under VPLinear,
-at 1, 2 and 4 network evaluations, next to DDIM / DPM-Solver++(2M) / UniPC at the same NFE (and at NFE 5, 10).
+MeanFlow (Geng et al. 2025) and shortcut models (Frans et al. 2024), at 1, 2 and 4 network evaluations, next to
+DDIM / DPM-Solver++(2M) / UniPC at the same NFE (and at NFE 5, 10).
 
 For each target: a ``TwoTimeMLP`` flow map is distilled with ``diffusion_lab.flowmap.distill`` (teacher: the
 exact field, one Heun step in (x/alpha, sigma/alpha) between adjacent times of a log-SNR-uniform grid; EMA target
@@ -19,7 +20,14 @@ network). Evaluation on held-out x_T ~ p_{t_max} (float64; the learned maps run 
 - training cost: teacher calls (batched evaluations of the field) and teacher evaluations per sample
   (calls x batch), and wall seconds.
 
-    python benchmarks/flow_map.py [--quick] [--steps S] [--samples N] [--targets "ring8 bimodal_1d"] [--json PATH]
+``--methods`` picks the learned maps: ``cd``, ``ctm`` (distilled, log-SNR sampling grid), ``meanflow`` (MeanFlow
+distillation: v = the exact field's velocity at z_t, one teacher call per step), ``meanflow_data`` (MeanFlow from
+data alone: the conditional velocity, no teacher) and ``shortcut`` (flow matching on the teacher's velocity plus
+self-consistency); MeanFlow and shortcut maps sample on time-uniform grids, as in their papers. ``--schedule rf``
+runs everything (baselines included) on the rectified-flow path alpha = 1 - t, sigma = t, MeanFlow's setting.
+
+    python benchmarks/flow_map.py [--quick] [--steps S] [--samples N] [--targets "ring8 bimodal_1d"]
+                                  [--schedule vp|rf] [--methods "cd ctm meanflow shortcut"] [--json PATH]
 """
 from __future__ import annotations
 
@@ -33,9 +41,10 @@ import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # run from a plain checkout too
 
-from diffusion_lab import VPLinear, set_threads, targets, time_grid  # noqa: E402
+from diffusion_lab import RectifiedFlow, VPLinear, set_threads, targets, time_grid  # noqa: E402
 from diffusion_lab import __version__ as dl_version  # noqa: E402
 from diffusion_lab.flowmap import FlowMap, TwoTimeMLP, distill, flow_map_sample, teacher_step  # noqa: E402
+from diffusion_lab.meanflow import meanflow_map, shortcut_map, train_meanflow, train_shortcut  # noqa: E402
 from diffusion_lab.metrics import mmd2_exact  # noqa: E402
 from diffusion_lab.reference import flow_map  # noqa: E402
 from diffusion_lab.samplers import sample  # noqa: E402
@@ -43,6 +52,9 @@ from diffusion_lab.samplers import sample  # noqa: E402
 ODE_METHODS = ("ddim", "dpmpp_2m", "unipc")
 ODE_NFE = (1, 2, 4, 5, 10)
 MAP_K = (1, 2, 4)
+SCHEDULES = {"vp": VPLinear, "rf": RectifiedFlow}
+METHODS = ("cd", "ctm", "meanflow", "meanflow_data", "shortcut")
+TWO_TIME = ("ctm", "meanflow", "meanflow_data", "shortcut")  # maps trained for any s -> t: chains are meaningful
 
 
 def _err(x, phi):
@@ -50,8 +62,22 @@ def _err(x, phi):
     return float(e.mean()), float(e.quantile(0.9))
 
 
-def run_target(name, steps, n_samples, seed, grid_steps, hidden, depth, batch, lr, methods=("cd", "ctm")):
-    sch = VPLinear()
+def _train(method, tg, sch, field, data, steps, batch, grid_steps, hidden, depth, lr, seed):
+    torch.manual_seed(seed)
+    if method in ("cd", "ctm"):
+        psi = FlowMap(TwoTimeMLP(tg.dim, hidden, depth), sch, sigma_data=float(data.std()))
+        return distill(psi, field, data, steps=steps, batch=batch, grid_steps=grid_steps, method=method,
+                       solver="heun", lr=lr, seed=seed), "logsnr"
+    if method in ("meanflow", "meanflow_data"):
+        return train_meanflow(meanflow_map(tg.dim, sch, hidden, depth), data, steps=steps, batch=batch, lr=lr,
+                              seed=seed, teacher=field if method == "meanflow" else None), "uniform"
+    return train_shortcut(shortcut_map(tg.dim, sch, hidden, depth), data, teacher=field, steps=steps, batch=batch,
+                          lr=lr, seed=seed), "uniform"
+
+
+def run_target(name, steps, n_samples, seed, grid_steps, hidden, depth, batch, lr, methods=("cd", "ctm"),
+               schedule="vp"):
+    sch = SCHEDULES[schedule]()
     tg = targets.get_target(name)
     field = tg.field(sch)
     law = tg.marginal(sch, sch.t_min)
@@ -87,21 +113,19 @@ def run_target(name, steps, n_samples, seed, grid_steps, hidden, depth, batch, l
                  "err_p90": e90, "mmd2": mm.mmd2, "mmd2_se": mm.se})
     training = {}
     for method in methods:
-        torch.manual_seed(seed)
-        psi = FlowMap(TwoTimeMLP(tg.dim, hidden, depth), sch, sigma_data=float(data.std()))
         t0 = time.perf_counter()
-        res = distill(psi, field, data, steps=steps, batch=batch, grid_steps=grid_steps, method=method,
-                      solver="heun", lr=lr, seed=seed)
+        res, map_grid = _train(method, tg, sch, field, data, steps, batch, grid_steps, hidden, depth, lr, seed)
         secs = time.perf_counter() - t0
         P = res.psi_ema
         training[method] = {"teacher_calls": res.teacher_calls, "teacher_evals": res.teacher_evals,
-                            "seconds": secs, "final_loss": res.history[-1]["loss"], "settings": res.settings}
+                            "seconds": secs, "final_loss": res.history[-1]["loss"], "settings": res.settings,
+                            "sampling_grid": map_grid}
         x32 = xT.float()
         for k in MAP_K:
-            variants = [("chain", False)] if method == "ctm" or k == 1 else []
-            variants += [("+noise", True)] if k > 1 else []
+            variants = [("chain", False)] if method in TWO_TIME or k == 1 else []
+            variants += [("+noise", True)] if k > 1 and method in ("cd", "ctm") else []
             for label, noise in variants:
-                out = flow_map_sample(P, x32, k, noise_reinjection=noise,
+                out = flow_map_sample(P, x32, k, noise_reinjection=noise, grid_kind=map_grid,
                                       generator=torch.Generator().manual_seed(seed + 3)).x.double()
                 mm = mmd2_exact(out, law, pp=pp)
                 row = {"kind": "flow_map", "method": f"{method} {label}", "nfe": k, "mmd2": mm.mmd2, "mmd2_se": mm.se}
@@ -135,6 +159,8 @@ def _verdicts(out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--targets", default="ring8 bimodal_1d")
+    p.add_argument("--schedule", default="vp", choices=sorted(SCHEDULES), help="vp (VPLinear) or rf (RectifiedFlow)")
+    p.add_argument("--methods", default="cd ctm", help=f"learned maps, from {' '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=3000, help="distillation steps per method")
     p.add_argument("--samples", type=int, default=2000, help="held-out x_T samples")
     p.add_argument("--grid-steps", type=int, default=18, help="N of the distillation grid")
@@ -148,6 +174,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.samples = 300, 500
+    methods = args.methods.split()
+    if not methods or any(m not in METHODS for m in methods):
+        p.error(f"--methods takes names from {METHODS}, got {args.methods!r}")
     if args.steps < 1 or args.samples < 2 or args.grid_steps < 1:
         p.error(f"need steps >= 1, samples >= 2, grid-steps >= 1; got {args.steps}, {args.samples}, "
                 f"{args.grid_steps}")
@@ -155,22 +184,22 @@ def main(argv=None):
     results = []
     for name in args.targets.split():
         out = run_target(name, args.steps, args.samples, args.seed, args.grid_steps, args.hidden, args.depth,
-                         args.batch, args.lr)
+                         args.batch, args.lr, methods, args.schedule)
         out["verdicts"] = _verdicts(out)
         results.append(out)
-        print(f"\n{name} under VPLinear: x_T ~ p_T ({args.samples} samples) -> t_min = {out['schedule']['t_min']}; "
-              f"error = ||x_hat - Phi(x_T)||")
-        head = f"{'method':<16} {'NFE':>4} {'err mean':>10} {'err p90':>10} {'MMD^2':>11} {'+- SE':>9}"
+        print(f"\n{name} under {type(SCHEDULES[args.schedule]()).__name__}: x_T ~ p_T ({args.samples} samples) -> "
+              f"t_min = {out['schedule']['t_min']}; error = ||x_hat - Phi(x_T)||")
+        head = f"{'method':<20} {'NFE':>4} {'err mean':>10} {'err p90':>10} {'MMD^2':>11} {'+- SE':>9}"
         print(head)
         print("-" * len(head))
         for r in sorted(out["rows"], key=lambda r: (r["nfe"] or 0, r["kind"] != "flow_map", r["method"])):
             if "error" in r:
-                print(f"{r['method']:<16} {r['nfe']:>4} n/a ({r['error'][:60]})")
+                print(f"{r['method']:<20} {r['nfe']:>4} n/a ({r['error'][:60]})")
                 continue
             em = f"{r['err_mean']:>10.4f}" if "err_mean" in r else f"{'-':>10}"
             e9 = f"{r['err_p90']:>10.4f}" if "err_p90" in r else f"{'-':>10}"
             nfe = "-" if r["nfe"] is None else r["nfe"]
-            print(f"{r['method']:<16} {nfe:>4} {em} {e9} {r['mmd2']:>11.2e} {r['mmd2_se']:>9.1e}")
+            print(f"{r['method']:<20} {nfe:>4} {em} {e9} {r['mmd2']:>11.2e} {r['mmd2_se']:>9.1e}")
         for m, tr in out["training"].items():
             print(f"{m}: {args.steps} steps x batch {args.batch}: teacher calls {tr['teacher_calls']}, teacher "
                   f"evaluations {tr['teacher_evals']}, {tr['seconds']:.1f} s; semigroup defect at u={out['u']:.4f} "
@@ -184,7 +213,8 @@ def main(argv=None):
         print(line)
     if args.json:
         settings = {"benchmark": "flow_map", **{k: v for k, v in vars(args).items() if k != "json"},
-                    "teacher": "exact field, Heun step", "torch": torch.__version__, "diffusion_lab": dl_version,
+                    "teacher": "exact field (cd/ctm: one Heun step; meanflow, shortcut: its velocity)",
+                    "torch": torch.__version__, "diffusion_lab": dl_version,
                     "python": sys.version.split()[0], "platform": platform.platform(),
                     "torch_threads": torch.get_num_threads()}
         with open(args.json, "w") as fh:
