@@ -447,7 +447,10 @@ def distill(psi: FlowMap, teacher: VelocityField | None, data: torch.Tensor, *, 
                 prob = ct_level_probabilities(sb, p_mean, p_std)
             else:
                 prob = torch.full((n_int,), 1.0 / n_int, dtype=torch.float64)
-            lam = 1.0 / (sb[1:] - sb[:-1]) if ct and ct_weighting == "inverse_gap" else torch.ones(n_int, dtype=torch.float64)
+            if ct and ct_weighting == "inverse_gap":
+                lam = 1.0 / (sb[1:] - sb[:-1])
+            else:
+                lam = torch.ones(n_int, dtype=torch.float64)
             grids[n_int] = (g, prob, lam)
         return grids[n_int]
 

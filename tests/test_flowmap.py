@@ -256,7 +256,8 @@ def test_ct_objective_stationary_at_exact_consistency_function():
 
 def test_consistency_training_loss_closed_form():
     """On a 1-D Gaussian with the exact (affine) consistency function f*, the l2 CT loss at a fixed pair of levels
-    is E[(k_s (x_s - alpha_s m) - k_u (xhat - alpha_u m))^2] with k_r = sqrt(v_min)/sqrt(v_r), v_r = alpha_r^2 v + sigma_r^2;
+    is E[(k_s (x_s - alpha_s m) - k_u (xhat - alpha_u m))^2] with k_r = sqrt(v_min)/sqrt(v_r),
+    v_r = alpha_r^2 v + sigma_r^2;
     with x_0 = m + sqrt(v) y this is (k_s alpha_s - k_u alpha_u)^2 v + (k_s sigma_s - k_u sigma_u)^2, checked on
     3 x 3 Gauss-Hermite nodes (exact for the quadratic integrand)."""
     import numpy as np

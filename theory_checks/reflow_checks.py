@@ -64,9 +64,10 @@ def _flow(z: np.ndarray, times: list[float], sign: float = 1.0) -> dict:
 
 def reflow_marginals_residual(sign: float = 1.0, n: int = 64) -> Outcome:
     """Rectified flow keeps the marginals of the interpolation (Liu et al. 2023, Theorem 3.3): pushing the
-    quantiles q_i = Phi^{-1}(u_i) of X_1 along dZ/dt = E[X_1 - X_0 | X_t = Z] from t = 1 to t gives F_{X_t}(Z_t(q_i)) =
-    u_i at every t; residual max |F_{X_t}(Z_t(q_i)) - u_i| over t in {0.75, 0.5, 0.25, 0}, together with the largest
-    relative difference between the closed-form rectified velocity and the package's exact field on RectifiedFlow."""
+    quantiles q_i = Phi^{-1}(u_i) of X_1 along dZ/dt = E[X_1 - X_0 | X_t = Z] from t = 1 to t gives
+    F_{X_t}(Z_t(q_i)) = u_i at every t; residual: the largest abs(F_{X_t}(Z_t(q_i)) - u_i) over t in
+    {0.75, 0.5, 0.25, 0}, together with the largest relative difference between the closed-form rectified velocity
+    and the package's exact field on RectifiedFlow."""
     from scipy.stats import norm
 
     u = (np.arange(n) + 0.5) / n
@@ -189,9 +190,9 @@ def ct_semigradient(schedule, s: float, rel_gap: float, eps: float = 0.0, same_n
 def ct_stationary_residual(same_noise: bool = True, rel_gap: float = 1e-5) -> Outcome:
     """Consistency training's stop-gradient objective is stationary at the exact consistency function (Song et al.
     2023, Theorem 2: with the same z at both levels, E[xhat | x] is the exact Euler step, so the weighted CT gradient
-    is O(sigmabar_s - sigmabar_u)), and not at a perturbed one: residual max |G(f*)| / |G(f* + 0.1 h)| over VP-linear
-    and rectified-flow schedules and three noise levels, at a relative gap of 1e-5 (measured: the residual falls
-    tenfold per tenfold smaller gap, 6.4e-3, 6.4e-4, 6.5e-5 at 1e-3, 1e-4, 1e-5)."""
+    is O(sigmabar_s - sigmabar_u)), and not at a perturbed one. Residual: the largest ratio
+    abs(G(f*)) / abs(G(f* + 0.1 h)) over VP-linear and rectified-flow schedules and three noise levels, at a
+    relative gap of 1e-5 (measured: the residual falls tenfold per tenfold smaller gap, 6.4e-3, 6.4e-4, 6.5e-5 at 1e-3, 1e-4, 1e-5)."""
     worst, parts = 0.0, []
     for sch in (S.VPLinear(), S.RectifiedFlow()):
         for s in (0.1, 0.4, 0.8):
@@ -206,13 +207,14 @@ def ct_stationary_residual(same_noise: bool = True, rel_gap: float = 1e-5) -> Ou
        case="independent coupling bimodal_1d x N(0,1), 64 quantiles of X_1, DOP853 rtol 1e-12, t in {0.75,0.5,0.25,0}",
        reference="Liu, Gong & Liu 2023, Theorem 3.3")
 def _reflow_marginals():
-    """The rectified flow dZ/dt = E[X_1 - X_0 | X_t = Z] has the interpolation's marginals: F_{X_t}(Z_t(q)) = F_{X_1}(q);
-    its velocity is the package's exact field on the rectified-flow schedule."""
+    """The rectified flow dZ/dt = E[X_1 - X_0 | X_t = Z] has the interpolation's marginals, F_{X_t}(Z_t(q)) =
+    F_{X_1}(q); its velocity is the package's exact field on the rectified-flow schedule."""
     return reflow_marginals_residual()
 
 
 @check("flow_maps.reflow_does_not_increase_convex_costs", area="flow_maps", kind="quadrature", tol=1e-6,
-       case="bimodal_1d x N(0,1): independent vs rectified coupling, E|Z_1 - Z_0|^p, p = 1, 2, 4, 80 Gauss-Hermite nodes",
+       case="bimodal_1d x N(0,1): independent vs rectified coupling, E|Z_1 - Z_0|^p, p = 1, 2, 4, 80 Gauss-Hermite "
+            "nodes",
        reference="Liu, Gong & Liu 2023, Theorem 3.5")
 def _reflow_costs():
     """Rectification does not increase convex transport costs; in 1-D it yields the monotone (optimal) coupling."""
