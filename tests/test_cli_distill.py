@@ -106,6 +106,7 @@ def test_resume_after_interruption_is_bitwise_one_run(tmp_path, monkeypatch, cap
     assert (broken / "checkpoint.pt").read_bytes() == before
 
 
+@pytest.mark.slow  # a CLI run with its evaluation; the default set keeps the resume and compare runs
 def test_summary_matches_the_written_map_and_counts(tmp_path):
     out = tmp_path / "o"
     assert main([*SMALL, "--steps", "6", "--out", str(out), "--method", "ctm"]) == 0
@@ -221,6 +222,7 @@ def test_compare_flow_map_rows_beside_the_samplers(tmp_path, capsys):
         assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # a CLI run with its evaluation; the default set keeps the resume and compare runs
 def test_meanflow_and_shortcut_train_in_one_call_and_compare_samples_them(tmp_path, capsys):
     """MeanFlow / shortcut maps (diffusion_lab.meanflow) through distill: one call, the checkpoint at the end, no
     --resume; the written map is sampled by method flow_map in compare (its call convention is FlowMap's)."""

@@ -1,7 +1,7 @@
 r"""A learned flow map Psi_theta(x, s, t) (``diffusion_lab.flowmap.FlowMap``) as a sampler: ``method="flow_map"``.
 
 On a grid T = t_0 > t_1 > ... > t_k = t_end of k steps, k network evaluations of Psi (one per step, counted
-exactly in ``SampleResult.nfe``):
+exactly in ``SampleResult.nfe``)::
 
     chain (default)      x_{i+1} = Psi(x_i, t_i, t_{i+1}),                         x_k ~ Phi_{T -> t_end}(x_T);
     noise_reinjection    xhat_0 = Psi(x_i, t_i, t_end),  x_{i+1} = alpha_{t_{i+1}} xhat_0 + sigma_{t_{i+1}} z,
