@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from diffusion_lab import RectifiedFlow, VPLinear, targets, time_grid
+from diffusion_lab import RectifiedFlow, VPLinear, sample, targets, time_grid
 from diffusion_lab.flowmap import TwoTimeMLP, flow_map_sample
 from diffusion_lab.flows import gaussian_flow_map
 from diffusion_lab.meanflow import (MeanFlowMap, ShortcutMap, meanflow_loss, meanflow_map, meanflow_target,
@@ -133,6 +133,9 @@ def test_flow_map_convention_boundary_and_nfe(kind):
     res = flow_map_sample(psi, x, 2, grid_kind="uniform")
     g = time_grid(RF, 2, "uniform")
     assert res.nfe == 2 and torch.equal(res.x, psi(psi(x, float(g[0]), float(g[1])), float(g[1]), float(g[2])))
+    # the package's sampler front end takes it as a flow map (duck type): the same chain, the same NFE
+    out = sample(psi, x, "flow_map", steps=2, grid_kind="uniform")
+    assert out.nfe == 2 and torch.equal(out.x, res.x)
     with pytest.raises(ValueError, match="0.2"):
         psi(x, 0.2, 0.5)
     with pytest.raises(ValueError, match="outside the valid range"):
