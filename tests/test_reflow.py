@@ -123,3 +123,19 @@ def test_reflow_cost_check_fails_on_planted_error():
     from theory_checks.reflow_checks import reflow_cost_residual
 
     assert reflow_cost_residual(sign=-1.0).residual == float("inf")
+
+
+@pytest.mark.slow
+def test_reflow_rounds_experiment_quick(tmp_path):
+    """The gallery experiment in quick mode writes its files; round 0 (the exact field) has MMD^2 of its ODE law
+    within 5 SE of 0, and one Euler step from the exact field is far off (MMD^2 > 0.1: it lands near the mean)."""
+    import json
+
+    from experiments import reflow_rounds
+
+    assert reflow_rounds.main(["--quick", "--rounds", "1", "--targets", "bimodal_1d", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "reflow_rounds.json").read_text())
+    rows = doc["headline"]["rows"]
+    assert [r["round"] for r in rows] == [0, 1] and (tmp_path / "reflow_rounds.png").stat().st_size > 0
+    assert abs(rows[0]["ode_mmd2"]) < 5 * rows[0]["ode_mmd2_se"] and rows[0]["euler1_mmd2"] > 0.1
+    assert rows[1]["S"] < rows[0]["S"]
