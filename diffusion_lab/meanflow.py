@@ -300,7 +300,7 @@ def train_meanflow(mf: MeanFlowMap, data: torch.Tensor, *, teacher: VelocityFiel
                    steps: int = 1000, batch: int = 256, lr: float = 1e-3, betas=(0.9, 0.95),
                    distribution: str = "logit_normal", mean: float = -0.4, std: float = 1.0,
                    fraction_r_neq_t: float = 0.25, p: float = 1.0, c: float = 1e-2, ema_decay: float = 0.999,
-                   seed: int = 0, log_every: int = 100) -> DistillResult:
+                   seed: int = 0, log_every: int = 100, jvp: str = "func") -> DistillResult:
     r"""Train ``mf`` (in place) with the MeanFlow loss of the module docstring (Geng et al. 2025, Algorithm 1).
 
     Parameters
@@ -313,6 +313,7 @@ def train_meanflow(mf: MeanFlowMap, data: torch.Tensor, *, teacher: VelocityFiel
     steps, batch, lr, betas : Adam steps, batch size, learning rate and (beta_1, beta_2) (the official 0.9, 0.95).
     distribution, mean, std, fraction_r_neq_t : the (r, t) sampling of ``sample_meanflow_times``.
     p, c : the adaptive loss weight (``meanflow_loss``).
+    jvp : "func" | "forward_ad", how ``meanflow_target`` takes the Jacobian-vector product (same values).
     ema_decay : the evaluation EMA (package warm-up).
 
     Returns
@@ -328,6 +329,8 @@ def train_meanflow(mf: MeanFlowMap, data: torch.Tensor, *, teacher: VelocityFiel
     sample_meanflow_times(sch, 1, distribution=distribution, mean=mean, std=std, fraction_r_neq_t=fraction_r_neq_t)
     if not p >= 0 or not c > 0:
         raise ValueError(f"need the adaptive-weight power p >= 0 and constant c > 0, got p={p!r}, c={c!r}")
+    if jvp not in JVP_MODES:
+        raise ValueError(f"unknown jvp mode {jvp!r}; choose one of {JVP_MODES}")
     gen = torch.Generator().manual_seed(int(seed))
     dtype = _param_dtype(mf.net, torch.float32)
     ema = EMA(mf.net, ema_decay, warmup=True)
@@ -340,7 +343,7 @@ def train_meanflow(mf: MeanFlowMap, data: torch.Tensor, *, teacher: VelocityFiel
         r, t = sample_meanflow_times(sch, batch, distribution=distribution, mean=mean, std=std,
                                      fraction_r_neq_t=fraction_r_neq_t, generator=gen)
         z, v = _velocity(sch, teacher, x0, t, gen)
-        loss = meanflow_loss(mf.u, z, r.to(dtype), t.to(dtype), v, p=p, c=c).mean()
+        loss = meanflow_loss(mf.u, z, r.to(dtype), t.to(dtype), v, p=p, c=c, jvp=jvp).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -353,7 +356,8 @@ def train_meanflow(mf: MeanFlowMap, data: torch.Tensor, *, teacher: VelocityFiel
     calls = teacher.nfe - calls0 if teacher is not None else 0
     settings = {"method": "meanflow", "teacher": teacher is not None, "steps": int(steps), "batch": int(batch),
                 "lr": lr, "betas": list(betas), "distribution": distribution, "mean": mean, "std": std,
-                "fraction_r_neq_t": fraction_r_neq_t, "p": p, "c": c, "ema_decay": ema_decay, "seed": int(seed)}
+                "fraction_r_neq_t": fraction_r_neq_t, "p": p, "c": c, "ema_decay": ema_decay, "seed": int(seed),
+                "jvp": jvp}
     return DistillResult(psi=mf, psi_ema=MeanFlowMap(ema.module, sch), history=history, teacher_calls=calls,
                          teacher_evals=calls * int(batch), settings=settings)
 

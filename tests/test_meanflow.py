@@ -234,6 +234,16 @@ def test_teacher_counts_and_bad_input():
         ShortcutMap(TwoTimeMLP(2), RF, levels=0)
     with pytest.raises(ValueError, match="p="):
         train_meanflow(mf, data, steps=1, p=-1.0)
+    with pytest.raises(ValueError, match="'reverse'"):
+        train_meanflow(mf, data, steps=1, jvp="reverse")
+    # the two jvp modes train identically (same product, same random stream)
+    def run(mode):
+        torch.manual_seed(5)
+        return train_meanflow(meanflow_map(2, RF, hidden=8, depth=1).double(), data.double(), steps=2, batch=16,
+                              jvp=mode)
+    a, b = run("func"), run("forward_ad")
+    for pa, pb in zip(a.psi.net.parameters(), b.psi.net.parameters()):
+        assert torch.allclose(pa, pb, rtol=0, atol=1e-12)
     with pytest.raises(TypeError, match="Schedule"):
         MeanFlowMap(TwoTimeMLP(2), "rf")
     with pytest.raises(TypeError, match="MeanFlowMap"):
