@@ -66,9 +66,9 @@ from .samplers.grids import time_grid
 from .schedules import Schedule
 from .training import EMA, _check_sigma_data, c_noise, edm_precond
 
-__all__ = ["TwoTimeMLP", "FlowMap", "teacher_step", "DistillResult", "distill", "flow_map_sample",
-           "TEACHER_SOLVERS", "DISTILL_METHODS", "DISTILL_LOSSES", "distance", "ct_steps", "ct_level_probabilities",
-           "CT_NOISE_SAMPLINGS", "CT_WEIGHTINGS", "consistency_training_loss"]
+__all__ = ["TwoTimeMLP", "FlowMap", "teacher_step", "DistillResult", "distill", "ConsistencyTrainer",
+           "flow_map_sample", "TEACHER_SOLVERS", "DISTILL_METHODS", "DISTILL_LOSSES", "distance", "ct_steps",
+           "ct_level_probabilities", "CT_NOISE_SAMPLINGS", "CT_WEIGHTINGS", "consistency_training_loss"]
 
 TEACHER_SOLVERS = ("ddim", "heun")
 DISTILL_METHODS = ("cd", "ctm", "ct")
@@ -404,110 +404,213 @@ def distill(psi: FlowMap, teacher: VelocityField | None, data: torch.Tensor, *, 
     DistillResult
         For ct, ``teacher_calls = teacher_evals = 0``.
     """
-    if method not in DISTILL_METHODS:
-        raise ValueError(f"unknown distillation method {method!r}; choose one of {DISTILL_METHODS}")
-    if solver not in TEACHER_SOLVERS:
-        raise ValueError(f"unknown teacher solver {solver!r}; choose one of {TEACHER_SOLVERS}")
-    if not isinstance(psi, FlowMap) or not isinstance(psi.net, nn.Module):
-        raise TypeError("psi must be a FlowMap around a torch.nn.Module network")
-    ct = method == "ct"
-    if teacher is None and not ct:
-        raise ValueError(f"method {method!r} needs a teacher VelocityField; only method='ct' trains without one")
-    if teacher is not None and psi.schedule.settings() != teacher.schedule.settings():
-        raise ValueError(f"student schedule {psi.schedule!r} differs from the teacher's {teacher.schedule!r}")
-    for name, v in (("steps", steps), ("batch", batch), ("grid_steps", grid_steps)):
-        if int(v) != v or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    loss = ("pseudo_huber" if ct else "l2") if loss is None else loss
-    if loss not in DISTILL_LOSSES:
-        raise ValueError(f"unknown consistency loss {loss!r}; choose one of {DISTILL_LOSSES}")
-    target_decay = (0.0 if ct else 0.95) if target_decay is None else target_decay
-    if not 0.0 <= target_decay < 1.0:
-        raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
-    grid_kind = ("karras" if ct else "logsnr") if grid_kind is None else grid_kind
-    if noise_sampling not in CT_NOISE_SAMPLINGS:
-        raise ValueError(f"unknown noise_sampling {noise_sampling!r}; choose one of {CT_NOISE_SAMPLINGS}")
-    if ct_weighting not in CT_WEIGHTINGS:
-        raise ValueError(f"unknown ct_weighting {ct_weighting!r}; choose one of {CT_WEIGHTINGS}")
-    sch, loss_kind = psi.schedule, loss
-    if ct:
-        ct_steps(0, int(steps), ct_s0, ct_s1)  # validates s0, s1
-        if p_mean is None:
-            p_mean = -1.1 + math.log(psi.sigma_data / 0.5)
-        if huber_c is None and loss_kind == "pseudo_huber":
-            huber_c = 0.00054 * math.sqrt(data[0].numel()) * psi.sigma_data / 0.5
-        ct_level_probabilities(torch.tensor([1.0, 2.0]), p_mean, p_std)  # validates P_mean, P_std
-    grids = {}
+    trainer = ConsistencyTrainer(psi, teacher, data, method=method, solver=solver, batch=batch,
+                                 grid_steps=grid_steps, grid_kind=grid_kind, lr=lr, target_decay=target_decay,
+                                 ema_decay=ema_decay, seed=seed, loss=loss, huber_c=huber_c, log_every=log_every,
+                                 total_steps=steps, ct_s0=ct_s0, ct_s1=ct_s1, p_mean=p_mean, p_std=p_std,
+                                 noise_sampling=noise_sampling, ct_weighting=ct_weighting)
+    trainer.run(int(steps))
+    return trainer.result()
 
-    def ascending(n_int):  # tau_0 = t_min ... tau_N = t_max, with its sigmabar, the weights and the law of n
-        if n_int not in grids:
-            g = time_grid(sch, n_int, grid_kind).flip(0)
+
+class ConsistencyTrainer:
+    r"""The training loop of ``distill`` (method "cd", "ctm" or "ct") cut at step boundaries, with a state a
+    checkpoint can hold: ``distill`` is ``ConsistencyTrainer(...).run(steps)`` followed by ``result()``, and
+    ``diffusion-lab distill`` saves ``state_dict()`` between steps and resumes with ``load_state_dict`` bitwise as
+    one uninterrupted run.
+
+    Each step draws x_0 from ``data``, the interval index n (and m for ctm) and the noise z from one generator, in
+    that order, and minimises (module docstring)
+
+        cd/ctm:  d(Psi_theta(x, tau_n, tau_m), Psi_theta-(xhat, tau_{n-1}, tau_m)),   xhat one teacher step,
+        ct:      lambda_n d(Psi_theta(x, tau_n, tau_0), stopgrad Psi(xhat, tau_{n-1}, tau_0)),  xhat with the same z,
+
+    then updates Adam, the target EMA (theta- <- mu theta- + (1 - mu) theta; none for mu = 0) and the evaluation EMA.
+    ct's curriculum N(k) depends on the total number of steps K = ``total_steps``, so a ct trainer runs only up to the
+    K it was built with. Arguments as in ``distill``.
+    """
+
+    def __init__(self, psi: FlowMap, teacher: VelocityField | None, data: torch.Tensor, *, method: str = "cd",
+                 solver: str = "heun", batch: int = 256, grid_steps: int = 16, grid_kind: str | None = None,
+                 lr: float = 1e-3, target_decay: float | None = None, ema_decay: float = 0.999, seed: int = 0,
+                 loss: str | None = None, huber_c: float | None = None, log_every: int = 100,
+                 total_steps: int | None = None, ct_s0: int = 10, ct_s1: int = 1280, p_mean: float | None = None,
+                 p_std: float = 2.0, noise_sampling: str = "lognormal", ct_weighting: str = "inverse_gap"):
+        if method not in DISTILL_METHODS:
+            raise ValueError(f"unknown distillation method {method!r}; choose one of {DISTILL_METHODS}")
+        if solver not in TEACHER_SOLVERS:
+            raise ValueError(f"unknown teacher solver {solver!r}; choose one of {TEACHER_SOLVERS}")
+        if not isinstance(psi, FlowMap) or not isinstance(psi.net, nn.Module):
+            raise TypeError("psi must be a FlowMap around a torch.nn.Module network")
+        ct = method == "ct"
+        if teacher is None and not ct:
+            raise ValueError(f"method {method!r} needs a teacher VelocityField; only method='ct' trains without one")
+        if teacher is not None and psi.schedule.settings() != teacher.schedule.settings():
+            raise ValueError(f"student schedule {psi.schedule!r} differs from the teacher's {teacher.schedule!r}")
+        for name, v in (("batch", batch), ("grid_steps", grid_steps), ("log_every", log_every)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if total_steps is not None and (int(total_steps) != total_steps or total_steps < 1):
+            raise ValueError(f"steps must be an integer >= 1, got {total_steps!r}")
+        loss = ("pseudo_huber" if ct else "l2") if loss is None else loss
+        if loss not in DISTILL_LOSSES:
+            raise ValueError(f"unknown consistency loss {loss!r}; choose one of {DISTILL_LOSSES}")
+        target_decay = (0.0 if ct else 0.95) if target_decay is None else float(target_decay)
+        if not 0.0 <= target_decay < 1.0:
+            raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
+        grid_kind = ("karras" if ct else "logsnr") if grid_kind is None else grid_kind
+        if noise_sampling not in CT_NOISE_SAMPLINGS:
+            raise ValueError(f"unknown noise_sampling {noise_sampling!r}; choose one of {CT_NOISE_SAMPLINGS}")
+        if ct_weighting not in CT_WEIGHTINGS:
+            raise ValueError(f"unknown ct_weighting {ct_weighting!r}; choose one of {CT_WEIGHTINGS}")
+        if ct:
+            if total_steps is None:
+                raise ValueError("method 'ct' needs total_steps: its curriculum N(k) depends on the total K")
+            ct_steps(0, int(total_steps), ct_s0, ct_s1)  # validates s0, s1
+            if p_mean is None:
+                p_mean = -1.1 + math.log(psi.sigma_data / 0.5)
+            if huber_c is None and loss == "pseudo_huber":
+                huber_c = 0.00054 * math.sqrt(data[0].numel()) * psi.sigma_data / 0.5
+            ct_level_probabilities(torch.tensor([1.0, 2.0]), p_mean, p_std)  # validates P_mean, P_std
+        self.psi, self.teacher, self.data, self.method, self.ct = psi, teacher, data, method, ct
+        self.solver, self.batch, self.grid_steps, self.grid_kind = solver, int(batch), int(grid_steps), grid_kind
+        self.lr, self.target_decay, self.ema_decay, self.seed = lr, target_decay, ema_decay, int(seed)
+        self.loss_kind, self.huber_c, self.log_every = loss, huber_c, int(log_every)
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.ct_s0, self.ct_s1, self.p_mean, self.p_std = int(ct_s0), int(ct_s1), p_mean, float(p_std)
+        self.noise_sampling, self.ct_weighting = noise_sampling, ct_weighting
+        self.resolved = {"grid_kind": grid_kind, "target_decay": target_decay, "loss": loss, "huber_c": huber_c,
+                         **({"p_mean": p_mean} if ct else {})}
+        self._grids = {}
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.dtype = _param_dtype(psi.net, torch.float32)
+        self.target = EMA(psi.net, target_decay, warmup=False) if target_decay > 0 else None
+        self.ema = EMA(psi.net, ema_decay, warmup=True)
+        self.psi_target = FlowMap(self.target.module, psi.schedule, psi.sigma_data) if self.target else psi
+        self.opt = torch.optim.Adam(psi.net.parameters(), lr=lr)
+        self.step, self.history, self.acc, self.acc_n, self.teacher_calls = 0, [], 0.0, 0, 0
+
+    def _ascending(self, n_int: int):
+        """tau_0 = t_min < ... < tau_N = t_max, the law of the interval index n and ct's weights lambda_n."""
+        if n_int not in self._grids:
+            sch = self.psi.schedule
+            g = time_grid(sch, n_int, self.grid_kind).flip(0)
             sb = sch.sigma(g) / sch.alpha(g)
-            if ct and noise_sampling == "lognormal":
-                prob = ct_level_probabilities(sb, p_mean, p_std)
+            if self.ct and self.noise_sampling == "lognormal":
+                prob = ct_level_probabilities(sb, self.p_mean, self.p_std)
             else:
                 prob = torch.full((n_int,), 1.0 / n_int, dtype=torch.float64)
-            if ct and ct_weighting == "inverse_gap":
+            if self.ct and self.ct_weighting == "inverse_gap":
                 lam = 1.0 / (sb[1:] - sb[:-1])
             else:
                 lam = torch.ones(n_int, dtype=torch.float64)
-            grids[n_int] = (g, prob, lam)
-        return grids[n_int]
+            self._grids[n_int] = (g, prob, lam)
+        return self._grids[n_int]
 
-    gen = torch.Generator().manual_seed(int(seed))
-    dtype = _param_dtype(psi.net, torch.float32)
-    target = EMA(psi.net, target_decay, warmup=False) if target_decay > 0 else None
-    ema = EMA(psi.net, ema_decay, warmup=True)
-    psi_target = FlowMap(target.module, sch, psi.sigma_data) if target is not None else psi
-    opt = torch.optim.Adam(psi.net.parameters(), lr=lr)
-    calls0 = teacher.nfe if teacher is not None else 0
-    history, acc, acc_n = [], 0.0, 0
-    psi.net.train()
-    for step in range(int(steps)):
-        n_int = ct_steps(step, int(steps), ct_s0, ct_s1) if ct else int(grid_steps)
-        grid, prob, lam = ascending(n_int)
-        idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
-        x0 = data[idx].to(dtype)
-        if ct and noise_sampling == "lognormal":
-            n = torch.multinomial(prob, batch, replacement=True, generator=gen) + 1
+    def train_step(self) -> tuple[float, int]:
+        """One optimiser step; returns the batch loss and the grid's N."""
+        g, batch, sch, dtype = self.generator, self.batch, self.psi.schedule, self.dtype
+        n_int = ct_steps(self.step, self.total_steps, self.ct_s0, self.ct_s1) if self.ct else self.grid_steps
+        grid, prob, lam = self._ascending(n_int)
+        idx = torch.randint(0, self.data.shape[0], (batch,), generator=g)
+        x0 = self.data[idx].to(dtype)
+        if self.ct and self.noise_sampling == "lognormal":
+            n = torch.multinomial(prob, batch, replacement=True, generator=g) + 1
         else:
-            n = torch.randint(1, n_int + 1, (batch,), generator=gen)
-        if method == "ctm":
-            m = (torch.rand(batch, generator=gen, dtype=torch.float64) * n).long()  # uniform in {0..n-1}
+            n = torch.randint(1, n_int + 1, (batch,), generator=g)
+        if self.method == "ctm":
+            m = (torch.rand(batch, generator=g, dtype=torch.float64) * n).long()  # uniform in {0..n-1}
         else:
             m = torch.zeros_like(n)
         s, u, t = grid[n], grid[n - 1], grid[m]
-        z = torch.randn(x0.shape, generator=gen, dtype=dtype)
-        if ct:  # the same z one level down: no teacher
-            per = consistency_training_loss(psi, x0, z, s, u, t, target=psi_target, loss=loss_kind, huber_c=huber_c)
+        z = torch.randn(x0.shape, generator=g, dtype=dtype)
+        if self.ct:  # the same z one level down: no teacher
+            per = consistency_training_loss(self.psi, x0, z, s, u, t, target=self.psi_target, loss=self.loss_kind,
+                                            huber_c=self.huber_c)
             loss = (lam[n - 1].to(per.dtype) * per).mean()
         else:
             x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
+            calls0 = self.teacher.nfe
             with torch.no_grad():
-                xhat = teacher_step(teacher, x.to(torch.float64), s, u, solver).to(dtype)
-                y = psi_target(xhat, u, t)
-            loss = distance(psi(x, s, t), y, loss_kind, huber_c).mean()
-        opt.zero_grad(set_to_none=True)
+                xhat = teacher_step(self.teacher, x.to(torch.float64), s, u, self.solver).to(dtype)
+                y = self.psi_target(xhat, u, t)
+            self.teacher_calls += self.teacher.nfe - calls0
+            loss = distance(self.psi(x, s, t), y, self.loss_kind, self.huber_c).mean()
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if target is not None:
-            target.update(psi.net)
-        ema.update(psi.net)
-        acc, acc_n = acc + float(loss.detach()), acc_n + 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": acc / acc_n, "grid_steps": n_int})
-            acc, acc_n = 0.0, 0
-    psi.net.eval()
-    calls = teacher.nfe - calls0 if teacher is not None else 0
-    settings = {"method": method, "solver": solver if not ct else None, "steps": int(steps), "batch": int(batch),
-                "grid_steps": int(grid_steps) if not ct else None, "grid_kind": grid_kind, "lr": lr,
-                "target_decay": target_decay, "ema_decay": ema_decay, "seed": int(seed), "loss": loss_kind,
-                "huber_c": huber_c}
-    if ct:
-        settings.update({"ct_s0": int(ct_s0), "ct_s1": int(ct_s1), "p_mean": p_mean, "p_std": p_std,
-                         "noise_sampling": noise_sampling, "ct_weighting": ct_weighting})
-    return DistillResult(psi=psi, psi_ema=FlowMap(ema.module, sch, psi.sigma_data), history=history,
-                         teacher_calls=calls, teacher_evals=calls * int(batch), settings=settings)
+        self.opt.step()
+        if self.target is not None:
+            self.target.update(self.psi.net)
+        self.ema.update(self.psi.net)
+        return float(loss.detach()), n_int
+
+    def run(self, steps: int, *, on_log=None, ckpt_every: int = 0, on_checkpoint=None) -> None:
+        """Train from ``self.step`` to ``steps``: ``on_log(record)`` after each log record (every ``log_every``
+        steps and at the last), ``on_checkpoint(self)`` every ``ckpt_every`` steps before the last."""
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if self.ct and steps > self.total_steps:
+            raise ValueError(f"a ct run built for {self.total_steps} steps (its curriculum) cannot run to {steps}")
+        self.psi.net.train()
+        try:
+            while self.step < steps:
+                loss, n_int = self.train_step()
+                self.step += 1
+                self.acc, self.acc_n = self.acc + loss, self.acc_n + 1
+                if self.step % self.log_every == 0 or self.step == steps:
+                    rec = {"step": self.step, "loss": self.acc / self.acc_n, "grid_steps": n_int}
+                    self.history.append(rec)
+                    self.acc, self.acc_n = 0.0, 0
+                    if on_log is not None:
+                        on_log(rec)
+                if ckpt_every and self.step % ckpt_every == 0 and self.step < steps and on_checkpoint is not None:
+                    on_checkpoint(self)
+        finally:
+            self.psi.net.eval()
+
+    def flow_map(self) -> FlowMap:
+        """The evaluation map: the EMA weights (``DistillResult.psi_ema``)."""
+        return FlowMap(self.ema.module, self.psi.schedule, self.psi.sigma_data)
+
+    def settings(self) -> dict:
+        """The run's settings as ``DistillResult.settings`` records them."""
+        ct = self.ct
+        out = {"method": self.method, "solver": self.solver if not ct else None, "steps": self.step,
+               "batch": self.batch, "grid_steps": self.grid_steps if not ct else None, "grid_kind": self.grid_kind,
+               "lr": self.lr, "target_decay": self.target_decay, "ema_decay": self.ema_decay, "seed": self.seed,
+               "loss": self.loss_kind, "huber_c": self.huber_c}
+        if ct:
+            out.update({"ct_s0": self.ct_s0, "ct_s1": self.ct_s1, "p_mean": self.p_mean, "p_std": self.p_std,
+                        "noise_sampling": self.noise_sampling, "ct_weighting": self.ct_weighting})
+        return out
+
+    def result(self) -> DistillResult:
+        return DistillResult(psi=self.psi, psi_ema=self.flow_map(), history=list(self.history),
+                             teacher_calls=self.teacher_calls, teacher_evals=self.teacher_calls * self.batch,
+                             settings=self.settings())
+
+    def state_dict(self) -> dict:
+        """Tensors and plain containers only (loadable with ``torch.load(weights_only=True)``)."""
+        from .training import rng_state
+
+        return {"step": self.step, "net": self.psi.net.state_dict(),
+                "target": self.target.state_dict() if self.target is not None else {},
+                "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "generator": self.generator.get_state(),
+                "rng": rng_state(), "history": [dict(r) for r in self.history], "acc": self.acc, "acc_n": self.acc_n,
+                "teacher_calls": self.teacher_calls}
+
+    def load_state_dict(self, sd: dict) -> None:
+        from .training import set_rng_state
+
+        self.psi.net.load_state_dict(sd["net"])
+        if self.target is not None:
+            self.target.load_state_dict(sd["target"])
+        self.ema.load_state_dict(sd["ema"])
+        self.opt.load_state_dict(sd["opt"])
+        self.generator.set_state(sd["generator"])
+        set_rng_state(sd["rng"])
+        self.step, self.history = int(sd["step"]), [dict(r) for r in sd["history"]]
+        self.acc, self.acc_n, self.teacher_calls = float(sd["acc"]), int(sd["acc_n"]), int(sd["teacher_calls"])
 
 
 def flow_map_sample(psi: FlowMap, x_T: torch.Tensor, steps: int = 1, *, grid=None, grid_kind: str = "logsnr",

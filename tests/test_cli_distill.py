@@ -1,4 +1,4 @@
-"""`diffusion-lab distill`: the resumable trainer equals ``flowmap.distill`` bitwise, --resume after an interruption
+"""`diffusion-lab distill`: the trainer run in two calls equals one ``flowmap.distill`` call bitwise, --resume after an interruption
 equals one uninterrupted run bitwise, the summary's numbers are those of the written map, bad input fails before
 anything is written; and `compare --flow-map` puts the distilled map's rows beside the ODE samplers."""
 import json
@@ -9,8 +9,8 @@ import torch
 
 from diffusion_lab import VPLinear, targets
 from diffusion_lab.cli import main
-from diffusion_lab.cli.distill import ConsistencyRun, flow_map_from_checkpoint, load_distill_checkpoint
-from diffusion_lab.flowmap import FlowMap, TwoTimeMLP, distill
+from diffusion_lab.cli.distill import flow_map_from_checkpoint, load_distill_checkpoint
+from diffusion_lab.flowmap import ConsistencyTrainer, FlowMap, TwoTimeMLP, distill
 
 SMALL = ["distill", "--teacher", "bimodal_1d", "--batch", "16", "--grid-steps", "4", "--solver", "ddim",
          "--hidden", "8", "--depth", "1", "--n-train", "256", "--eval-n", "64", "--log-every", "2", "--no-plot",
@@ -34,8 +34,8 @@ def test_resumable_run_equals_flowmap_distill_bitwise(method):
     a = distill(FlowMap(TwoTimeMLP(2, hidden=16, depth=2), sch, 0.5), teacher, data, steps=9, method=method,
                 log_every=4, **kw)
     torch.manual_seed(0)
-    run = ConsistencyRun(FlowMap(TwoTimeMLP(2, hidden=16, depth=2), sch, 0.5), tg.field(sch) if teacher else None,
-                         data, method=method, log_every=4, total_steps=9 if method == "ct" else None, **kw)
+    run = ConsistencyTrainer(FlowMap(TwoTimeMLP(2, hidden=16, depth=2), sch, 0.5), tg.field(sch) if teacher else None,
+                             data, method=method, log_every=4, total_steps=9 if method == "ct" else None, **kw)
     run.run(4)
     run.run(9)  # continued in a second call, as after a resume
     for p, q in zip(a.psi.net.parameters(), run.psi.net.parameters()):
@@ -77,18 +77,18 @@ def test_resume_after_interruption_is_bitwise_one_run(tmp_path, monkeypatch, cap
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     SMALL = [*globals()["SMALL"], "--method", method, "--ct-s0", "2", "--ct-s1", "8"]
     assert main([*SMALL, "--steps", "12", "--ckpt-every", "4", "--out", str(straight)]) == 0
-    original = ConsistencyRun.train_step
+    original = ConsistencyTrainer.train_step
 
     def crash_at_10(self):
         if self.step == 9:
             raise KeyboardInterrupt  # killed during step 10: the last checkpoint is step 8's
         return original(self)
 
-    monkeypatch.setattr(ConsistencyRun, "train_step", crash_at_10)
+    monkeypatch.setattr(ConsistencyTrainer, "train_step", crash_at_10)
     with pytest.raises(KeyboardInterrupt):
         main([*SMALL, "--steps", "12", "--ckpt-every", "4", "--out", str(broken)])
     assert _states(broken / "checkpoint.pt")["step"] == 8
-    monkeypatch.setattr(ConsistencyRun, "train_step", original)
+    monkeypatch.setattr(ConsistencyTrainer, "train_step", original)
     assert main([*SMALL, "--steps", "12", "--ckpt-every", "4", "--out", str(broken), "--resume"]) == 0
     _assert_same_state(_states(straight / "checkpoint.pt"), _states(broken / "checkpoint.pt"))
     a = json.loads((straight / "summary.json").read_text())

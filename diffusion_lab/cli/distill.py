@@ -31,204 +31,23 @@ EVAL_STEPS = (1, 2, 4)
 # ------------------------------------------------------------------------------------------------
 # the resumable trainer of cd / ctm
 
-class ConsistencyRun:
-    r"""``flowmap.distill`` (method "cd", "ctm" or "ct") cut at step boundaries, with a state a checkpoint can hold.
-
-    Step for step the same draws from the same generator, the same loss (cd/ctm: d(Psi_theta(x, tau_n, tau_m),
-    Psi_theta-(xhat, tau_{n-1}, tau_m)) with xhat one teacher step tau_n -> tau_{n-1}; ct: the weighted
-    ``flowmap.consistency_training_loss`` on the curriculum ``flowmap.ct_steps`` and the level law
-    ``flowmap.ct_level_probabilities``), the same Adam, target-EMA (theta- <- mu theta- + (1 - mu) theta; none for
-    mu = 0) and evaluation-EMA updates and the same log records as ``distill``, with its defaults
-    (tests/test_cli_distill.py checks bitwise equality); what ``distill`` keeps in local variables lives here: the
-    online weights (in ``psi``), both EMAs, Adam's moments, the generator, the open log interval and the
-    teacher-call count. ``run(steps)`` continues to a total of ``steps``. ct's curriculum depends on the total
-    ``total_steps`` K, so a ct run continues only to the K it was built with.
-    """
-
-    def __init__(self, psi, teacher, data, *, method: str = "cd", solver: str = "heun", batch: int = 256,
-                 grid_steps: int = 16, grid_kind: str | None = None, lr: float = 1e-3,
-                 target_decay: float | None = None, ema_decay: float = 0.999, seed: int = 0, loss: str | None = None,
-                 huber_c: float | None = None, log_every: int = 100, total_steps: int | None = None,
-                 ct_s0: int = 10, ct_s1: int = 1280, p_mean: float | None = None, p_std: float = 2.0,
-                 noise_sampling: str = "lognormal", ct_weighting: str = "inverse_gap"):
-        import torch
-
-        from .. import flowmap as F
-        from ..training import EMA
-
-        if method not in ("cd", "ctm", "ct"):
-            raise ValueError(f"ConsistencyRun trains 'cd', 'ctm' or 'ct', got {method!r}")
-        ct = method == "ct"
-        if solver not in F.TEACHER_SOLVERS:
-            raise ValueError(f"unknown teacher solver {solver!r}; choose one of {F.TEACHER_SOLVERS}")
-        if teacher is None and not ct:
-            raise ValueError(f"method {method!r} needs a teacher VelocityField")
-        if teacher is not None and psi.schedule.settings() != teacher.schedule.settings():
-            raise ValueError(f"student schedule {psi.schedule!r} differs from the teacher's {teacher.schedule!r}")
-        loss = ("pseudo_huber" if ct else "l2") if loss is None else loss
-        if loss not in F.DISTILL_LOSSES:
-            raise ValueError(f"unknown consistency loss {loss!r}; choose one of {F.DISTILL_LOSSES}")
-        target_decay = (0.0 if ct else 0.95) if target_decay is None else float(target_decay)
-        self.grid_kind = ("karras" if ct else "logsnr") if grid_kind is None else grid_kind
-        if ct:
-            if total_steps is None:
-                raise ValueError("method 'ct' needs total_steps: its curriculum N(k) depends on the total K")
-            F.ct_steps(0, int(total_steps), ct_s0, ct_s1)  # validates the curriculum
-            if noise_sampling not in F.CT_NOISE_SAMPLINGS or ct_weighting not in F.CT_WEIGHTINGS:
-                raise ValueError(f"noise_sampling must be one of {F.CT_NOISE_SAMPLINGS} and ct_weighting one of "
-                                 f"{F.CT_WEIGHTINGS}; got {noise_sampling!r}, {ct_weighting!r}")
-            if p_mean is None:
-                p_mean = -1.1 + math.log(psi.sigma_data / 0.5)
-            if huber_c is None and loss == "pseudo_huber":
-                huber_c = 0.00054 * math.sqrt(data[0].numel()) * psi.sigma_data / 0.5
-        self.psi, self.teacher, self.data, self.ct = psi, teacher, data, ct
-        self.method, self.solver, self.batch, self.grid_steps = method, solver, int(batch), int(grid_steps)
-        self.loss_kind, self.huber_c, self.log_every = loss, huber_c, int(log_every)
-        self.total_steps = None if total_steps is None else int(total_steps)
-        self.ct_s0, self.ct_s1, self.p_mean, self.p_std = int(ct_s0), int(ct_s1), p_mean, float(p_std)
-        self.noise_sampling, self.ct_weighting = noise_sampling, ct_weighting
-        self.resolved = {"grid_kind": self.grid_kind, "target_decay": target_decay, "loss": loss, "huber_c": huber_c,
-                         **({"p_mean": p_mean} if ct else {})}
-        self._grids = {}
-        self.generator = torch.Generator().manual_seed(int(seed))
-        self.dtype = next(p for p in psi.net.parameters() if p.is_floating_point()).dtype
-        self.target = EMA(psi.net, target_decay, warmup=False) if target_decay > 0 else None
-        self.ema = EMA(psi.net, ema_decay, warmup=True)
-        self.psi_target = F.FlowMap(self.target.module, psi.schedule, psi.sigma_data) if self.target else psi
-        self.opt = torch.optim.Adam(psi.net.parameters(), lr=lr)
-        self.step, self.history, self.acc, self.acc_n, self.teacher_calls = 0, [], 0.0, 0, 0
-
-    def _ascending(self, n_int):
-        """tau_0 = t_min < ... < tau_N = t_max, the law of the interval index n and ct's weights lambda_n."""
-        import torch
-
-        from ..flowmap import ct_level_probabilities
-        from ..samplers.grids import time_grid
-
-        if n_int not in self._grids:
-            sch = self.psi.schedule
-            g = time_grid(sch, n_int, self.grid_kind).flip(0)
-            sb = sch.sigma(g) / sch.alpha(g)
-            if self.ct and self.noise_sampling == "lognormal":
-                prob = ct_level_probabilities(sb, self.p_mean, self.p_std)
-            else:
-                prob = torch.full((n_int,), 1.0 / n_int, dtype=torch.float64)
-            if self.ct and self.ct_weighting == "inverse_gap":
-                lam = 1.0 / (sb[1:] - sb[:-1])
-            else:
-                lam = torch.ones(n_int, dtype=torch.float64)
-            self._grids[n_int] = (g, prob, lam)
-        return self._grids[n_int]
-
-    def train_step(self) -> tuple[float, int]:
-        """One optimiser step (the body of ``distill``'s loop); returns the batch loss and the grid's N."""
-        import torch
-
-        from .._tensor import bcast
-        from ..flowmap import consistency_training_loss, ct_steps, distance, teacher_step
-
-        g, batch, sch, dtype = self.generator, self.batch, self.psi.schedule, self.dtype
-        n_int = ct_steps(self.step, self.total_steps, self.ct_s0, self.ct_s1) if self.ct else self.grid_steps
-        grid, prob, lam = self._ascending(n_int)
-        idx = torch.randint(0, self.data.shape[0], (batch,), generator=g)
-        x0 = self.data[idx].to(dtype)
-        if self.ct and self.noise_sampling == "lognormal":
-            n = torch.multinomial(prob, batch, replacement=True, generator=g) + 1
-        else:
-            n = torch.randint(1, n_int + 1, (batch,), generator=g)
-        if self.method == "ctm":
-            m = (torch.rand(batch, generator=g, dtype=torch.float64) * n).long()  # uniform in {0..n-1}
-        else:
-            m = torch.zeros_like(n)
-        s, u, t = grid[n], grid[n - 1], grid[m]
-        z = torch.randn(x0.shape, generator=g, dtype=dtype)
-        if self.ct:  # the same z one level down: no teacher
-            per = consistency_training_loss(self.psi, x0, z, s, u, t, target=self.psi_target, loss=self.loss_kind,
-                                            huber_c=self.huber_c)
-            loss = (lam[n - 1].to(per.dtype) * per).mean()
-        else:
-            x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
-            calls0 = self.teacher.nfe
-            with torch.no_grad():
-                xhat = teacher_step(self.teacher, x.to(torch.float64), s, u, self.solver).to(dtype)
-                y = self.psi_target(xhat, u, t)
-            self.teacher_calls += self.teacher.nfe - calls0
-            loss = distance(self.psi(x, s, t), y, self.loss_kind, self.huber_c).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        if self.target is not None:
-            self.target.update(self.psi.net)
-        self.ema.update(self.psi.net)
-        return float(loss.detach()), n_int
-
-    def run(self, steps: int, *, on_log=None, ckpt_every: int = 0, on_checkpoint=None) -> None:
-        """Train from ``self.step`` to ``steps``; ``on_log(record)`` after each log record, ``on_checkpoint(self)``
-        every ``ckpt_every`` steps before the last (the caller saves the final state itself)."""
-        if self.ct and steps > self.total_steps:
-            raise ValueError(f"a ct run built for {self.total_steps} steps (its curriculum) cannot run to {steps}")
-        self.psi.net.train()
-        try:
-            while self.step < steps:
-                loss, n_int = self.train_step()
-                self.step += 1
-                self.acc, self.acc_n = self.acc + loss, self.acc_n + 1
-                if self.step % self.log_every == 0 or self.step == steps:
-                    rec = {"step": self.step, "loss": self.acc / self.acc_n, "grid_steps": n_int}
-                    self.history.append(rec)
-                    self.acc, self.acc_n = 0.0, 0
-                    if on_log is not None:
-                        on_log(rec)
-                if ckpt_every and self.step % ckpt_every == 0 and self.step < steps and on_checkpoint is not None:
-                    on_checkpoint(self)
-        finally:
-            self.psi.net.eval()
-
-    def flow_map(self):
-        """The evaluation map: the EMA weights (``DistillResult.psi_ema``)."""
-        from ..flowmap import FlowMap
-
-        return FlowMap(self.ema.module, self.psi.schedule, self.psi.sigma_data)
-
-    def state_dict(self) -> dict:
-        """Tensors and plain containers only (``torch.load(weights_only=True)``)."""
-        from ..training import rng_state
-
-        return {"step": self.step, "net": self.psi.net.state_dict(),
-                "target": self.target.state_dict() if self.target is not None else {},
-                "ema": self.ema.state_dict(), "opt": self.opt.state_dict(), "generator": self.generator.get_state(),
-                "rng": rng_state(), "history": [dict(r) for r in self.history], "acc": self.acc, "acc_n": self.acc_n,
-                "teacher_calls": self.teacher_calls}
-
-    def load_state_dict(self, sd: dict) -> None:
-        from ..training import set_rng_state
-
-        self.psi.net.load_state_dict(sd["net"])
-        if self.target is not None:
-            self.target.load_state_dict(sd["target"])
-        self.ema.load_state_dict(sd["ema"])
-        self.opt.load_state_dict(sd["opt"])
-        self.generator.set_state(sd["generator"])
-        set_rng_state(sd["rng"])
-        self.step, self.history = int(sd["step"]), [dict(r) for r in sd["history"]]
-        self.acc, self.acc_n, self.teacher_calls = float(sd["acc"]), int(sd["acc_n"]), int(sd["teacher_calls"])
-
-
 def _consistency(method):
     def build(psi, teacher, data, settings, log_every):
+        from ..flowmap import ConsistencyTrainer
+
         keys = ("solver", "batch", "grid_steps", "grid_kind", "lr", "target_decay", "ema_decay", "seed", "loss",
                 "huber_c")
         extra = ({k: settings[k] for k in ("total_steps", "ct_s0", "ct_s1")} if method == "ct" else {})
-        return ConsistencyRun(psi, teacher if method != "ct" else None, data, method=method, log_every=log_every,
-                              **{k: settings[k] for k in keys}, **extra)
+        return ConsistencyTrainer(psi, teacher if method != "ct" else None, data, method=method, log_every=log_every,
+                                  **{k: settings[k] for k in keys}, **extra)
 
     return build
 
 
 class OneShotRun:
     """A trainer without resumable state (``meanflow.train_meanflow``, ``meanflow.train_shortcut``) behind
-    ``ConsistencyRun``'s interface: ``run(steps)`` trains from step 0 to ``steps`` in one call (no periodic
-    checkpoints, no resume: ``resumable`` is False); its state is the trained map, its EMA and the log."""
+    ``flowmap.ConsistencyTrainer``'s interface: ``run(steps)`` trains from step 0 to ``steps`` in one call (no
+    periodic checkpoints, no resume: ``resumable`` is False); its state is the trained map, its EMA and the log."""
 
     resumable = False
 
@@ -268,7 +87,8 @@ def _one_shot(method):
     return build
 
 
-#: method name -> builder(psi, teacher, data, settings, log_every) of a run with ``ConsistencyRun``'s interface
+#: method name -> builder(psi, teacher, data, settings, log_every) of a run with the interface of
+#: ``flowmap.ConsistencyTrainer``
 TRAINERS = {"cd": _consistency("cd"), "ctm": _consistency("ctm"), "ct": _consistency("ct"),
             "meanflow": _one_shot("meanflow"), "shortcut": _one_shot("shortcut")}
 #: the map class each method trains: FlowMap(TwoTimeMLP) or the average-velocity maps of ``diffusion_lab.meanflow``
