@@ -232,7 +232,7 @@ def figure(headline: dict, path: str | None = None):
             ax.set_title(f"{name}, NFE {budget}: tau = {a['tau']:.2f} +- {a['tau_se']:.2f} "
                          f"(noise alone {a['tau_noise_a']:.2f})", fontsize=9)
             if i == 0 and j == 0:
-                ax.legend(fontsize=7, loc="upper left")
+                ax.legend(fontsize=7, loc="lower right")
     fig.supxlabel("samplers in the exact field's order (rank on the learned field in brackets)", fontsize=9)
     fig.tight_layout()
     if path:
