@@ -19,7 +19,7 @@ from . import _common
 EXPERIMENTS = [
     "convergence_orders", "edm_ablation", "ddim_eta", "pc_vs_predictor", "ncsn_two_mode", "vdm_invariance",
     "same_marginals", "em_dimension", "langevin_bias", "three_views", "cfg_counterexample", "score_error",
-    "ring8_recipes",
+    "ring8_recipes", "learned_ranking", "consistency_steps", "reflow_rounds",
 ]
 
 

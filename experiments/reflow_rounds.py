@@ -157,8 +157,8 @@ def main(argv=None):
         with open(args.json, "w") as fh:
             json.dump({"settings": settings, "headline": headline, "rows": rows, "versions": _common.versions()}, fh,
                       indent=2, default=float)
-    return 0
+    return headline
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

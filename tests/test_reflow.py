@@ -133,9 +133,10 @@ def test_reflow_rounds_experiment_quick(tmp_path):
 
     from experiments import reflow_rounds
 
-    assert reflow_rounds.main(["--quick", "--rounds", "1", "--targets", "bimodal_1d", "--out", str(tmp_path)]) == 0
+    headline = reflow_rounds.main(["--quick", "--rounds", "1", "--targets", "bimodal_1d", "--out", str(tmp_path)])
     doc = json.loads((tmp_path / "reflow_rounds.json").read_text())
     rows = doc["headline"]["rows"]
+    assert [r["S"] for r in headline["rows"]] == [r["S"] for r in rows]  # main returns the headline it wrote
     assert [r["round"] for r in rows] == [0, 1] and (tmp_path / "reflow_rounds.png").stat().st_size > 0
     assert abs(rows[0]["ode_mmd2"]) < 5 * rows[0]["ode_mmd2_se"] and rows[0]["euler1_mmd2"] > 0.1
     assert rows[1]["S"] < rows[0]["S"]
