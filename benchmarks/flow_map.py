@@ -23,7 +23,8 @@ network). Evaluation on held-out x_T ~ p_{t_max} (float64; the learned maps run 
 ``--methods`` picks the learned maps: ``cd``, ``ctm`` (distilled, log-SNR sampling grid), ``meanflow`` (MeanFlow
 distillation: v = the exact field's velocity at z_t, one teacher call per step), ``meanflow_data`` (MeanFlow from
 data alone: the conditional velocity, no teacher) and ``shortcut`` (flow matching on the teacher's velocity plus
-self-consistency); MeanFlow and shortcut maps sample on time-uniform grids, as in their papers. ``--schedule rf``
+self-consistency; target network an EMA of decay 0.999 as in the official code) or ``shortcut_online`` (the same
+with the online network, stop-gradient, as the target); MeanFlow and shortcut maps sample on time-uniform grids, as in their papers. ``--schedule rf``
 runs everything (baselines included) on the rectified-flow path alpha = 1 - t, sigma = t, MeanFlow's setting.
 
     python benchmarks/flow_map.py [--quick] [--steps S] [--samples N] [--targets "ring8 bimodal_1d"]
@@ -53,8 +54,8 @@ ODE_METHODS = ("ddim", "dpmpp_2m", "unipc")
 ODE_NFE = (1, 2, 4, 5, 10)
 MAP_K = (1, 2, 4)
 SCHEDULES = {"vp": VPLinear, "rf": RectifiedFlow}
-METHODS = ("cd", "ctm", "meanflow", "meanflow_data", "shortcut")
-TWO_TIME = ("ctm", "meanflow", "meanflow_data", "shortcut")  # maps trained for any s -> t: chains are meaningful
+METHODS = ("cd", "ctm", "meanflow", "meanflow_data", "shortcut", "shortcut_online")
+TWO_TIME = ("ctm", "meanflow", "meanflow_data", "shortcut", "shortcut_online")  # maps trained for any s -> t: chains are meaningful
 
 
 def _err(x, phi):
@@ -71,8 +72,10 @@ def _train(method, tg, sch, field, data, steps, batch, grid_steps, hidden, depth
     if method in ("meanflow", "meanflow_data"):
         return train_meanflow(meanflow_map(tg.dim, sch, hidden, depth), data, steps=steps, batch=batch, lr=lr,
                               seed=seed, teacher=field if method == "meanflow" else None), "uniform"
+    # "shortcut": the official target network, an EMA of decay 0.999; "shortcut_online": the online network under a
+    # stop-gradient (decay 0), which propagates the self-consistency through the levels far faster in short runs
     return train_shortcut(shortcut_map(tg.dim, sch, hidden, depth), data, teacher=field, steps=steps, batch=batch,
-                          lr=lr, seed=seed), "uniform"
+                          lr=lr, seed=seed, target_decay=0.999 if method == "shortcut" else 0.0), "uniform"
 
 
 def run_target(name, steps, n_samples, seed, grid_steps, hidden, depth, batch, lr, methods=("cd", "ctm"),
