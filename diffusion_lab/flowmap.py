@@ -178,7 +178,9 @@ class FlowMap(nn.Module):
 
     def _times(self, s, t, x):
         n = x.shape[0]
-        s, t = as_tensor(s, like=x).to(torch.float64), as_tensor(t, like=x).to(torch.float64)
+        # python floats go to float64 directly: through float32 x, t_max = 0.999 would round above t_max
+        s = as_tensor(s).to(device=x.device, dtype=torch.float64)
+        t = as_tensor(t).to(device=x.device, dtype=torch.float64)
         for name, v in (("s", s), ("t", t)):
             if v.ndim > 1 or (v.ndim == 1 and v.shape[0] != n):
                 raise ValueError(f"{name} must be a scalar or a (batch,) tensor with batch={n}; got shape "

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffusion_lab import VPLinear, targets, time_grid
+from diffusion_lab import RectifiedFlow, VPLinear, targets, time_grid
 from diffusion_lab.flowmap import FlowMap, TwoTimeMLP, distill, flow_map_sample, teacher_step
 from diffusion_lab.flows import gaussian_flow_map, semigroup_defect
 from diffusion_lab.training import edm_precond
@@ -288,3 +288,14 @@ def test_consistency_training_loss_closed_form():
     assert math.isclose(got, ref, rel_tol=1e-10), (got, ref)
     with pytest.raises(ValueError, match="u < s"):
         consistency_training_loss(Exact(), x0, z, 0.3, 0.4)
+
+
+def test_python_float_times_with_float32_x_on_rectified_flow():
+    """Python-float times are read in float64: t_max = 0.999 of the rectified-flow schedule rounds to 0.99900001 in
+    float32, which the range check would refuse; the map must accept the schedule's own end points."""
+    sch = RectifiedFlow()
+    psi = FlowMap(TwoTimeMLP(2, hidden=8, depth=1), sch, 0.5)
+    x = torch.randn(4, 2)
+    y = psi(x, sch.t_max, sch.t_min)
+    assert y.shape == x.shape and y.dtype == torch.float32 and bool(torch.isfinite(y).all())
+    assert torch.equal(psi(x, sch.t_max, sch.t_max), x)  # the boundary condition at the end point itself
