@@ -247,3 +247,15 @@ def test_meanflow_and_shortcut_train_in_one_call_and_compare_samples_them(tmp_pa
                  "--flow-map", str(out / "checkpoint.pt"), "--flow-map-nfe", "1", "--out", str(c)]) == 0
     rows = [r for r in csv.DictReader(open(c / "results.csv")) if r["family"] == "flow_map"]
     assert len(rows) == 1 and rows[0]["nfe"] == "1" and "meanflow" in rows[0]["sampler"]
+
+
+def test_shortcut_takes_target_decay():
+    """--target-decay reaches the shortcut trainer (0: the online network as the self-consistency target); without it
+    the trainer keeps its published default (EMA 0.999)."""
+    from diffusion_lab.cli.distill import TRAINERS
+
+    base = {"batch": 64, "lr": 1e-3, "ema_decay": 0.99, "seed": 0}
+    run = TRAINERS["shortcut"](None, None, None, {**base, "target_decay": 0.0}, 10)
+    assert run.kwargs["target_decay"] == 0.0
+    run = TRAINERS["shortcut"](None, None, None, {**base, "target_decay": None}, 10)
+    assert "target_decay" not in run.kwargs
