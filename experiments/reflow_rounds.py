@@ -98,11 +98,12 @@ def verdicts(rows):
     }
 
 
-def plot(args, rows, out_path):
+def figure(rows):
+    """Straightness S, the MMD^2 of one Euler step and of each round's ODE solution against the exact law, and the
+    one-step error against the round's own ODE, against the reflow round (0 = the exact field); returns the figure."""
     import matplotlib.pyplot as plt
 
-    _common.figure_style(args)
-    names = sorted({r["target"] for r in rows}, key=[r["target"] for r in rows].index)
+    names = list(dict.fromkeys(r["target"] for r in rows))
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for name in names:
         rs = [r for r in rows if r["target"] == name]
@@ -119,6 +120,14 @@ def plot(args, rows, out_path):
         ax.set_xticks(sorted({r["round"] for r in rows}))
         ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot(args, rows, out_path):
+    import matplotlib.pyplot as plt
+
+    _common.figure_style(args)
+    fig = figure(rows)
     fig.savefig(out_path)
     plt.close(fig)
 

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from experiments.learned_ranking import figure
+
 
 def _results() -> dict:
     here = Path(globals().get("__file__", Path.cwd() / "plot_learned_ranking.py")).resolve().parent
@@ -60,27 +62,5 @@ for name, block in targets.items():
 # field's order; the band is the learned network's own error (its adaptive solve), below which no sampler on it
 # can go except by noise or by a lucky cancellation.
 
-budgets = list(next(iter(targets.values()))["agreement"])
-fig, axes = plt.subplots(len(targets), len(budgets), figsize=(11, 7.5), squeeze=False, layout="constrained")
-for i, (name, block) in enumerate(targets.items()):
-    for j, budget in enumerate(budgets):
-        ax = axes[i][j]
-        a = block["agreement"][budget]["total"]
-        rows = {r["sampler"]: r for r in block["rows"] if str(r["nfe_budget"]) == budget}
-        order = a["order_a"]
-        xs = range(len(order))
-        for shift, key, fmt, colour, label in ((-0.12, "exact", "o", "k", "exact field"),
-                                               (0.12, "learned", "s", "C3", "learned field")):
-            ax.errorbar([x + shift for x in xs], [rows[s][f"{key}_total"] for s in order],
-                        yerr=[2 * rows[s][f"{key}_total_se"] for s in order], fmt=fmt, color=colour, ms=4,
-                        capsize=2, label=label)
-        net, se = block["mmd2_network"], block["mmd2_network_se"]
-        ax.axhspan(net - 2 * se, net + 2 * se, color="C3", alpha=0.15, label="learned network")
-        ax.set_yscale("symlog", linthresh=1e-4)
-        ax.set_xticks(list(xs), [f"{s}\n({a['order_b'].index(s) + 1})" for s in order], fontsize=7)
-        ax.set_title(f"{name}, NFE {budget}: tau {a['tau']:+.2f} +- {a['tau_se']:.2f}", fontsize=9)
-        if j == 0:
-            ax.set_ylabel("MMD^2 to the exact law")
-axes[0][0].legend(fontsize=7, loc="lower right")
-fig.supxlabel("samplers in the exact field's order (rank on the learned field in brackets)", fontsize=9)
+figure(_results()["headline"])
 plt.show()

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from experiments.reflow_rounds import figure
+
 try:
     here = Path(__file__).resolve().parent
 except NameError:  # run interactively
@@ -29,22 +31,7 @@ names = list(dict.fromkeys(r["target"] for r in rows))
 # Straightness, one-step MMD² against the exact law, and the MMD² of each round's own ODE solution (the accuracy
 # that the learned rounds give up).
 
-fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-for name in names:
-    rs = [r for r in rows if r["target"] == name]
-    k = [r["round"] for r in rs]
-    axes[0].semilogy(k, [r["S"] for r in rs], "o-", label=name)
-    axes[1].semilogy(k, [max(r["euler1_mmd2"], 1e-6) for r in rs], "o-", label=f"{name}, Euler NFE 1")
-    axes[1].semilogy(k, [max(r["ode_mmd2"], 1e-6) for r in rs], "s--", label=f"{name}, ODE")
-    axes[2].semilogy(k, [r["euler1_err"] for r in rs], "o-", label=name)
-axes[0].set_title("straightness S")
-axes[1].set_title("MMD² vs exact law (floored at 1e-6)")
-axes[2].set_title("1-step error vs the round's own ODE")
-for ax in axes:
-    ax.set_xlabel("reflow round (0 = exact field)")
-    ax.set_xticks(sorted({r["round"] for r in rows}))
-    ax.legend(frameon=False, fontsize=7)
-fig.tight_layout()
+figure(rows)
 plt.show()
 
 # %%
