@@ -27,12 +27,25 @@ self-consistency; target network an EMA of decay 0.999 as in the official code) 
 with the online network, stop-gradient, as the target); MeanFlow and shortcut maps sample on time-uniform grids, as in their papers. ``--schedule rf``
 runs everything (baselines included) on the rectified-flow path alpha = 1 - t, sigma = t, MeanFlow's setting.
 
-    python benchmarks/flow_map.py [--quick] [--steps S] [--samples N] [--targets "ring8 bimodal_1d"]
-                                  [--schedule vp|rf] [--methods "cd ctm meanflow shortcut"] [--json PATH]
+Higher dimension: ``--dim D`` builds every target that takes a dimension (the ``gmm*`` families and ``aniso`` of
+``diffusion_lab.targets``) in R^D; the chosen higher-dimensional case is ``--targets gmm_separated --dim 8``, eight
+equal-weight isotropic components with |mu_i - mu_j| >= 4 (s_i + s_j) scaled to tr Cov = 8, the R^8 counterpart of
+ring8's eight equal isotropic modes. Network size rule (fixed before any run in d > 2): unless ``--hidden`` is
+given, the width of every learned map is
+
+    hidden(d) = max(64, 32 d)     (64 for ring8 and bimodal_1d, as published; 256 at d = 8),
+
+so the residual stream keeps 32 features per data coordinate; depth (3), batch, learning rate and steps stay as
+given.
+
+    python benchmarks/flow_map.py [--quick] [--steps S] [--samples N] [--targets "ring8 bimodal_1d"] [--dim D]
+                                  [--schedule vp|rf] [--methods "cd ctm meanflow shortcut"] [--hidden H] [--json PATH]
+    python benchmarks/flow_map.py --targets gmm_separated --dim 8 --methods "cd ctm meanflow shortcut_online"
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import sys
@@ -58,6 +71,28 @@ METHODS = ("cd", "ctm", "meanflow", "meanflow_data", "shortcut", "shortcut_onlin
 TWO_TIME = ("ctm", "meanflow", "meanflow_data", "shortcut", "shortcut_online")  # maps trained for any s -> t: chains are meaningful
 
 
+def default_hidden(dim: int) -> int:
+    """The width rule of the module docstring: hidden(d) = max(64, 32 d)."""
+    return max(64, 32 * int(dim))
+
+
+def build_target(name, dim=None):
+    """targets.get_target(name), in R^dim when ``dim`` is given (only for targets that take a dimension)."""
+    if dim is None:
+        return targets.get_target(name)
+    if name not in targets.TARGETS:
+        raise ValueError(f"unknown target {name!r}; choose one of {sorted(targets.TARGETS)}")
+    def dim_key(fn):
+        params = inspect.signature(fn).parameters
+        return "dim" if "dim" in params else "d" if "d" in params else None
+
+    key = dim_key(targets.TARGETS[name])
+    if key is None:
+        takes = sorted(k for k, fn in targets.TARGETS.items() if dim_key(fn))
+        raise ValueError(f"target {name!r} has a fixed dimension; a dimension ({dim}) applies only to {takes}")
+    return targets.get_target(name, **{key: int(dim)})
+
+
 def _err(x, phi):
     e = (x.double() - phi).reshape(x.shape[0], -1).norm(dim=1)
     return float(e.mean()), float(e.quantile(0.9))
@@ -79,9 +114,10 @@ def _train(method, tg, sch, field, data, steps, batch, grid_steps, hidden, depth
 
 
 def run_target(name, steps, n_samples, seed, grid_steps, hidden, depth, batch, lr, methods=("cd", "ctm"),
-               schedule="vp"):
+               schedule="vp", dim=None):
     sch = SCHEDULES[schedule]()
-    tg = targets.get_target(name)
+    tg = build_target(name, dim)
+    hidden = default_hidden(tg.dim) if hidden is None else hidden
     field = tg.field(sch)
     law = tg.marginal(sch, sch.t_min)
     data = tg.sample(20000, generator=torch.Generator().manual_seed(seed + 1)).float()
@@ -142,7 +178,8 @@ def run_target(name, steps, n_samples, seed, grid_steps, hidden, depth, batch, l
         training[method]["semigroup_defect_mean"] = float((composed - direct).norm(dim=1).mean())
         training[method]["semigroup_u"] = u
         training[method]["intermediate_err_mean"] = _err(mid, phi_u)[0]
-    return {"target": name, "schedule": sch.settings(), "rows": rows, "training": training, "u": u}
+    return {"target": name, "target_name": tg.name, "dim": tg.dim, "hidden": hidden, "depth": depth,
+            "schedule": sch.settings(), "rows": rows, "training": training, "u": u}
 
 
 def _verdicts(out):
@@ -167,7 +204,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3000, help="distillation steps per method")
     p.add_argument("--samples", type=int, default=2000, help="held-out x_T samples")
     p.add_argument("--grid-steps", type=int, default=18, help="N of the distillation grid")
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--dim", type=int, default=None,
+                   help="dimension of the targets that take one (gmm, gmm_separated, gmm_overlap, "
+                   "gmm_multiscale, aniso)")
+    p.add_argument("--hidden", type=int, default=None, help="network width (default max(64, 32 d))")
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -180,17 +220,27 @@ def main(argv=None):
     methods = args.methods.split()
     if not methods or any(m not in METHODS for m in methods):
         p.error(f"--methods takes names from {METHODS}, got {args.methods!r}")
+    if args.dim is not None and args.dim < 1:
+        p.error(f"--dim must be >= 1, got {args.dim}")
+    if args.hidden is not None and args.hidden < 1:
+        p.error(f"--hidden must be >= 1, got {args.hidden}")
     if args.steps < 1 or args.samples < 2 or args.grid_steps < 1:
         p.error(f"need steps >= 1, samples >= 2, grid-steps >= 1; got {args.steps}, {args.samples}, "
                 f"{args.grid_steps}")
+    for name in args.targets.split():  # check every target before the first (long) run
+        try:
+            build_target(name, args.dim)
+        except (ValueError, TypeError) as exc:
+            p.error(str(exc))
     set_threads(1)
     results = []
     for name in args.targets.split():
         out = run_target(name, args.steps, args.samples, args.seed, args.grid_steps, args.hidden, args.depth,
-                         args.batch, args.lr, methods, args.schedule)
+                         args.batch, args.lr, methods, args.schedule, args.dim)
         out["verdicts"] = _verdicts(out)
         results.append(out)
-        print(f"\n{name} under {type(SCHEDULES[args.schedule]()).__name__}: x_T ~ p_T ({args.samples} samples) -> "
+        print(f"\n{out['target_name']} (d = {out['dim']}, maps of width {out['hidden']}, depth {out['depth']}) under "
+              f"{type(SCHEDULES[args.schedule]()).__name__}: x_T ~ p_T ({args.samples} samples) -> "
               f"t_min = {out['schedule']['t_min']}; error = ||x_hat - Phi(x_T)||")
         head = f"{'method':<20} {'NFE':>4} {'err mean':>10} {'err p90':>10} {'MMD^2':>11} {'+- SE':>9}"
         print(head)
