@@ -59,6 +59,7 @@ from torch import nn
 
 from ._tensor import as_tensor, bcast
 from .field import VelocityField
+from .guidance import bind_labels, label_tensor
 from .models.embeddings import DEFAULT_TIME_SCALE, TimestepEmbedder
 from .models.mlp import _ResBlock
 from .samplers.base import SampleResult
@@ -66,7 +67,7 @@ from .samplers.grids import time_grid
 from .schedules import Schedule
 from .training import EMA, _check_sigma_data, c_noise, edm_precond
 
-__all__ = ["TwoTimeMLP", "FlowMap", "teacher_step", "DistillResult", "distill", "ConsistencyTrainer",
+__all__ = ["TwoTimeMLP", "TwoTimeDiT", "FlowMap", "teacher_step", "DistillResult", "distill", "ConsistencyTrainer",
            "flow_map_sample", "TEACHER_SOLVERS", "DISTILL_METHODS", "DISTILL_LOSSES", "distance", "ct_steps",
            "ct_level_probabilities", "CT_NOISE_SAMPLINGS", "CT_WEIGHTINGS", "consistency_training_loss"]
 
@@ -148,6 +149,70 @@ class TwoTimeMLP(nn.Module):
         return self.out(self.norm_out(h)).reshape(x.shape)
 
 
+class TwoTimeDiT(nn.Module):
+    r"""A DiT (adaLN or adaLN-Zero conditioning) conditioned on two noise levels: ``forward(x, c_s, c_t, y=None)``.
+
+        c = E_s(c_s) + E_y(y) + E_t(c_t),
+
+    with E_s, E_y the DiT's own timestep and label embedders and E_t a second timestep embedder whose output layer
+    is zero-initialised; c drives the DiT's adaLN modulations as usual. Adding an embedding of the second time is how
+    Consistency Trajectory Models condition their network on the end time (Kim et al. 2024). Built from a trained
+    denoiser DiT (``from_dit``), the network at initialisation is that DiT's F(x, c_s, y) for every t, so the
+    ``FlowMap`` around it is the teacher's DDIM step from s to t: the student starts from the teacher, as in
+    consistency distillation (Song et al. 2023, Sec. 5).
+
+    Labels are never dropped here (a flow map is distilled per class); ``y=None`` is the DiT's null class.
+
+    Parameters
+    ----------
+    dit : models.dit.DiT
+        The backbone (used in place; ``from_dit`` copies it).
+    """
+
+    def __init__(self, dit):
+        super().__init__()
+        from .models.dit import DiT
+
+        if not isinstance(dit, DiT):
+            raise TypeError(f"dit must be a diffusion_lab DiT, got {type(dit).__name__}")
+        if dit.config.norm_affine:
+            raise ValueError(f"TwoTimeDiT needs adaLN conditioning (a condition vector); the DiT's conditioning is "
+                             f"{dit.config.conditioning!r}")
+        cfg = dit.config
+        self.dit = dit
+        self.emb_t = TimestepEmbedder(cfg.hidden_size, cfg.frequency_embedding_size, time_scale=cfg.time_scale,
+                                      freq_shift=cfg.frequency_shift)
+        self.emb_t.reset_parameters(0.02)
+        nn.init.zeros_(self.emb_t.mlp[2].weight)
+        nn.init.zeros_(self.emb_t.mlp[2].bias)
+        self.emb_t.to(dit.x_embedder.weight.dtype)
+        self.num_classes, self.data_shape = dit.num_classes, dit.data_shape
+
+    @classmethod
+    def from_dit(cls, dit) -> "TwoTimeDiT":
+        """A TwoTimeDiT around a deep copy of ``dit`` (the teacher is left untouched)."""
+        import copy
+
+        return cls(copy.deepcopy(dit))
+
+    def forward(self, x: torch.Tensor, c_s: torch.Tensor, c_t: torch.Tensor, y: torch.Tensor | None = None):
+        from .models.dit import autocast_context
+
+        dit = self.dit
+        if x.ndim != 4 or tuple(x.shape[1:]) != dit.data_shape:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, dit.data_shape))}), got {tuple(x.shape)}")
+        n = x.shape[0]
+        c_s = (c_s.expand(n) if c_s.ndim == 0 else c_s).to(x.device)
+        c_t = (c_t.expand(n) if c_t.ndim == 0 else c_t).to(x.device)
+        wdtype = dit.x_embedder.weight.dtype
+        keep = None if y is None or dit.y_embedder is None or not dit.y_embedder.has_null else \
+            torch.zeros(n, dtype=torch.long, device=x.device)
+        with autocast_context(x.device.type, dit.autocast_dtype):
+            c = dit.embed_condition(c_s.to(wdtype), y, force_drop_ids=keep) + self.emb_t(c_t.to(wdtype))
+            out = dit.unpatchify(dit.forward_tokens(x.to(wdtype), c))
+        return out.to(x.dtype)
+
+
 class FlowMap(nn.Module):
     r"""Psi_theta(x, s, t), s >= t, in the parameterisation (1) of the module docstring:
 
@@ -163,9 +228,12 @@ class FlowMap(nn.Module):
     schedule : Schedule
     sigma_data : float
         The data standard deviation of the EDM preconditioning (Karras et al. 2022, Table 1).
+    labels : int or (batch,) tensor, optional
+        Class labels bound to the map (``with_labels``), used when a call passes no ``y``; a class-conditional
+        network is then called as F(x_in, c_s, c_t, y) (e.g. ``TwoTimeDiT``). Unlabelled calls use F(x_in, c_s, c_t).
     """
 
-    def __init__(self, net, schedule: Schedule, sigma_data: float = 0.5):
+    def __init__(self, net, schedule: Schedule, sigma_data: float = 0.5, labels=None):
         super().__init__()
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule must be a diffusion_lab Schedule, got {type(schedule).__name__}")
@@ -174,7 +242,12 @@ class FlowMap(nn.Module):
         self.net = net
         self.schedule = schedule
         self.sigma_data = _check_sigma_data(sigma_data)
+        self.labels = labels
         self.nfe = 0
+
+    def with_labels(self, labels) -> "FlowMap":
+        """The same map (shared network) bound to class labels: an int or a (batch,) tensor."""
+        return FlowMap(self.net, self.schedule, self.sigma_data, labels)
 
     def _times(self, s, t, x):
         n = x.shape[0]
@@ -198,25 +271,31 @@ class FlowMap(nn.Module):
         ratio = sch.sigma(t) / sch.sigma(s)
         return ratio, sch.alpha(t) - sch.alpha(s) * ratio
 
-    def g(self, x, s, t):
-        r"""g_theta(x, s, t) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s), c_noise(t)) (x_0-prediction of (1))."""
+    def g(self, x, s, t, y=None):
+        r"""g_theta(x, s, t) = c_skip(s) x + c_out(s) F(c_in(s) x, c_noise(s), c_noise(t)) (x_0-prediction of (1));
+        with labels y (a (batch,) long tensor), F(c_in(s) x, c_noise(s), c_noise(t), y)."""
         c_skip, c_out, cin, cs = edm_precond(self.schedule, s, self.sigma_data)
         ct = c_noise(self.schedule, t)
         wdtype = _param_dtype(self.net, x.dtype)
-        F = self.net((bcast(cin, x) * x).to(wdtype), cs.to(wdtype), ct.to(wdtype))
+        args = ((bcast(cin, x) * x).to(wdtype), cs.to(wdtype), ct.to(wdtype))
+        F = self.net(*args) if y is None else self.net(*args, y)
         if not isinstance(F, torch.Tensor) or F.shape != x.shape:
             shape = tuple(F.shape) if isinstance(F, torch.Tensor) else type(F).__name__
             raise ValueError(f"flow-map network returned {shape}, expected x's shape {tuple(x.shape)}")
         return bcast(c_skip, x).to(x.dtype) * x + bcast(c_out, x).to(x.dtype) * F.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, s, t) -> torch.Tensor:
-        """Psi_theta(x, s, t); s, t scalars or (batch,) tensors with s >= t."""
+    def forward(self, x: torch.Tensor, s, t, y=None) -> torch.Tensor:
+        """Psi_theta(x, s, t | y); s, t scalars or (batch,) tensors with s >= t; y class labels (an int or a
+        (batch,) tensor; default the bound ``labels``, None for an unconditional network)."""
         if not isinstance(x, torch.Tensor) or x.ndim < 2:
             raise ValueError(f"x must be a tensor of shape (batch, *data_shape), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         s, t = self._times(s, t, x)
+        y = self.labels if y is None else y
+        if y is not None:
+            y = label_tensor(y, x.shape[0], x.device)
         ratio, b = self.coefficients(s, t, x)
-        out = bcast(ratio, x).to(x.dtype) * x + bcast(b, x).to(x.dtype) * self.g(x, s, t)
+        out = bcast(ratio, x).to(x.dtype) * x + bcast(b, x).to(x.dtype) * self.g(x, s, t, y)
         self.nfe += 1
         return out
 
@@ -311,7 +390,7 @@ def ct_level_probabilities(sigmabar: torch.Tensor, p_mean: float = -1.1, p_std: 
 
 
 def consistency_training_loss(psi, x0: torch.Tensor, z: torch.Tensor, s, u, t=None, *, target=None,
-                              loss: str = "l2", huber_c: float | None = None) -> torch.Tensor:
+                              loss: str = "l2", huber_c: float | None = None, y=None) -> torch.Tensor:
     r"""The per-sample consistency-training loss (Song et al. 2023, Algorithm 3), (batch,):
 
         d(Psi_theta(x, s, t), stopgrad Psi_theta-(xhat, u, t)),   x = alpha_s x_0 + sigma_s z,
@@ -322,7 +401,8 @@ def consistency_training_loss(psi, x0: torch.Tensor, z: torch.Tensor, s, u, t=No
     Since E[z | x] = eps_hat(x, s), E[xhat | x] = alpha_u (x/alpha_s - (sigmabar_s - sigmabar_u) eps_hat(x, s)),
     sigmabar = sigma/alpha: exactly the DDIM step (Euler in (x/alpha, sigmabar)) with the exact eps_hat. For a
     smooth Psi the stop-gradient objective therefore matches consistency distillation with that teacher up to
-    o(sigmabar_s - sigmabar_u) (Song et al. 2023, Theorem 2).
+    o(sigmabar_s - sigmabar_u) (Song et al. 2023, Theorem 2). ``y``: class labels passed to both maps (as their
+    fourth argument) for a class-conditional map.
     """
     sch = psi.schedule if isinstance(psi, FlowMap) else None
     if sch is None:
@@ -335,9 +415,10 @@ def consistency_training_loss(psi, x0: torch.Tensor, z: torch.Tensor, s, u, t=No
         raise ValueError(f"consistency training needs u < s, got s={s64.tolist()}, u={u64.tolist()}")
     x = bcast(sch.alpha(s64), x0).to(x0.dtype) * x0 + bcast(sch.sigma(s64), x0).to(x0.dtype) * z
     xhat = bcast(sch.alpha(u64), x0).to(x0.dtype) * x0 + bcast(sch.sigma(u64), x0).to(x0.dtype) * z
+    lab = () if y is None else (y,)
     with torch.no_grad():
-        y = (psi if target is None else target)(xhat, u, t)
-    return distance(psi(x, s, t), y, loss, huber_c)
+        goal = (psi if target is None else target)(xhat, u, t, *lab)
+    return distance(psi(x, s, t, *lab), goal, loss, huber_c)
 
 
 @dataclass
@@ -359,7 +440,7 @@ def distill(psi: FlowMap, teacher: VelocityField | None, data: torch.Tensor, *, 
             lr: float = 1e-3, target_decay: float | None = None, ema_decay: float = 0.999, seed: int = 0,
             loss: str | None = None, huber_c: float | None = None, log_every: int = 100,
             ct_s0: int = 10, ct_s1: int = 1280, p_mean: float | None = None, p_std: float = 2.0,
-            noise_sampling: str = "lognormal", ct_weighting: str = "inverse_gap") -> DistillResult:
+            noise_sampling: str = "lognormal", ct_weighting: str = "inverse_gap", labels=None) -> DistillResult:
     r"""Train ``psi`` (in place) by consistency distillation (``method="cd"``, Song et al. 2023, Algorithm 2), its
     two-time version (``"ctm"``, Kim et al. 2024), or consistency training without a teacher (``"ct"``, Song et al.
     2023, Algorithm 3, improved recipe of Song & Dhariwal 2023), with the losses of the module docstring.
@@ -400,6 +481,11 @@ def distill(psi: FlowMap, teacher: VelocityField | None, data: torch.Tensor, *, 
         ct: the law of the interval index n ("uniform" is the original CT's, Song et al. 2023).
     ct_weighting : "inverse_gap" | "uniform"
         ct: lambda_n = 1/(sigmabar_n - sigmabar_{n-1}) (improved recipe) or 1 (original CT).
+    labels : (N,) integer tensor, optional
+        Class labels of ``data`` for a class-conditional map (e.g. around a ``TwoTimeDiT``): each step draws the
+        labels y of its x_0, evaluates the teacher bound to y (``guidance.bind_labels``: a ``learned_field`` or a
+        classifier-free-guided field) and both maps at y. The result is sampled per class with
+        ``psi.with_labels(y)``.
 
     Returns
     -------
@@ -410,7 +496,7 @@ def distill(psi: FlowMap, teacher: VelocityField | None, data: torch.Tensor, *, 
                                  grid_steps=grid_steps, grid_kind=grid_kind, lr=lr, target_decay=target_decay,
                                  ema_decay=ema_decay, seed=seed, loss=loss, huber_c=huber_c, log_every=log_every,
                                  total_steps=steps, ct_s0=ct_s0, ct_s1=ct_s1, p_mean=p_mean, p_std=p_std,
-                                 noise_sampling=noise_sampling, ct_weighting=ct_weighting)
+                                 noise_sampling=noise_sampling, ct_weighting=ct_weighting, labels=labels)
     trainer.run(int(steps))
     return trainer.result()
 
@@ -437,7 +523,8 @@ class ConsistencyTrainer:
                  lr: float = 1e-3, target_decay: float | None = None, ema_decay: float = 0.999, seed: int = 0,
                  loss: str | None = None, huber_c: float | None = None, log_every: int = 100,
                  total_steps: int | None = None, ct_s0: int = 10, ct_s1: int = 1280, p_mean: float | None = None,
-                 p_std: float = 2.0, noise_sampling: str = "lognormal", ct_weighting: str = "inverse_gap"):
+                 p_std: float = 2.0, noise_sampling: str = "lognormal", ct_weighting: str = "inverse_gap",
+                 labels=None):
         if method not in DISTILL_METHODS:
             raise ValueError(f"unknown distillation method {method!r}; choose one of {DISTILL_METHODS}")
         if solver not in TEACHER_SOLVERS:
@@ -452,6 +539,12 @@ class ConsistencyTrainer:
         for name, v in (("batch", batch), ("grid_steps", grid_steps), ("log_every", log_every)):
             if int(v) != v or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.shape != (data.shape[0],) or labels.is_floating_point() or labels.is_complex():
+                raise ValueError(f"labels must be an integer tensor of shape ({data.shape[0]},) (one per data row), "
+                                 f"got dtype {labels.dtype} and shape {tuple(labels.shape)}")
+            labels = labels.long()
         if total_steps is not None and (int(total_steps) != total_steps or total_steps < 1):
             raise ValueError(f"steps must be an integer >= 1, got {total_steps!r}")
         loss = ("pseudo_huber" if ct else "l2") if loss is None else loss
@@ -475,6 +568,7 @@ class ConsistencyTrainer:
                 huber_c = 0.00054 * math.sqrt(data[0].numel()) * psi.sigma_data / 0.5
             ct_level_probabilities(torch.tensor([1.0, 2.0]), p_mean, p_std)  # validates P_mean, P_std
         self.psi, self.teacher, self.data, self.method, self.ct = psi, teacher, data, method, ct
+        self.labels = labels
         self.solver, self.batch, self.grid_steps, self.grid_kind = solver, int(batch), int(grid_steps), grid_kind
         self.lr, self.target_decay, self.ema_decay, self.seed = lr, target_decay, ema_decay, int(seed)
         self.loss_kind, self.huber_c, self.log_every = loss, huber_c, int(log_every)
@@ -516,6 +610,8 @@ class ConsistencyTrainer:
         grid, prob, lam = self._ascending(n_int)
         idx = torch.randint(0, self.data.shape[0], (batch,), generator=g)
         x0 = self.data[idx].to(dtype)
+        y = None if self.labels is None else self.labels[idx]
+        lab = () if y is None else (y,)
         if self.ct and self.noise_sampling == "lognormal":
             n = torch.multinomial(prob, batch, replacement=True, generator=g) + 1
         else:
@@ -528,16 +624,19 @@ class ConsistencyTrainer:
         z = torch.randn(x0.shape, generator=g, dtype=dtype)
         if self.ct:  # the same z one level down: no teacher
             per = consistency_training_loss(self.psi, x0, z, s, u, t, target=self.psi_target, loss=self.loss_kind,
-                                            huber_c=self.huber_c)
+                                            huber_c=self.huber_c, y=y)
             loss = (lam[n - 1].to(per.dtype) * per).mean()
         else:
             x = bcast(sch.alpha(s), x0).to(dtype) * x0 + bcast(sch.sigma(s), x0).to(dtype) * z
-            calls0 = self.teacher.nfe
+            teacher = self.teacher if y is None else bind_labels(self.teacher, y)
+            calls0 = teacher.nfe
             with torch.no_grad():
-                xhat = teacher_step(self.teacher, x.to(torch.float64), s, u, self.solver).to(dtype)
-                y = self.psi_target(xhat, u, t)
-            self.teacher_calls += self.teacher.nfe - calls0
-            loss = distance(self.psi(x, s, t), y, self.loss_kind, self.huber_c).mean()
+                xhat = teacher_step(teacher, x.to(torch.float64), s, u, self.solver).to(dtype)
+                goal = self.psi_target(xhat, u, t, *lab)
+            self.teacher_calls += teacher.nfe - calls0
+            if teacher is not self.teacher:
+                self.teacher.nfe += teacher.nfe - calls0
+            loss = distance(self.psi(x, s, t, *lab), goal, self.loss_kind, self.huber_c).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -580,7 +679,7 @@ class ConsistencyTrainer:
         out = {"method": self.method, "solver": self.solver if not ct else None, "steps": self.step,
                "batch": self.batch, "grid_steps": self.grid_steps if not ct else None, "grid_kind": self.grid_kind,
                "lr": self.lr, "target_decay": self.target_decay, "ema_decay": self.ema_decay, "seed": self.seed,
-               "loss": self.loss_kind, "huber_c": self.huber_c}
+               "loss": self.loss_kind, "huber_c": self.huber_c, "conditional": self.labels is not None}
         if ct:
             out.update({"ct_s0": self.ct_s0, "ct_s1": self.ct_s1, "p_mean": self.p_mean, "p_std": self.p_std,
                         "noise_sampling": self.noise_sampling, "ct_weighting": self.ct_weighting})
@@ -617,7 +716,7 @@ class ConsistencyTrainer:
 
 def flow_map_sample(psi: FlowMap, x_T: torch.Tensor, steps: int = 1, *, grid=None, grid_kind: str = "logsnr",
                     t_min: float | None = None, t_max: float | None = None, noise_reinjection: bool = False,
-                    generator: torch.Generator | None = None) -> SampleResult:
+                    generator: torch.Generator | None = None, labels=None) -> SampleResult:
     r"""Sample with a flow map in k = ``steps`` network evaluations on the grid T = t_0 > ... > t_k = t_min.
 
     Deterministic chain (default): x_{i+1} = Psi(x_i, t_i, t_{i+1}), so the result is
@@ -638,6 +737,8 @@ def flow_map_sample(psi: FlowMap, x_T: torch.Tensor, steps: int = 1, *, grid=Non
     grid : optional descending sequence of times (overrides steps / grid_kind / t_min / t_max).
     noise_reinjection : bool
     generator : torch.Generator, for z.
+    labels : int or (batch,) tensor, optional
+        Class labels for a class-conditional map (default: the map's bound ``labels``).
 
     Returns
     -------
@@ -657,10 +758,11 @@ def flow_map_sample(psi: FlowMap, x_T: torch.Tensor, steps: int = 1, *, grid=Non
     nfe0 = psi.nfe
     x = x_T
     t_end = float(grid[-1])
+    lab = () if labels is None else (labels,)
     with torch.no_grad():
         for i in range(len(grid) - 1):
             if noise_reinjection:
-                x0 = psi(x, float(grid[i]), t_end)
+                x0 = psi(x, float(grid[i]), t_end, *lab)
                 if i + 1 < len(grid) - 1:
                     tn = as_tensor(float(grid[i + 1]))
                     z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -668,7 +770,7 @@ def flow_map_sample(psi: FlowMap, x_T: torch.Tensor, steps: int = 1, *, grid=Non
                 else:
                     x = x0
             else:
-                x = psi(x, float(grid[i]), float(grid[i + 1]))
+                x = psi(x, float(grid[i]), float(grid[i + 1]), *lab)
     settings = {"method": "flow_map", "steps": len(grid) - 1, "noise_reinjection": bool(noise_reinjection),
                 "grid_kind": grid_kind, "schedule": sch.settings()}
     return SampleResult(x=x, nfe=psi.nfe - nfe0, grid=grid, method="flow_map", settings=settings)

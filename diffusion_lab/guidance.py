@@ -27,13 +27,14 @@ mould).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from .field import VelocityField
 
-__all__ = ["GuidedField", "check_guidance_weight", "cfg_combine", "CFGModel", "CFGPairModel",
+__all__ = ["GuidedField", "check_guidance_weight", "cfg_combine", "CFGModel", "bind_labels", "CFGPairModel",
            "classifier_free_guidance", "cfg_from_fields"]
 
 
@@ -92,6 +93,22 @@ def label_tensor(y, n: int, device) -> torch.Tensor:
     return y
 
 
+def bind_labels(field: VelocityField, labels) -> VelocityField:
+    """A copy of a class-conditional field bound to other class labels (an int or a (batch,) tensor), through its
+    model's ``with_labels`` (``training.LearnedModel``, ``CFGModel``). The copy shares the network and counts its
+    own ``nfe`` from 0; ``field`` is unchanged. TypeError for a model that cannot bind labels."""
+    if not isinstance(field, VelocityField):
+        raise TypeError(f"field must be a VelocityField, got {type(field).__name__}")
+    with_labels = getattr(field.model, "with_labels", None)
+    if with_labels is None:
+        raise TypeError(f"the field's model {type(field.model).__name__} cannot bind class labels (no with_labels); "
+                        f"build the field with training.learned_field or guidance.classifier_free_guidance")
+    new = copy.copy(field)
+    new.model = with_labels(labels)
+    new.nfe = 0
+    return new
+
+
 class CFGModel:
     r"""model(x, t) = (1 + w) m(x, t, y=labels) - w m(x, t, y=null_label) for a conditional model m(x, t, y=...)
     (e.g. ``training.LearnedModel``); one batched call over [x; x] unless ``batched=False``."""
@@ -104,6 +121,10 @@ class CFGModel:
 
     def __repr__(self):
         return f"CFGModel(w={self.w:g}, labels={self.labels!r}, null={self.null_label}, {self.model!r})"
+
+    def with_labels(self, labels) -> "CFGModel":
+        """The same guided model (shared network, same w) for other class labels."""
+        return CFGModel(self.model, self.w, labels, self.null_label, self.batched)
 
     def __call__(self, x, t):
         n = x.shape[0]

@@ -57,32 +57,87 @@ class Judge:
         return self.clf.predict(x)
 
 
-def run(quick: bool = False, seed: int = 0, model: str | None = None):
+def split(seed: int = 0) -> dict:
+    """The stratified 75/25 split of the digits, the judge fitted on the training part, its held-out accuracy and
+    the real-vs-real Frechet floor: a dict with x_tr, y_tr, x_te, y_te, judge, judge_acc, fd_floor."""
     from sklearn.model_selection import train_test_split
 
-    torch.set_num_threads(1)
     x, y = digits(return_labels=True)
     idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=seed, stratify=y.numpy())
     x_tr, y_tr, x_te, y_te = x[idx_tr], y[idx_tr], x[idx_te], y[idx_te]
-    flat = lambda a: a.reshape(a.shape[0], -1).double().numpy()  # noqa: E731
     judge = Judge(flat(x_tr), y_tr.numpy(), seed)
-    judge_acc = float((judge.predict(flat(x_te)) == y_te.numpy()).mean())
-    fd_floor = frechet_distance(judge.features(flat(x_tr)), judge.features(flat(x_te)))
+    return {"x_tr": x_tr, "y_tr": y_tr, "x_te": x_te, "y_te": y_te, "judge": judge,
+            "judge_acc": float((judge.predict(flat(x_te)) == y_te.numpy()).mean()),
+            "fd_floor": frechet_distance(judge.features(flat(x_tr)), judge.features(flat(x_te)))}
 
-    # -- train
+
+def flat(a) -> np.ndarray:
+    """(N, C, H, W) tensor -> (N, C*H*W) float64 array."""
+    return a.reshape(a.shape[0], -1).double().numpy()
+
+
+def train_teacher(x_tr, y_tr, quick: bool = False, seed: int = 0, model: str | None = None, cache: str | None = None,
+                  log_every: int | None = None) -> dict:
+    """The class-conditional DiT of this experiment trained on (x_tr, y_tr) (module docstring's recipe): a dict with
+    ``net`` (the EMA network, eval mode), ``schedule``, ``sigma_data``, ``objective``, ``settings``, ``history``,
+    ``train_seconds`` and ``train_cpu_seconds``. With ``cache`` (a folder) the EMA weights and the log are stored
+    there under a hash of the recipe and the data and reused (read with ``weights_only=True``)."""
+    import hashlib
+    import json
+    import os
+
     model = model or ("DiT-micro/2" if quick else "DiT-tiny/2")
     steps, batch = (60, 64) if quick else (2500, 128)
+    lr, warmup, ema_decay = (2e-3, 0, 0.95) if quick else (1e-3, 100, 0.999)
     sch = S.VPLinear()
-    torch.manual_seed(seed)
-    net = get_model(model, num_classes=10)
     sigma_data = round(float(x_tr.std()), 4)
     obj = T.Objective(sch, "edm", time_sampler="lognormal", sigma_data=sigma_data)
-    tr = T.Trainer(net, obj, T.TensorLoader(x_tr, y_tr, batch, seed=seed), lr=1e-3 if not quick else 2e-3,
-                   warmup=0 if quick else 100, ema_decay=0.999 if not quick else 0.95, seed=seed)
+    settings = {"model": model, "schedule": sch.settings(), "objective": obj.settings(), "steps": steps,
+                "batch": batch, "optimizer": "AdamW", "lr": lr, "warmup": warmup, "ema": ema_decay, "seed": seed,
+                "train_size": int(x_tr.shape[0])}
+    path = None
+    if cache:
+        key = json.dumps([settings, hashlib.sha1(x_tr.contiguous().numpy().tobytes()).hexdigest(),
+                          hashlib.sha1(y_tr.contiguous().numpy().tobytes()).hexdigest()], sort_keys=True, default=str)
+        path = os.path.join(cache, f"digits-dit-{hashlib.sha1(key.encode()).hexdigest()[:12]}.pt")
+    torch.manual_seed(seed)
+    net = get_model(model, num_classes=10)
+    settings["params"] = sum(p.numel() for p in net.parameters())
+    if path and os.path.isfile(path):
+        saved = torch.load(path, weights_only=True)
+        net.load_state_dict(saved["ema"])
+        return {"net": net.eval(), "schedule": sch, "sigma_data": sigma_data, "objective": obj, "settings": settings,
+                "history": saved["history"], "train_seconds": float(saved["train_seconds"]),
+                "train_cpu_seconds": float(saved["train_cpu_seconds"]), "cached": path}
+    tr = T.Trainer(net, obj, T.TensorLoader(x_tr, y_tr, batch, seed=seed), lr=lr, warmup=warmup, ema_decay=ema_decay,
+                   seed=seed)
     t0, c0 = time.perf_counter(), time.process_time()
-    tr.run(steps, log_every=50 if not quick else 20)
+    tr.run(steps, log_every=log_every or (20 if quick else 50))
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     ema = tr.ema.module.eval()
+    settings["final_train_loss"] = tr.history[-1]["loss"]
+    if path:
+        from diffusion_lab._io import atomic_write
+
+        os.makedirs(cache, exist_ok=True)
+        saved = {"ema": ema.state_dict(), "history": [dict(r) for r in tr.history], "train_seconds": train_seconds,
+                 "train_cpu_seconds": train_cpu_seconds}
+        atomic_write(path, lambda f: torch.save(saved, f))
+    return {"net": ema, "schedule": sch, "sigma_data": sigma_data, "objective": obj, "settings": settings,
+            "history": tr.history, "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
+            "cached": None}
+
+
+def run(quick: bool = False, seed: int = 0, model: str | None = None):
+    torch.set_num_threads(1)
+    d = split(seed)
+    x_tr, y_tr, x_te, y_te, judge = d["x_tr"], d["y_tr"], d["x_te"], d["y_te"], d["judge"]
+    judge_acc, fd_floor = d["judge_acc"], d["fd_floor"]
+
+    # -- train
+    te = train_teacher(x_tr, y_tr, quick, seed, model)
+    ema, sch, sigma_data = te["net"], te["schedule"], te["sigma_data"]
+    train_seconds, train_cpu_seconds = te["train_seconds"], te["train_cpu_seconds"]
 
     # -- sample with CFG from the same x_T for every w
     per_class = 5 if quick else 50
@@ -111,14 +166,11 @@ def run(quick: bool = False, seed: int = 0, model: str | None = None):
                 "frechet_no_guidance": rows[0]["frechet"], "frechet_at_best_w": best["frechet"],
                 "frechet_floor_real_train_vs_heldout": fd_floor, "judge_heldout_accuracy": judge_acc,
                 "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds, "target_met": best["accuracy"] >= 0.9}
-    settings = {"model": model, "params": sum(p.numel() for p in net.parameters()), "schedule": sch.settings(),
-                "objective": obj.settings(), "steps": steps, "batch": batch, "optimizer": "AdamW",
-                "lr": tr.base_lr, "ema": tr.ema.decay, "train_size": len(idx_tr), "heldout_size": len(idx_te),
-                "sampler": method, "sampler_steps": n_steps, "final": "denoise", "per_class": per_class,
-                "judge": "sklearn MLPClassifier(hidden_layer_sizes=(64,)), features = hidden ReLU layer",
-                "w_values": [r["w"] for r in rows], "seed": seed, "quick": quick,
-                "final_train_loss": tr.history[-1]["loss"]}
-    return rows, {"settings": settings, "headline": headline, "grids": grids, "history": tr.history}
+    settings = dict(te["settings"], heldout_size=int(x_te.shape[0]), sampler=method, sampler_steps=n_steps,
+                    final="denoise", per_class=per_class,
+                    judge="sklearn MLPClassifier(hidden_layer_sizes=(64,)), features = hidden ReLU layer",
+                    w_values=[r["w"] for r in rows], quick=quick)
+    return rows, {"settings": settings, "headline": headline, "grids": grids, "history": te["history"]}
 
 
 def main(argv=None):
