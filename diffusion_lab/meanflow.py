@@ -50,7 +50,8 @@ from .schedules import Schedule
 from .training import EMA
 
 __all__ = ["MeanFlowMap", "ShortcutMap", "meanflow_target", "meanflow_loss", "train_meanflow", "shortcut_target",
-           "train_shortcut", "sample_meanflow_times", "TIME_DISTRIBUTIONS"]
+           "train_shortcut", "sample_meanflow_times", "TIME_DISTRIBUTIONS", "StepTrainer", "MeanFlowTrainer",
+           "ShortcutTrainer"]
 
 TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
 
@@ -269,15 +270,20 @@ def sample_meanflow_times(schedule: Schedule, n: int, *, distribution: str = "lo
     return r, t
 
 
-def _check_training_args(schedule, teacher, steps, batch, log_every):
+def _check_training_args(schedule, teacher, batch, log_every):
     if teacher is not None:
         if not isinstance(teacher, VelocityField):
             raise TypeError(f"teacher must be a VelocityField or None, got {type(teacher).__name__}")
         if teacher.schedule.settings() != schedule.settings():
             raise ValueError(f"the map's schedule {schedule!r} differs from the teacher's {teacher.schedule!r}")
-    for name, v in (("steps", steps), ("batch", batch), ("log_every", log_every)):
+    for name, v in (("batch", batch), ("log_every", log_every)):
         if int(v) != v or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+
+
+def _check_steps(steps):
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
 def _noised(schedule, x0, tau, z):
@@ -296,12 +302,164 @@ def _velocity(schedule, teacher, x0, tau, gen):
     return xt, v
 
 
+class StepTrainer:
+    r"""The loop, log and checkpoint plumbing of a trainer cut at step boundaries, with the interface of
+    ``flowmap.ConsistencyTrainer``: ``run(steps, on_log=, ckpt_every=, on_checkpoint=)`` trains from ``self.step``
+    to ``steps``, ``train_step()`` is one optimiser step returning the batch loss, and ``state_dict()`` (tensors and
+    plain containers only, ``torch.load(weights_only=True)``-loadable) / ``load_state_dict`` hold everything a
+    continuation needs: the network, its EMA, Adam, the trainer's generator (the only source of the data indices,
+    times and noise), the global RNG states, the log and its running sum. So ``run(k); sd = state_dict()``, a new
+    trainer with ``load_state_dict(sd)`` and ``run(n)`` give bitwise the weights and log of one ``run(n)``.
+
+    Subclasses set ``self.net`` (the trained module), ``self.opt``, ``self.ema`` and ``self.generator`` and define
+    ``train_step``; ``_extra_state`` / ``_load_extra_state`` add their own entries."""
+
+    resumable = True
+
+    def _init_loop(self, seed: int, log_every: int) -> None:
+        self.seed, self.log_every = int(seed), int(log_every)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.step, self.history, self.acc, self.acc_n, self.teacher_calls = 0, [], 0.0, 0, 0
+
+    def train_step(self) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, steps: int, *, on_log=None, ckpt_every: int = 0, on_checkpoint=None) -> None:
+        """Train from ``self.step`` to ``steps``: ``on_log(record)`` after each log record (every ``log_every``
+        steps and at the last; record = {"step", "loss" (mean since the previous record)}), ``on_checkpoint(self)``
+        every ``ckpt_every`` steps before the last. The last record of a call off the log grid is replaced by the
+        next grid record when the run continues, so a run continued in several calls, or from a saved state, logs
+        what one call logs."""
+        _check_steps(steps)
+        self.net.train()
+        if self.step < steps and self.history and self.history[-1]["step"] == self.step \
+                and self.step % self.log_every:
+            self.history.pop()  # the previous call's end, off the log grid: the next record covers its steps
+        try:
+            while self.step < steps:
+                loss = self.train_step()
+                self.step += 1
+                self.acc, self.acc_n = self.acc + loss, self.acc_n + 1
+                if self.step % self.log_every == 0 or self.step == steps:
+                    rec = {"step": self.step, "loss": self.acc / self.acc_n}
+                    self.history.append(rec)
+                    if self.step % self.log_every == 0:  # off the grid: the sums continue
+                        self.acc, self.acc_n = 0.0, 0
+                    if on_log is not None:
+                        on_log(rec)
+                if ckpt_every and self.step % ckpt_every == 0 and self.step < steps and on_checkpoint is not None:
+                    on_checkpoint(self)
+        finally:
+            self.net.eval()
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, sd: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """Tensors and plain containers only (loadable with ``torch.load(weights_only=True)``)."""
+        from .training import rng_state
+
+        return {"step": self.step, "net": self.net.state_dict(), "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(), "generator": self.generator.get_state(), "rng": rng_state(),
+                "history": [dict(r) for r in self.history], "acc": self.acc, "acc_n": self.acc_n,
+                "teacher_calls": self.teacher_calls, **self._extra_state()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        from .training import set_rng_state
+
+        self.net.load_state_dict(sd["net"])
+        self.ema.load_state_dict(sd["ema"])
+        self.opt.load_state_dict(sd["opt"])
+        self.generator.set_state(sd["generator"])
+        set_rng_state(sd["rng"])
+        self.step, self.history = int(sd["step"]), [dict(r) for r in sd["history"]]
+        self.acc, self.acc_n, self.teacher_calls = float(sd["acc"]), int(sd["acc_n"]), int(sd["teacher_calls"])
+        self._load_extra_state(sd)
+
+    def result(self) -> DistillResult:
+        """The run so far as ``train_meanflow`` / ``train_shortcut`` return it."""
+        return DistillResult(psi=self.psi, psi_ema=self.flow_map(), history=list(self.history),
+                             teacher_calls=self.teacher_calls, teacher_evals=self.teacher_evals,
+                             settings=self.settings())
+
+
+class MeanFlowTrainer(StepTrainer):
+    r"""MeanFlow training (Geng et al. 2025, Algorithm 1; the loss of the module docstring) cut at step boundaries:
+    ``train_meanflow`` is ``MeanFlowTrainer(mf, teacher, data, ...).run(steps)`` followed by ``result()``.
+
+    Each step draws, from the trainer's generator and in this order, the data indices, the times (r, t)
+    (``sample_meanflow_times``) and the noise eps, forms z_t = alpha_t x_0 + sigma_t eps and v (the conditional
+    velocity, or the teacher's at (z_t, t): one teacher call), and takes one Adam step on the mean of
+    ``meanflow_loss``; then the evaluation EMA. The Jacobian-vector product draws no random numbers. Arguments as in
+    ``train_meanflow``; ``flow_map()`` is the EMA network's map."""
+
+    def __init__(self, mf: MeanFlowMap, teacher: VelocityField | None, data: torch.Tensor, *, batch: int = 256,
+                 lr: float = 1e-3, betas=(0.9, 0.95), distribution: str = "logit_normal", mean: float = -0.4,
+                 std: float = 1.0, fraction_r_neq_t: float = 0.25, p: float = 1.0, c: float = 1e-2,
+                 ema_decay: float = 0.999, seed: int = 0, log_every: int = 100, jvp: str = "func"):
+        if not isinstance(mf, MeanFlowMap) or not isinstance(mf.net, nn.Module):
+            raise TypeError("mf must be a MeanFlowMap around a torch.nn.Module network")
+        sch = mf.schedule
+        _check_training_args(sch, teacher, batch, log_every)
+        sample_meanflow_times(sch, 1, distribution=distribution, mean=mean, std=std,
+                              fraction_r_neq_t=fraction_r_neq_t)
+        if not p >= 0 or not c > 0:
+            raise ValueError(f"need the adaptive-weight power p >= 0 and constant c > 0, got p={p!r}, c={c!r}")
+        if jvp not in JVP_MODES:
+            raise ValueError(f"unknown jvp mode {jvp!r}; choose one of {JVP_MODES}")
+        self.psi, self.net, self.teacher, self.data = mf, mf.net, teacher, data
+        self.batch, self.lr, self.betas = int(batch), lr, tuple(betas)
+        self.distribution, self.mean, self.std, self.fraction_r_neq_t = distribution, mean, std, fraction_r_neq_t
+        self.p, self.c, self.ema_decay, self.jvp = p, c, ema_decay, jvp
+        self._init_loop(seed, log_every)
+        self.dtype = _param_dtype(mf.net, torch.float32)
+        self.ema = EMA(mf.net, ema_decay, warmup=True)
+        self.opt = torch.optim.Adam(mf.net.parameters(), lr=lr, betas=self.betas)
+        self.resolved = {"distribution": distribution, "mean": mean, "std": std, "fraction_r_neq_t": fraction_r_neq_t,
+                         "p": p, "c": c, "betas": list(self.betas), "jvp": jvp}
+
+    def train_step(self) -> float:
+        gen, batch, sch, dtype = self.generator, self.batch, self.psi.schedule, self.dtype
+        x0 = self.data[torch.randint(0, self.data.shape[0], (batch,), generator=gen)].to(dtype)
+        r, t = sample_meanflow_times(sch, batch, distribution=self.distribution, mean=self.mean, std=self.std,
+                                     fraction_r_neq_t=self.fraction_r_neq_t, generator=gen)
+        calls0 = self.teacher.nfe if self.teacher is not None else 0
+        z, v = _velocity(sch, self.teacher, x0, t, gen)
+        if self.teacher is not None:
+            self.teacher_calls += self.teacher.nfe - calls0
+        loss = meanflow_loss(self.psi.u, z, r.to(dtype), t.to(dtype), v, p=self.p, c=self.c, jvp=self.jvp).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.ema.update(self.net)
+        return float(loss.detach())
+
+    @property
+    def teacher_evals(self) -> int:
+        """Per-sample teacher evaluations: one batch call per step."""
+        return self.teacher_calls * self.batch
+
+    def flow_map(self) -> MeanFlowMap:
+        """The evaluation map: the EMA weights (``DistillResult.psi_ema``)."""
+        return MeanFlowMap(self.ema.module, self.psi.schedule)
+
+    def settings(self) -> dict:
+        return {"method": "meanflow", "teacher": self.teacher is not None, "steps": self.step, "batch": self.batch,
+                "lr": self.lr, "betas": list(self.betas), "distribution": self.distribution, "mean": self.mean,
+                "std": self.std, "fraction_r_neq_t": self.fraction_r_neq_t, "p": self.p, "c": self.c,
+                "ema_decay": self.ema_decay, "seed": self.seed, "jvp": self.jvp}
+
+
 def train_meanflow(mf: MeanFlowMap, data: torch.Tensor, *, teacher: VelocityField | None = None,
                    steps: int = 1000, batch: int = 256, lr: float = 1e-3, betas=(0.9, 0.95),
                    distribution: str = "logit_normal", mean: float = -0.4, std: float = 1.0,
                    fraction_r_neq_t: float = 0.25, p: float = 1.0, c: float = 1e-2, ema_decay: float = 0.999,
                    seed: int = 0, log_every: int = 100, jvp: str = "func") -> DistillResult:
-    r"""Train ``mf`` (in place) with the MeanFlow loss of the module docstring (Geng et al. 2025, Algorithm 1).
+    r"""Train ``mf`` (in place) with the MeanFlow loss of the module docstring (Geng et al. 2025, Algorithm 1):
+    ``MeanFlowTrainer(mf, teacher, data, ...).run(steps)``, whose ``state_dict`` makes the run resumable.
 
     Parameters
     ----------
@@ -322,44 +480,12 @@ def train_meanflow(mf: MeanFlowMap, data: torch.Tensor, *, teacher: VelocityFiel
         ``psi`` = mf, ``psi_ema`` a MeanFlowMap around the EMA network, ``teacher_calls`` and ``teacher_evals``
         (0 without a teacher), the loss history and the settings.
     """
-    if not isinstance(mf, MeanFlowMap) or not isinstance(mf.net, nn.Module):
-        raise TypeError("mf must be a MeanFlowMap around a torch.nn.Module network")
-    sch = mf.schedule
-    _check_training_args(sch, teacher, steps, batch, log_every)
-    sample_meanflow_times(sch, 1, distribution=distribution, mean=mean, std=std, fraction_r_neq_t=fraction_r_neq_t)
-    if not p >= 0 or not c > 0:
-        raise ValueError(f"need the adaptive-weight power p >= 0 and constant c > 0, got p={p!r}, c={c!r}")
-    if jvp not in JVP_MODES:
-        raise ValueError(f"unknown jvp mode {jvp!r}; choose one of {JVP_MODES}")
-    gen = torch.Generator().manual_seed(int(seed))
-    dtype = _param_dtype(mf.net, torch.float32)
-    ema = EMA(mf.net, ema_decay, warmup=True)
-    opt = torch.optim.Adam(mf.net.parameters(), lr=lr, betas=tuple(betas))
-    calls0 = teacher.nfe if teacher is not None else 0
-    history, acc, acc_n = [], 0.0, 0
-    mf.net.train()
-    for step in range(int(steps)):
-        x0 = data[torch.randint(0, data.shape[0], (batch,), generator=gen)].to(dtype)
-        r, t = sample_meanflow_times(sch, batch, distribution=distribution, mean=mean, std=std,
-                                     fraction_r_neq_t=fraction_r_neq_t, generator=gen)
-        z, v = _velocity(sch, teacher, x0, t, gen)
-        loss = meanflow_loss(mf.u, z, r.to(dtype), t.to(dtype), v, p=p, c=c, jvp=jvp).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(mf.net)
-        acc, acc_n = acc + float(loss.detach()), acc_n + 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": acc / acc_n})
-            acc, acc_n = 0.0, 0
-    mf.net.eval()
-    calls = teacher.nfe - calls0 if teacher is not None else 0
-    settings = {"method": "meanflow", "teacher": teacher is not None, "steps": int(steps), "batch": int(batch),
-                "lr": lr, "betas": list(betas), "distribution": distribution, "mean": mean, "std": std,
-                "fraction_r_neq_t": fraction_r_neq_t, "p": p, "c": c, "ema_decay": ema_decay, "seed": int(seed),
-                "jvp": jvp}
-    return DistillResult(psi=mf, psi_ema=MeanFlowMap(ema.module, sch), history=history, teacher_calls=calls,
-                         teacher_evals=calls * int(batch), settings=settings)
+    _check_steps(steps)
+    run = MeanFlowTrainer(mf, teacher, data, batch=batch, lr=lr, betas=betas, distribution=distribution, mean=mean,
+                          std=std, fraction_r_neq_t=fraction_r_neq_t, p=p, c=c, ema_decay=ema_decay, seed=seed,
+                          log_every=log_every, jvp=jvp)
+    run.run(steps)
+    return run.result()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -386,12 +512,102 @@ def shortcut_target(s_fn, x: torch.Tensor, tau: torch.Tensor, d: torch.Tensor) -
         return 0.5 * (s1 + s2)
 
 
+class ShortcutTrainer(StepTrainer):
+    r"""Shortcut-model training (Frans et al. 2024; ``train_shortcut``) cut at step boundaries: ``train_shortcut``
+    is ``ShortcutTrainer(sm, teacher, data, ...).run(steps)`` followed by ``result()``.
+
+    Each step draws, from the trainer's generator and in this order, the data indices, the self-consistency levels
+    beyond the equal split, the positions j, the self-consistency noise, the flow-matching grid indices and the
+    flow-matching noise; the target network theta- (an EMA of theta with decay ``target_decay``; 0: the online
+    weights) is part of the state. Arguments as in ``train_shortcut``; ``flow_map()`` is the EMA network's map."""
+
+    def __init__(self, sm: ShortcutMap, teacher: VelocityField | None, data: torch.Tensor, *, batch: int = 256,
+                 lr: float = 1e-3, bootstrap_every: int = 8, target_decay: float = 0.999, ema_decay: float = 0.999,
+                 seed: int = 0, log_every: int = 100):
+        if not isinstance(sm, ShortcutMap) or not isinstance(sm.net, nn.Module):
+            raise TypeError("sm must be a ShortcutMap around a torch.nn.Module network")
+        sch = sm.schedule
+        _check_training_args(sch, teacher, batch, log_every)
+        if int(bootstrap_every) != bootstrap_every or bootstrap_every < 1 or batch // bootstrap_every < sm.levels:
+            raise ValueError(f"bootstrap_every must be an integer >= 1 leaving batch // bootstrap_every >= levels "
+                             f"({sm.levels}) self-consistency samples; got bootstrap_every={bootstrap_every!r} with "
+                             f"batch={batch}")
+        if not 0.0 <= target_decay < 1.0:
+            raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
+        self.psi, self.net, self.teacher, self.data = sm, sm.net, teacher, data
+        self.batch, self.lr, self.bootstrap_every = int(batch), lr, int(bootstrap_every)
+        self.target_decay, self.ema_decay = target_decay, ema_decay
+        self._init_loop(seed, log_every)
+        self.dtype = _param_dtype(sm.net, torch.float32)
+        self.target = EMA(sm.net, target_decay, warmup=False)
+        self.ema = EMA(sm.net, ema_decay, warmup=True)
+        self.psi_target = ShortcutMap(self.target.module, sch, sm.levels)
+        self.opt = torch.optim.Adam(sm.net.parameters(), lr=lr)
+        self.n_sc = self.batch // self.bootstrap_every
+        self.n_fm = self.batch - self.n_sc
+        self.resolved = {"target_decay": target_decay, "levels": sm.levels, "bootstrap_every": self.bootstrap_every}
+
+    def train_step(self) -> float:
+        gen, batch, sch, dtype, sm = self.generator, self.batch, self.psi.schedule, self.dtype, self.psi
+        L, K, M = sm.span, sm.levels, 2 ** sm.levels
+        n_sc, n_fm = self.n_sc, self.n_fm
+        x0 = self.data[torch.randint(0, self.data.shape[0], (batch,), generator=gen)].to(dtype)
+        # self-consistency part
+        k = torch.arange(K).repeat_interleave(n_sc // K)
+        k = torch.cat([k, torch.randint(0, K, (n_sc - k.numel(),), generator=gen)])
+        d = L / 2.0 ** k.to(torch.float64)
+        j = (torch.rand(n_sc, generator=gen, dtype=torch.float64) * 2.0 ** k).floor() + 1
+        tau_sc = (sch.t_min + d * j).clamp(max=sch.t_max)
+        z = torch.randn((n_sc, *x0.shape[1:]), generator=gen, dtype=dtype)
+        x_sc, _ = _noised(sch, x0[:n_sc], tau_sc, z)
+        tgt_sc = shortcut_target(self.psi_target.step_velocity, x_sc, tau_sc.to(dtype), (d / 2).to(dtype))
+        # flow-matching part
+        kf = torch.randint(1, M + 1, (n_fm,), generator=gen).to(torch.float64)
+        tau_fm = (sch.t_min + L * kf / M).clamp(max=sch.t_max)
+        calls0 = self.teacher.nfe if self.teacher is not None else 0
+        x_fm, v_fm = _velocity(sch, self.teacher, x0[n_sc:], tau_fm, gen)
+        if self.teacher is not None:
+            self.teacher_calls += self.teacher.nfe - calls0
+        x = torch.cat([x_sc, x_fm])
+        tau = torch.cat([tau_sc, tau_fm]).to(dtype)
+        dd = torch.cat([d, torch.zeros(n_fm, dtype=torch.float64)]).to(dtype)
+        tgt = torch.cat([tgt_sc, v_fm])
+        loss = (sm.step_velocity(x, tau, dd) - tgt).pow(2).reshape(batch, -1).sum(1).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.target.update(self.net)
+        self.ema.update(self.net)
+        return float(loss.detach())
+
+    @property
+    def teacher_evals(self) -> int:
+        """Per-sample teacher evaluations: the flow-matching rows of each step."""
+        return self.teacher_calls * self.n_fm
+
+    def flow_map(self) -> ShortcutMap:
+        """The evaluation map: the EMA weights (``DistillResult.psi_ema``)."""
+        return ShortcutMap(self.ema.module, self.psi.schedule, self.psi.levels)
+
+    def settings(self) -> dict:
+        return {"method": "shortcut", "teacher": self.teacher is not None, "steps": self.step, "batch": self.batch,
+                "lr": self.lr, "levels": self.psi.levels, "bootstrap_every": self.bootstrap_every,
+                "target_decay": self.target_decay, "ema_decay": self.ema_decay, "seed": self.seed}
+
+    def _extra_state(self) -> dict:
+        return {"target": self.target.state_dict()}
+
+    def _load_extra_state(self, sd: dict) -> None:
+        self.target.load_state_dict(sd["target"])
+
+
 def train_shortcut(sm: ShortcutMap, data: torch.Tensor, *, teacher: VelocityField | None = None,
                    steps: int = 1000, batch: int = 256, lr: float = 1e-3, bootstrap_every: int = 8,
                    target_decay: float = 0.999, ema_decay: float = 0.999, seed: int = 0,
                    log_every: int = 100) -> DistillResult:
     r"""Train ``sm`` (in place) as a shortcut model (Frans et al. 2024): per batch, ``batch // bootstrap_every``
-    self-consistency samples (the paper's 1/8) and the rest flow matching.
+    self-consistency samples (the paper's 1/8) and the rest flow matching. ``ShortcutTrainer(sm, teacher, data,
+    ...).run(steps)``, whose ``state_dict`` makes the run resumable.
 
     - Flow matching: tau = t_min + L k / M, k uniform in {1..M}; loss ||s_theta(x_tau, tau, 0) - v||^2 with v the
       conditional velocity alpha' x_0 + sigma' eps, or a teacher field's velocity (distillation).
@@ -407,65 +623,11 @@ def train_shortcut(sm: ShortcutMap, data: torch.Tensor, *, teacher: VelocityFiel
     stop-gradient) is the faster choice there: on ring8 (RectifiedFlow, exact teacher, 1500 steps) the one-step
     error against the exact map was 0.16 with 0 and 0.56 with 0.999.
     """
-    if not isinstance(sm, ShortcutMap) or not isinstance(sm.net, nn.Module):
-        raise TypeError("sm must be a ShortcutMap around a torch.nn.Module network")
-    sch = sm.schedule
-    _check_training_args(sch, teacher, steps, batch, log_every)
-    if int(bootstrap_every) != bootstrap_every or bootstrap_every < 1 or batch // bootstrap_every < sm.levels:
-        raise ValueError(f"bootstrap_every must be an integer >= 1 leaving batch // bootstrap_every >= levels "
-                         f"({sm.levels}) self-consistency samples; got bootstrap_every={bootstrap_every!r} with "
-                         f"batch={batch}")
-    if not 0.0 <= target_decay < 1.0:
-        raise ValueError(f"target_decay must be in [0, 1), got {target_decay}")
-    gen = torch.Generator().manual_seed(int(seed))
-    dtype = _param_dtype(sm.net, torch.float32)
-    target_net = EMA(sm.net, target_decay, warmup=False)
-    ema = EMA(sm.net, ema_decay, warmup=True)
-    sm_target = ShortcutMap(target_net.module, sch, sm.levels)
-    opt = torch.optim.Adam(sm.net.parameters(), lr=lr)
-    L, K, M = sm.span, sm.levels, 2 ** sm.levels
-    n_sc = batch // int(bootstrap_every)
-    n_fm = batch - n_sc
-    per_level = n_sc // K
-    calls0 = teacher.nfe if teacher is not None else 0
-    history, acc, acc_n = [], 0.0, 0
-    sm.net.train()
-    for step in range(int(steps)):
-        x0 = data[torch.randint(0, data.shape[0], (batch,), generator=gen)].to(dtype)
-        # self-consistency part
-        k = torch.arange(K).repeat_interleave(per_level)
-        k = torch.cat([k, torch.randint(0, K, (n_sc - k.numel(),), generator=gen)])
-        d = L / 2.0 ** k.to(torch.float64)
-        j = (torch.rand(n_sc, generator=gen, dtype=torch.float64) * 2.0 ** k).floor() + 1
-        tau_sc = (sch.t_min + d * j).clamp(max=sch.t_max)
-        z = torch.randn((n_sc, *x0.shape[1:]), generator=gen, dtype=dtype)
-        x_sc, _ = _noised(sch, x0[:n_sc], tau_sc, z)
-        tgt_sc = shortcut_target(sm_target.step_velocity, x_sc, tau_sc.to(dtype), (d / 2).to(dtype))
-        # flow-matching part
-        kf = torch.randint(1, M + 1, (n_fm,), generator=gen).to(torch.float64)
-        tau_fm = (sch.t_min + L * kf / M).clamp(max=sch.t_max)
-        x_fm, v_fm = _velocity(sch, teacher, x0[n_sc:], tau_fm, gen)
-        x = torch.cat([x_sc, x_fm])
-        tau = torch.cat([tau_sc, tau_fm]).to(dtype)
-        dd = torch.cat([d, torch.zeros(n_fm, dtype=torch.float64)]).to(dtype)
-        tgt = torch.cat([tgt_sc, v_fm])
-        loss = (sm.step_velocity(x, tau, dd) - tgt).pow(2).reshape(batch, -1).sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        target_net.update(sm.net)
-        ema.update(sm.net)
-        acc, acc_n = acc + float(loss.detach()), acc_n + 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": acc / acc_n})
-            acc, acc_n = 0.0, 0
-    sm.net.eval()
-    calls = teacher.nfe - calls0 if teacher is not None else 0
-    settings = {"method": "shortcut", "teacher": teacher is not None, "steps": int(steps), "batch": int(batch),
-                "lr": lr, "levels": K, "bootstrap_every": int(bootstrap_every), "target_decay": target_decay,
-                "ema_decay": ema_decay, "seed": int(seed)}
-    return DistillResult(psi=sm, psi_ema=ShortcutMap(ema.module, sch, K), history=history, teacher_calls=calls,
-                         teacher_evals=calls * n_fm, settings=settings)
+    _check_steps(steps)
+    run = ShortcutTrainer(sm, teacher, data, batch=batch, lr=lr, bootstrap_every=bootstrap_every,
+                          target_decay=target_decay, ema_decay=ema_decay, seed=seed, log_every=log_every)
+    run.run(steps)
+    return run.result()
 
 
 def meanflow_map(dim: int, schedule: Schedule, hidden: int = 64, depth: int = 3) -> MeanFlowMap:

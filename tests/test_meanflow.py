@@ -248,3 +248,68 @@ def test_teacher_counts_and_bad_input():
         MeanFlowMap(TwoTimeMLP(2), "rf")
     with pytest.raises(TypeError, match="MeanFlowMap"):
         train_meanflow(sm, data, steps=1)
+
+
+def _roundtrip(sd):
+    """A state through torch.save / torch.load(weights_only=True), as a checkpoint file holds it."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _assert_same_trainers(a, b):
+    for key in ("net", "ema", *(["target"] if hasattr(a, "target") else [])):
+        ma = a.net if key == "net" else getattr(a, key).module
+        mb = b.net if key == "net" else getattr(b, key).module
+        for p, q in zip(ma.state_dict().values(), mb.state_dict().values()):
+            assert torch.equal(p, q), key
+    for i, s in a.opt.state_dict()["state"].items():
+        for k, v in s.items():
+            assert torch.equal(v, b.opt.state_dict()["state"][i][k]), (i, k)
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+    assert a.history == b.history and a.teacher_calls == b.teacher_calls and a.step == b.step
+
+
+@pytest.mark.parametrize("method", ["meanflow", "shortcut"])
+def test_trainer_resumed_from_a_saved_state_is_bitwise_one_run(method):
+    """run(2k) == run(k); state_dict through a weights_only file; a fresh trainer (other initial weights)
+    load_state_dict; run(2k); and the wrapper train_* is the same run (k = 3 steps, logs every 2 steps, so the
+    interruption falls between log records)."""
+    from diffusion_lab.meanflow import MeanFlowTrainer, ShortcutTrainer
+
+    tg = targets.ring8()
+    field = tg.field(RF)
+    data = tg.sample(512, generator=torch.Generator().manual_seed(1)).float()
+    if method == "meanflow":
+        make = lambda: meanflow_map(2, RF, hidden=16, depth=1)  # noqa: E731
+        kw = dict(batch=32, lr=2e-3, ema_decay=0.9, seed=3, log_every=2, jvp="forward_ad")
+        cls, fn = MeanFlowTrainer, train_meanflow
+    else:
+        make = lambda: shortcut_map(2, RF, hidden=16, depth=1, levels=3)  # noqa: E731
+        kw = dict(batch=32, lr=2e-3, ema_decay=0.9, seed=3, log_every=2, target_decay=0.5)
+        cls, fn = ShortcutTrainer, train_shortcut
+    torch.manual_seed(0)
+    straight = cls(make(), field, data, **kw)
+    straight.run(6)
+    torch.manual_seed(0)
+    first = cls(make(), field, data, **kw)
+    first.run(3)
+    sd = _roundtrip(first.state_dict())
+    torch.manual_seed(7)  # other initial weights: everything must come from the state
+    second = cls(make(), field, data, **kw)
+    second.load_state_dict(sd)
+    assert second.step == 3
+    second.run(6)
+    _assert_same_trainers(straight, second)
+    assert [r["step"] for r in second.history] == [2, 4, 6] and straight.teacher_calls == 6
+    assert second.teacher_evals == 6 * (32 if method == "meanflow" else 28)  # shortcut: flow-matching rows only
+    torch.manual_seed(0)
+    res = fn(make(), data, teacher=field, steps=6, **kw)
+    for p, q in zip(res.psi_ema.net.parameters(), second.flow_map().net.parameters()):
+        assert torch.equal(p, q)
+    assert res.history == second.history and res.settings == second.settings()
+    with pytest.raises(ValueError, match="steps must be"):
+        second.run(0)
