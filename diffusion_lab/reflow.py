@@ -40,10 +40,11 @@ from ._tensor import bcast
 from .field import VelocityField
 from .reference import flow_map
 from .schedules import RectifiedFlow
+from .meanflow import StepTrainer
 from .training import EMA, Objective, learned_field
 
-__all__ = ["Coupling", "couple", "Straightness", "straightness", "one_step", "train_rectified", "ReflowRound",
-           "reflow"]
+__all__ = ["Coupling", "couple", "Straightness", "straightness", "one_step", "train_rectified", "RectifiedTrainer",
+           "ReflowRound", "reflow", "ReflowTrainer"]
 
 
 @dataclass
@@ -168,6 +169,66 @@ def one_step(field: VelocityField, z: torch.Tensor) -> torch.Tensor:
     return z - (sch.t_max - sch.t_min) * field.velocity(z, sch.t_max)
 
 
+class RectifiedTrainer(StepTrainer):
+    r"""``train_rectified`` cut at step boundaries (the interface of ``meanflow.StepTrainer``: ``run``,
+    ``train_step``, ``state_dict`` / ``load_state_dict``, bitwise continuation): ``train_rectified`` is
+    ``RectifiedTrainer(net, coupling, schedule, steps=steps, ...).run(steps)`` followed by ``field()``.
+
+    Each step sets the learning rate of step k (cosine: lr (1 + cos(pi k / K)) / 2 with K = ``steps``, the total
+    the trainer was built for; or constant), draws the pair indices and the times t ~ U[t_min, t_max] from the
+    trainer's generator, and takes one Adam step on the flow-matching loss of the line (2); then the EMA."""
+
+    def __init__(self, net: nn.Module, coupling: Coupling, schedule: RectifiedFlow, *, steps: int = 3000,
+                 batch: int = 256, lr: float = 1e-3, lr_schedule: str = "cosine", ema_decay: float = 0.999,
+                 sigma_data: float = 1.0, seed: int = 0, log_every: int = 500):
+        if not isinstance(schedule, RectifiedFlow):
+            raise ValueError(f"train_rectified needs a RectifiedFlow schedule, got {schedule!r}")
+        if (coupling.t_min, coupling.t_max) != (schedule.t_min, schedule.t_max):
+            raise ValueError(f"the coupling's times ({coupling.t_min}, {coupling.t_max}) differ from the schedule's "
+                             f"({schedule.t_min}, {schedule.t_max})")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        for name, v in (("steps", steps), ("batch", batch), ("log_every", log_every)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        self.net, self.coupling, self.schedule = net, coupling, schedule
+        self.total_steps, self.batch, self.lr, self.lr_schedule = int(steps), int(batch), lr, lr_schedule
+        self.ema_decay, self.sigma_data = ema_decay, sigma_data
+        self.objective = Objective(schedule, prediction="velocity", sigma_data=sigma_data)
+        dtype = next(net.parameters()).dtype
+        self.X0, self.X1 = (e.to(dtype) for e in coupling.endpoints())
+        self._init_loop(seed, log_every)
+        self.opt = torch.optim.Adam(net.parameters(), lr=lr)
+        self.ema = EMA(net, ema_decay, warmup=True)
+
+    def train_step(self) -> float:
+        sch, batch, gen = self.schedule, self.batch, self.generator
+        if self.step >= self.total_steps:
+            raise ValueError(f"a rectified-flow run built for {self.total_steps} steps (its learning-rate schedule) "
+                             f"cannot run past them")
+        if self.lr_schedule == "cosine":
+            for g in self.opt.param_groups:
+                g["lr"] = 0.5 * self.lr * (1.0 + math.cos(math.pi * self.step / self.total_steps))
+        idx = torch.randint(0, self.X0.shape[0], (batch,), generator=gen)
+        t = sch.t_min + (sch.t_max - sch.t_min) * torch.rand(batch, generator=gen, dtype=torch.float64)
+        loss = self.objective.per_sample(self.net, self.X0[idx], t=t, eps=self.X1[idx]).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.ema.update(self.net)
+        return float(loss.detach())
+
+    def field(self) -> VelocityField:
+        """The ``VelocityField`` of the EMA network (``training.learned_field``, prediction "velocity")."""
+        self.ema.module.eval()
+        return learned_field(self.ema.module, self.schedule, "velocity", sigma_data=self.sigma_data)
+
+    def settings(self) -> dict:
+        return {"method": "rectified", "steps": self.step, "total_steps": self.total_steps, "batch": self.batch,
+                "lr": self.lr, "lr_schedule": self.lr_schedule, "ema_decay": self.ema_decay,
+                "sigma_data": self.sigma_data, "seed": self.seed}
+
+
 def train_rectified(net: nn.Module, coupling: Coupling, schedule: RectifiedFlow, *, steps: int = 3000,
                     batch: int = 256, lr: float = 1e-3, lr_schedule: str = "cosine", ema_decay: float = 0.999,
                     sigma_data: float = 1.0, seed: int = 0, log_every: int = 500):
@@ -178,48 +239,15 @@ def train_rectified(net: nn.Module, coupling: Coupling, schedule: RectifiedFlow,
     through ``training.Objective(schedule, prediction="velocity")`` with data X_0 and noise X_1 (the extrapolated
     endpoints), so x_t = (1 - t) X_0 + t X_1 is the line through (t_min, x) and (t_max, z). Adam with cosine
     decay of the learning rate to 0 (``lr_schedule="constant"`` keeps it), an EMA of the weights (decay
-    ``ema_decay``).
+    ``ema_decay``). The loop is ``RectifiedTrainer`` (resumable).
 
     Returns (field, history): the ``VelocityField`` of the EMA network (``training.learned_field``) and the
     loss history [(step, loss)].
     """
-    if not isinstance(schedule, RectifiedFlow):
-        raise ValueError(f"train_rectified needs a RectifiedFlow schedule, got {schedule!r}")
-    if (coupling.t_min, coupling.t_max) != (schedule.t_min, schedule.t_max):
-        raise ValueError(f"the coupling's times ({coupling.t_min}, {coupling.t_max}) differ from the schedule's "
-                         f"({schedule.t_min}, {schedule.t_max})")
-    if lr_schedule not in ("cosine", "constant"):
-        raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
-    for name, v in (("steps", steps), ("batch", batch)):
-        if int(v) != v or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    obj = Objective(schedule, prediction="velocity", sigma_data=sigma_data)
-    dtype = next(net.parameters()).dtype
-    X0, X1 = (e.to(dtype) for e in coupling.endpoints())
-    gen = torch.Generator().manual_seed(int(seed))
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    ema = EMA(net, ema_decay, warmup=True)
-    history, acc, acc_n = [], 0.0, 0
-    net.train()
-    for step in range(int(steps)):
-        if lr_schedule == "cosine":
-            for g in opt.param_groups:
-                g["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * step / steps))
-        idx = torch.randint(0, X0.shape[0], (batch,), generator=gen)
-        t = schedule.t_min + (schedule.t_max - schedule.t_min) * torch.rand(batch, generator=gen,
-                                                                            dtype=torch.float64)
-        loss = obj.per_sample(net, X0[idx], t=t, eps=X1[idx]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update(net)
-        acc, acc_n = acc + float(loss.detach()), acc_n + 1
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            history.append({"step": step + 1, "loss": acc / acc_n})
-            acc, acc_n = 0.0, 0
-    net.eval()
-    ema.module.eval()
-    return learned_field(ema.module, schedule, "velocity", sigma_data=sigma_data), history
+    run = RectifiedTrainer(net, coupling, schedule, steps=steps, batch=batch, lr=lr, lr_schedule=lr_schedule,
+                           ema_decay=ema_decay, sigma_data=sigma_data, seed=seed, log_every=log_every)
+    run.run(steps)
+    return run.field(), run.history
 
 
 @dataclass
@@ -253,3 +281,158 @@ def reflow(field: VelocityField, z: torch.Tensor, rounds: int, make_net, *, step
                                   sigma_data=sigma_data, seed=seed + k)
         out.append(ReflowRound(k, f, c, hist))
     return out
+
+
+class ReflowTrainer:
+    r"""Reflow rounds cut at step boundaries, for runs that are checkpointed and resumed (``diffusion-lab distill
+    --method reflow``): ``rounds`` rounds of ``steps_per_round`` steps on one step counter, with the interface of
+    ``flowmap.ConsistencyTrainer`` (``run(steps, on_log=, ckpt_every=, on_checkpoint=)``, ``state_dict`` /
+    ``load_state_dict``; a run continued from any step's state is bitwise the uninterrupted one).
+
+    Round k = 1, 2, ... starts at step (k - 1) S, S = ``steps_per_round``: it couples the noise samples ``z`` with
+    x = Phi^{k-1}(z) (``couple``, RK4 with ``couple_steps`` steps; round 1 from ``field``, round k > 1 from round
+    k - 1's EMA field), builds ``make_net()`` with torch's global generator seeded ``seed + k`` inside
+    ``torch.random.fork_rng`` (so the initialisation neither depends on nor changes the caller's random state), and
+    trains it with a ``RectifiedTrainer`` (seed ``seed + k``, the learning-rate schedule over S steps). The state
+    holds the current round's coupling x (z is checked against it), its trainer and the log; the earlier rounds'
+    networks are not kept (``reflow`` keeps every round). ``teacher_calls`` counts the batch calls of ``field``
+    (round 1's coupling, of ``z.shape[0]`` samples each), ``coupling_calls`` those of the learned rounds' fields.
+    """
+
+    resumable = True
+
+    def __init__(self, field: VelocityField, z: torch.Tensor, make_net, *, rounds: int = 1,
+                 steps_per_round: int = 3000, batch: int = 256, lr: float = 1e-3, lr_schedule: str = "cosine",
+                 ema_decay: float = 0.999, sigma_data: float = 1.0, seed: int = 0, couple_steps: int = 64,
+                 log_every: int = 100):
+        _check_rf(field)
+        if not callable(make_net):
+            raise TypeError(f"make_net must be a callable returning an nn.Module, got {type(make_net).__name__}")
+        for name, v in (("rounds", rounds), ("steps_per_round", steps_per_round), ("batch", batch),
+                        ("couple_steps", couple_steps), ("log_every", log_every)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {lr_schedule!r}")
+        self.teacher, self.z, self.make_net = field, z.detach().to(torch.float64), make_net
+        self.rounds, self.steps_per_round, self.batch, self.lr = int(rounds), int(steps_per_round), int(batch), lr
+        self.lr_schedule, self.ema_decay, self.sigma_data, self.seed = lr_schedule, ema_decay, sigma_data, int(seed)
+        self.couple_steps, self.log_every = int(couple_steps), int(log_every)
+        self.schedule = field.schedule
+        self.total_steps = self.rounds * self.steps_per_round
+        self.resolved = {"rounds": self.rounds, "steps_per_round": self.steps_per_round, "couple_steps":
+                         self.couple_steps, "lr_schedule": lr_schedule, "couple_solver": "rk4"}
+        self.step, self.round, self.history, self.acc, self.acc_n = 0, 0, [], 0.0, 0
+        self.teacher_calls, self.coupling_calls = 0, 0
+        self.coupling, self.trainer = None, None
+
+    @property
+    def net(self) -> nn.Module | None:
+        """The network of the current round (None before the first step)."""
+        return self.trainer.net if self.trainer is not None else None
+
+    @property
+    def teacher_evals(self) -> int:
+        """Per-sample evaluations of ``field``: its batch calls times the number of coupled samples."""
+        return self.teacher_calls * int(self.z.shape[0])
+
+    def _new_trainer(self, k: int) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + k)
+            net = self.make_net()
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"make_net() must return an nn.Module, got {type(net).__name__}")
+        self.trainer = RectifiedTrainer(net, self.coupling, self.schedule, steps=self.steps_per_round,
+                                        batch=self.batch, lr=self.lr, lr_schedule=self.lr_schedule,
+                                        ema_decay=self.ema_decay, sigma_data=self.sigma_data, seed=self.seed + k,
+                                        log_every=self.steps_per_round)
+        self.round = k
+
+    def _start_round(self, k: int) -> None:
+        prev = self.teacher if k == 1 else self.trainer.field()
+        self.coupling = couple(prev, self.z, steps=self.couple_steps)
+        if k == 1:
+            self.teacher_calls += self.coupling.nfe
+        else:
+            self.coupling_calls += self.coupling.nfe
+        self._new_trainer(k)
+
+    def run(self, steps: int, *, on_log=None, ckpt_every: int = 0, on_checkpoint=None) -> None:
+        """Train from ``self.step`` to ``steps`` <= rounds x steps_per_round: ``on_log(record)`` (record = {"step",
+        "loss" (mean since the previous record), "round"}) every ``log_every`` steps and at the last,
+        ``on_checkpoint(self)`` every ``ckpt_every`` steps before the last. The last record of a call off the log
+        grid is replaced by the next grid record when the run continues (as in ``meanflow.StepTrainer.run``)."""
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        if steps > self.total_steps:
+            raise ValueError(f"a reflow run of {self.rounds} round(s) x {self.steps_per_round} steps cannot run to "
+                             f"step {steps}")
+        if self.step < steps and self.history and self.history[-1]["step"] == self.step \
+                and self.step % self.log_every:
+            self.history.pop()  # the previous call's end, off the log grid: the next record covers its steps
+        try:
+            while self.step < steps:
+                if self.trainer is None or self.trainer.step == self.steps_per_round:
+                    self._start_round(self.round + 1)
+                tr = self.trainer
+                tr.net.train()
+                loss = tr.train_step()
+                tr.step += 1
+                self.step += 1
+                self.acc, self.acc_n = self.acc + loss, self.acc_n + 1
+                if self.step % self.log_every == 0 or self.step == steps:
+                    rec = {"step": self.step, "loss": self.acc / self.acc_n, "round": self.round}
+                    self.history.append(rec)
+                    if self.step % self.log_every == 0:  # off the grid: the sums continue
+                        self.acc, self.acc_n = 0.0, 0
+                    if on_log is not None:
+                        on_log(rec)
+                if ckpt_every and self.step % ckpt_every == 0 and self.step < steps and on_checkpoint is not None:
+                    on_checkpoint(self)
+        finally:
+            if self.trainer is not None:
+                self.trainer.net.eval()
+
+    def field(self) -> VelocityField:
+        """The current round's EMA field (a ``prediction="velocity"`` model of ``RectifiedFlow``)."""
+        if self.trainer is None:
+            raise ValueError("no reflow round has been trained yet (run first)")
+        return self.trainer.field()
+
+    def settings(self) -> dict:
+        return {"method": "reflow", "steps": self.step, "rounds": self.rounds, "steps_per_round":
+                self.steps_per_round, "batch": self.batch, "lr": self.lr, "lr_schedule": self.lr_schedule,
+                "ema_decay": self.ema_decay, "sigma_data": self.sigma_data, "seed": self.seed,
+                "couple_steps": self.couple_steps, "n_pairs": int(self.z.shape[0])}
+
+    def state_dict(self) -> dict:
+        """Tensors and plain containers only (loadable with ``torch.load(weights_only=True)``)."""
+        from .training import rng_state
+
+        return {"step": self.step, "round": self.round, "z": self.z,
+                "coupling_x": self.coupling.x if self.coupling is not None else None,
+                "coupling_nfe": self.coupling.nfe if self.coupling is not None else 0,
+                "trainer": self.trainer.state_dict() if self.trainer is not None else None, "rng": rng_state(),
+                "history": [dict(r) for r in self.history], "acc": self.acc, "acc_n": self.acc_n,
+                "teacher_calls": self.teacher_calls, "coupling_calls": self.coupling_calls}
+
+    def load_state_dict(self, sd: dict) -> None:
+        from .training import set_rng_state
+
+        if sd["z"].shape != self.z.shape or not torch.equal(sd["z"], self.z):
+            raise ValueError("the state was saved for other noise samples z than this trainer's")
+        k = int(sd["round"])
+        if k > self.rounds:
+            raise ValueError(f"the state is in round {k}, beyond this trainer's {self.rounds} round(s)")
+        if k:
+            sch = self.schedule
+            self.coupling = Coupling(x=sd["coupling_x"], z=self.z, t_min=sch.t_min, t_max=sch.t_max,
+                                     nfe=int(sd["coupling_nfe"]))
+            self._new_trainer(k)
+            self.trainer.load_state_dict(sd["trainer"])
+        else:
+            self.coupling, self.trainer, self.round = None, None, 0
+        set_rng_state(sd["rng"])
+        self.step, self.history = int(sd["step"]), [dict(r) for r in sd["history"]]
+        self.acc, self.acc_n = float(sd["acc"]), int(sd["acc_n"])
+        self.teacher_calls, self.coupling_calls = int(sd["teacher_calls"]), int(sd["coupling_calls"])
