@@ -125,3 +125,19 @@ def test_labels_are_checked():
         ConsistencyTrainer(psi, field, data, labels=torch.zeros(10))
     with pytest.raises(ValueError, match="labels"):
         psi(data[:3], 0.5, 0.1, torch.tensor([0, 1]))
+
+
+def test_digits_flow_map_quick(tmp_path):
+    import csv
+
+    from experiments import digits_flow_map
+
+    digits_flow_map.main(["--quick", "--out", str(tmp_path), "--methods", "cd ctm"])
+    rows = list(csv.DictReader(open(tmp_path / "digits_flow_map.csv")))
+    nfe = {(r["model"], r["sampler"]): int(r["nfe"]) for r in rows}
+    # exact NFE: 30 dpmpp_2m steps + one denoising call; the maps spend exactly their calls
+    assert nfe[("teacher", "dpmpp_2m 30 steps + denoise")] == 31
+    assert nfe[("cd map", "1 call")] == 1 and nfe[("cd map", "2 calls, re-noised (Alg. 1)")] == 2
+    assert nfe[("ctm map", "2 calls, chain")] == 2
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and float(r["frechet"]) >= 0.0 for r in rows)
+    assert (tmp_path / "digits_flow_map.json").exists() and (tmp_path / "digits_flow_map.png").exists()
