@@ -1,6 +1,7 @@
 """`diffusion-lab distill`: the trainer run in two calls equals one ``flowmap.distill`` call bitwise, --resume after an interruption
-equals one uninterrupted run bitwise, the summary's numbers are those of the written map, bad input fails before
-anything is written; and `compare --flow-map` puts the distilled map's rows beside the ODE samplers."""
+equals one uninterrupted run bitwise (cd, ct, meanflow, shortcut, reflow), the summary's numbers are those of the written
+map, bad input fails before anything is written; `compare --flow-map` puts the distilled map's rows beside the ODE
+samplers; reflow writes a `train` checkpoint that `field_from_checkpoint` and `compare --checkpoint` read."""
 import json
 import math
 
@@ -136,7 +137,9 @@ def test_summary_matches_the_written_map_and_counts(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--method", "reflow"], "not available in this version"),
+    (["--method", "reflow", "--schedule", "vp"], "rectified-flow schedule only"),
+    (["--method", "reflow", "--rounds", "3"], "must be a multiple of --rounds"),
+    (["--rounds", "2"], "--rounds applies to --method reflow only"),
     (["--method", "xyz"], "unknown --method 'xyz'"),
     (["--teacher", "no_such_thing"], "neither an exact target"),
     (["--steps", "0"], "--steps must be >= 1"),
@@ -223,9 +226,9 @@ def test_compare_flow_map_rows_beside_the_samplers(tmp_path, capsys):
 
 
 @pytest.mark.slow  # a CLI run with its evaluation; the default set keeps the resume and compare runs
-def test_meanflow_and_shortcut_train_in_one_call_and_compare_samples_them(tmp_path, capsys):
-    """MeanFlow / shortcut maps (diffusion_lab.meanflow) through distill: one call, the checkpoint at the end, no
-    --resume; the written map is sampled by method flow_map in compare (its call convention is FlowMap's)."""
+def test_meanflow_map_is_written_and_compare_samples_it(tmp_path, capsys):
+    """A MeanFlow map (diffusion_lab.meanflow) through distill: the written map is sampled by method flow_map in
+    compare (its call convention is FlowMap's); shortcut's batch floor is checked before anything is written."""
     import csv
 
     out = tmp_path / "mf"
@@ -236,9 +239,6 @@ def test_meanflow_and_shortcut_train_in_one_call_and_compare_samples_them(tmp_pa
     from diffusion_lab.meanflow import MeanFlowMap
 
     assert isinstance(psi, MeanFlowMap)
-    with pytest.raises(SystemExit):
-        main([*SMALL, "--method", "meanflow", "--steps", "4", "--out", str(out), "--resume"])
-    assert "no resumable state" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*SMALL, "--method", "shortcut", "--steps", "4", "--out", str(tmp_path / "sc")])
     assert "--batch >= 56" in capsys.readouterr().err and not (tmp_path / "sc").exists()
@@ -253,9 +253,144 @@ def test_shortcut_takes_target_decay():
     """--target-decay reaches the shortcut trainer (0: the online network as the self-consistency target); without it
     the trainer keeps its published default (EMA 0.999)."""
     from diffusion_lab.cli.distill import TRAINERS
+    from diffusion_lab.meanflow import shortcut_map
 
     base = {"batch": 64, "lr": 1e-3, "ema_decay": 0.99, "seed": 0}
-    run = TRAINERS["shortcut"](None, None, None, {**base, "target_decay": 0.0}, 10)
-    assert run.kwargs["target_decay"] == 0.0
-    run = TRAINERS["shortcut"](None, None, None, {**base, "target_decay": None}, 10)
-    assert "target_decay" not in run.kwargs
+    data = torch.zeros(8, 2)
+    run = TRAINERS["shortcut"](shortcut_map(2, VPLinear(), 8, 1), None, data, {**base, "target_decay": 0.0}, 10)
+    assert run.target_decay == 0.0 and run.resolved["target_decay"] == 0.0
+    run = TRAINERS["shortcut"](shortcut_map(2, VPLinear(), 8, 1), None, data, {**base, "target_decay": None}, 10)
+    assert run.target_decay == 0.999
+
+
+def _table(out: str) -> list:
+    """The evaluation table's rows as printed (the lines after the header's rule)."""
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("sampler"))
+    return [line for line in lines[i + 2:] if not line.startswith("wrote ")]
+
+
+def _crash_during(cls, monkeypatch, call: int):
+    """Make cls.train_step raise KeyboardInterrupt at its ``call``-th call (counted over the instances)."""
+    original, calls = cls.train_step, [0]
+
+    def crashing(self):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(cls, "train_step", crashing)
+    return lambda: monkeypatch.setattr(cls, "train_step", original)
+
+
+@pytest.mark.parametrize("method", ["meanflow", "shortcut"])
+def test_meanflow_and_shortcut_resume_after_interruption_bitwise(tmp_path, monkeypatch, capsys, method):
+    """Killed during step 10 (the last checkpoint is step 8's), --resume gives the checkpoint (weights, EMA, target
+    network, Adam, generator, log), summary rows and printed table of the uninterrupted 12-step run; a resume with
+    other settings is refused naming the setting, and leaves the checkpoint alone."""
+    from diffusion_lab.meanflow import MeanFlowTrainer, ShortcutTrainer
+
+    cls = MeanFlowTrainer if method == "meanflow" else ShortcutTrainer
+    argv = [*SMALL, "--method", method, "--steps", "12", "--ckpt-every", "4", "--batch",
+            "16" if method == "meanflow" else "56"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert main([*argv, "--out", str(straight)]) == 0
+    printed = capsys.readouterr().out
+    restore = _crash_during(cls, monkeypatch, 10)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(broken)])
+    restore()
+    assert _states(broken / "checkpoint.pt")["step"] == 8
+    capsys.readouterr()
+    assert main([*argv, "--out", str(broken), "--resume"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("from step 8 to 12")
+    a, b = _states(straight / "checkpoint.pt"), _states(broken / "checkpoint.pt")
+    _assert_same_state({**a, "target": a.get("target", {})}, {**b, "target": b.get("target", {})})
+    assert a["acc"] == b["acc"] and a["acc_n"] == b["acc_n"]
+    sa = json.loads((straight / "summary.json").read_text())
+    sb = json.loads((broken / "summary.json").read_text())
+    assert sa["evaluation"]["rows"] == sb["evaluation"]["rows"] and sa["final_loss"] == sb["final_loss"]
+    assert sa["teacher_calls"] == sb["teacher_calls"] == 12
+    assert sa["teacher_evals"] == 12 * (16 if method == "meanflow" else 49)  # shortcut: the flow-matching rows
+    assert (straight / "distill_log.csv").read_text() == (broken / "distill_log.csv").read_text()
+    capsys.readouterr()
+    main([*argv, "--out", str(tmp_path / "again"), "--overwrite"])
+    assert _table(capsys.readouterr().out) == _table(printed)
+    before = (broken / "checkpoint.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--lr", "0.01", "--out", str(broken), "--resume"])
+    assert e.value.code == 2 and "lr=0.001" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--ema", "0.9", "--out", str(broken), "--resume"])
+    assert "ema_decay=0.999" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--method", "ctm", "--out", str(broken), "--resume"])
+    assert f"method={method!r}" in capsys.readouterr().err
+    assert (broken / "checkpoint.pt").read_bytes() == before
+
+
+def test_reflow_resumes_bitwise_and_writes_a_train_checkpoint(tmp_path, monkeypatch, capsys):
+    """reflow, 2 rounds x 4 steps on bimodal_1d (exact field on rf): killed during step 7 (last checkpoint: step 6,
+    inside round 2), --resume equals the uninterrupted run (weights, EMA, Adam, coupling, log, summary rows). The
+    checkpoint is a `train` checkpoint: field_from_checkpoint's one Euler step reproduces the reported 1-step error
+    against the same DOP853 reference, and `compare --checkpoint` runs on it. Other --rounds / --steps on resume and
+    a non-rf teacher checkpoint are refused."""
+    from diffusion_lab import RectifiedFlow
+    from diffusion_lab.reference import flow_map
+    from diffusion_lab.reflow import RectifiedTrainer, one_step
+    from diffusion_lab.training import field_from_checkpoint, load_checkpoint
+
+    argv = [*SMALL, "--method", "reflow", "--steps", "8", "--rounds", "2", "--ckpt-every", "3", "--log-every", "3"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert main([*argv, "--out", str(straight)]) == 0
+    printed = capsys.readouterr().out
+    assert "into MLPScore (velocity)" in printed and "round 2" in printed
+    restore = _crash_during(RectifiedTrainer, monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(broken)])
+    restore()
+    ck_a, ck_b = load_checkpoint(str(straight / "checkpoint.pt")), load_checkpoint(str(broken / "checkpoint.pt"))
+    assert ck_b["step"] == 6 and ck_b["distill"]["state"]["round"] == 2
+    assert main([*argv, "--out", str(broken), "--resume"]) == 0
+    ck_b = load_checkpoint(str(broken / "checkpoint.pt"))
+    for key in ("model",):
+        assert all(torch.equal(v, ck_b[key][k]) for k, v in ck_a[key].items())
+    assert all(torch.equal(v, ck_b["ema"]["module"][k]) for k, v in ck_a["ema"]["module"].items())
+    sa, sb = ck_a["distill"]["state"], ck_b["distill"]["state"]
+    assert torch.equal(sa["coupling_x"], sb["coupling_x"]) and sa["history"] == sb["history"]
+    assert [(r["step"], r["round"]) for r in sa["history"]] == [(3, 1), (6, 2), (8, 2)]
+    for i, st in sa["trainer"]["opt"]["state"].items():
+        assert all(torch.equal(v, sb["trainer"]["opt"]["state"][i][k]) for k, v in st.items())
+    summ = json.loads((straight / "summary.json").read_text())
+    assert summ["evaluation"]["rows"] == json.loads((broken / "summary.json").read_text())["evaluation"]["rows"]
+    # RK4 x 64 steps couples the 256 samples: 256 teacher calls, all in round 1
+    assert summ["teacher_calls"] == 256 and summ["teacher_evals"] == 256 * 256
+    rows = {(r["sampler"], r["nfe"]): r for r in summ["evaluation"]["rows"]}
+    assert {(f"{w} euler", k) for w in ("reflow", "teacher") for k in (1, 2, 4)} <= set(rows)
+    # the written field: its one Euler step, against the run's reference (same x_T, same DOP853 solve)
+    field = field_from_checkpoint(ck_a)
+    sch, tg = RectifiedFlow(), targets.bimodal_1d()
+    assert field.schedule.settings() == sch.settings()
+    x_T = tg.marginal(sch, sch.t_max).sample(64, torch.Generator().manual_seed(0 + 2))
+    phi, _ = flow_map(tg.field(sch), x_T, sch.t_max, sch.t_min, rtol=1e-6, atol=1e-8)
+    e = float((one_step(field, x_T) - phi).norm(dim=1).mean())
+    assert math.isclose(e, rows["reflow euler", 1]["err_mean"], rel_tol=1e-12)
+    c = tmp_path / "c"
+    assert main(["compare", "--checkpoint", str(straight / "checkpoint.pt"), "--methods", "euler", "--nfe", "1",
+                 "--n", "50", "--no-plot", "--out", str(c)]) == 0
+    capsys.readouterr()
+    before = (broken / "checkpoint.pt").read_bytes()
+    for extra, message in ((["--rounds", "1"], "rounds=2"), (["--steps", "10"], "total_steps=8"),
+                           (["--method", "meanflow", "--rounds", "1"], "method='reflow'")):
+        with pytest.raises(SystemExit):
+            main([*argv, *extra, "--out", str(broken), "--resume"])
+        assert message in capsys.readouterr().err
+    assert (broken / "checkpoint.pt").read_bytes() == before
+    tr = tmp_path / "train"
+    assert main(["train", "--data", "bimodal_1d", "--steps", "2", "--batch", "16", "--hidden", "8", "--depth", "1",
+                 "--n-train", "256", "--eval-n", "0", "--no-plot", "--out", str(tr)]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*argv, "--teacher", str(tr / "checkpoint.pt"), "--out", str(tmp_path / "r")])
+    assert "trained on 'vp'" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -1,5 +1,6 @@
 """`diffusion-lab distill`: distil a teacher field (an exact target's or a `train` checkpoint's) into a learned flow
-map Psi_theta(x, s, t) (``diffusion_lab.flowmap``), with checkpoints that resume bitwise, and measure it at 1, 2 and 4
+map Psi_theta(x, s, t) (``diffusion_lab.flowmap``, ``diffusion_lab.meanflow``) or, by reflow (``diffusion_lab.reflow``),
+into a straighter rectified-flow velocity field, with checkpoints that resume bitwise, and measure it at 1, 2 and 4
 network calls."""
 from __future__ import annotations
 
@@ -16,20 +17,20 @@ DISTILL_FORMAT = "diffusion_lab.distill/1"
 #: checkpoint settings that must match for --resume to continue the same run
 _RESUME_KEYS = ("method", "teacher", "schedule", "data", "n_train", "seed", "network", "sigma_data", "batch",
                 "grid_steps", "grid_kind", "solver", "lr", "target_decay", "ema_decay", "loss", "huber_c",
-                "total_steps", "ct_s0", "ct_s1")
+                "total_steps", "ct_s0", "ct_s1", "rounds", "resolved")
 
 #: methods whose trainers this version does not have; named here so that asking for one gets a clear refusal
-PENDING = {
-    "reflow": "rectified-flow reflow (Liu et al. 2023) trains a velocity field, not a flow map (use "
-              "diffusion_lab.reflow.reflow, then `sample` with euler at one step)",
-}
+PENDING: dict = {}
+
+#: RK4 steps of reflow's coupling Phi(z) (``reflow.couple``'s default)
+REFLOW_COUPLE_STEPS = 64
 
 QUICK_STEPS, QUICK_EVAL_N = 400, 1000
 EVAL_STEPS = (1, 2, 4)
 
 
 # ------------------------------------------------------------------------------------------------
-# the resumable trainer of cd / ctm
+# the trainers behind the methods, all resumable: builder(psi, teacher, data, settings, log_every)
 
 def _consistency(method):
     def build(psi, teacher, data, settings, log_every):
@@ -44,57 +45,49 @@ def _consistency(method):
     return build
 
 
-class OneShotRun:
-    """A trainer without resumable state (``meanflow.train_meanflow``, ``meanflow.train_shortcut``) behind
-    ``flowmap.ConsistencyTrainer``'s interface: ``run(steps)`` trains from step 0 to ``steps`` in one call (no
-    periodic checkpoints, no resume: ``resumable`` is False); its state is the trained map, its EMA and the log."""
-
-    resumable = False
-
-    def __init__(self, psi, train_fn, teacher, data, kwargs: dict):
-        self.psi, self.train_fn, self.teacher, self.data, self.kwargs = psi, train_fn, teacher, data, kwargs
-        self.step, self.history, self.teacher_calls, self.result = 0, [], 0, None
-        self.resolved, self.grid_kind = {}, None
-
-    def run(self, steps: int, *, on_log=None, ckpt_every: int = 0, on_checkpoint=None) -> None:
-        if self.step:
-            raise ValueError("a one-shot trainer runs once, from step 0")
-        self.result = self.train_fn(self.psi, self.data, teacher=self.teacher, steps=int(steps), **self.kwargs)
-        self.step, self.history = int(steps), list(self.result.history)
-        self.teacher_calls = int(self.result.teacher_calls)
-        for rec in self.history:
-            if on_log is not None:
-                on_log(rec)
-
-    def flow_map(self):
-        return self.result.psi_ema
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "net": self.psi.net.state_dict(),
-                "ema": {"module": self.result.psi_ema.net.state_dict()}, "history": [dict(r) for r in self.history],
-                "teacher_calls": self.teacher_calls, "resumable": False}
-
-
-def _one_shot(method):
+def _meanflow(method):
     def build(psi, teacher, data, settings, log_every):
         from .. import meanflow as M
 
-        fn = M.train_meanflow if method == "meanflow" else M.train_shortcut
-        kwargs = {"batch": settings["batch"], "lr": settings["lr"], "ema_decay": settings["ema_decay"],
-                  "seed": settings["seed"], "log_every": log_every}
-        if method == "shortcut" and settings.get("target_decay") is not None:
-            kwargs["target_decay"] = settings["target_decay"]  # 0: the online network as the self-consistency target
-        return OneShotRun(psi, fn, teacher, data, kwargs)
+        common = {k: settings[k] for k in ("batch", "lr", "ema_decay", "seed")}
+        if method == "meanflow":
+            return M.MeanFlowTrainer(psi, teacher, data, log_every=log_every, **common)
+        if settings.get("target_decay") is not None:
+            common["target_decay"] = settings["target_decay"]  # 0: the online network as the self-consistency target
+        return M.ShortcutTrainer(psi, teacher, data, log_every=log_every, **common)
 
     return build
+
+
+def _reflow(psi, teacher, data, settings, log_every):
+    """A ``reflow.ReflowTrainer`` from the teacher (RectifiedFlow) on the noise samples z = alpha_T x + sigma_T eps of
+    the data x (exact draws of p_{t_max}); ``psi`` is the train-format meta of the network each round builds."""
+    import torch
+
+    from ..reflow import ReflowTrainer
+    from ..training import build_network
+
+    sch = teacher.schedule
+    g = torch.Generator().manual_seed(settings["seed"] + 5)
+    x = data.to(torch.float64)
+    eps = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    t_max = torch.tensor(sch.t_max, dtype=torch.float64)
+    z = float(sch.alpha(t_max)) * x + float(sch.sigma(t_max)) * eps
+    rounds = settings["rounds"]
+    return ReflowTrainer(teacher, z, lambda: build_network(psi), rounds=rounds,
+                         steps_per_round=settings["total_steps"] // rounds, batch=settings["batch"], lr=settings["lr"],
+                         ema_decay=settings["ema_decay"], sigma_data=settings["sigma_data"], seed=settings["seed"],
+                         couple_steps=REFLOW_COUPLE_STEPS, log_every=log_every)
 
 
 #: method name -> builder(psi, teacher, data, settings, log_every) of a run with the interface of
 #: ``flowmap.ConsistencyTrainer``
 TRAINERS = {"cd": _consistency("cd"), "ctm": _consistency("ctm"), "ct": _consistency("ct"),
-            "meanflow": _one_shot("meanflow"), "shortcut": _one_shot("shortcut")}
-#: the map class each method trains: FlowMap(TwoTimeMLP) or the average-velocity maps of ``diffusion_lab.meanflow``
-MAP_KIND = {"cd": "flowmap", "ctm": "flowmap", "ct": "flowmap", "meanflow": "meanflow", "shortcut": "shortcut"}
+            "meanflow": _meanflow("meanflow"), "shortcut": _meanflow("shortcut"), "reflow": _reflow}
+#: what each method trains: FlowMap(TwoTimeMLP), the average-velocity maps of ``diffusion_lab.meanflow``, or (reflow)
+#: a velocity field, written as a `diffusion-lab train` checkpoint
+MAP_KIND = {"cd": "flowmap", "ctm": "flowmap", "ct": "flowmap", "meanflow": "meanflow", "shortcut": "shortcut",
+            "reflow": "field"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,6 +117,41 @@ def load_distill_checkpoint(path: str) -> dict:
     if missing:
         raise ValueError(f"{path}: distillation checkpoint without {', '.join(missing)}")
     return sd
+
+
+def load_resume_state(path: str) -> dict:
+    """{"format", "meta", "state"} of a `distill` run for --resume: a distillation checkpoint, or the "distill" entry
+    of the `train`-format checkpoint a reflow run writes. ValueError naming the path for anything else."""
+    from ..training import load_checkpoint
+
+    try:
+        return load_distill_checkpoint(path)
+    except ValueError as first:
+        try:
+            sd = load_checkpoint(path)
+        except ValueError:
+            raise first from None
+        inner = sd.get("distill")
+        if not isinstance(inner, dict) or inner.get("format") != DISTILL_FORMAT or "state" not in inner:
+            raise ValueError(f"{path} is a `diffusion-lab train` checkpoint without the state of a distill run") \
+                from None
+        return inner
+
+
+def reflow_train_meta(meta: dict) -> dict:
+    """The `diffusion-lab train` meta of the velocity network reflow trains (what ``training.field_from_checkpoint``,
+    `sample --checkpoint` and `compare --checkpoint` rebuild it from): an MLP of --hidden / --depth predicting the
+    velocity on RectifiedFlow, with the data's sigma_data."""
+    shape = list(meta["data_shape"])
+    return {"data": meta["data"], "data_desc": f"reflow of {meta['data']} ({meta['rounds']} round(s))",
+            "n_train": meta["n_train"], "seed": meta["seed"], "conditional": False, "num_classes": 0,
+            "data_shape": shape, "model": "mlp",
+            "model_kwargs": {"data_shape": shape, "hidden": meta["network"]["hidden"],
+                             "depth": meta["network"]["depth"], "num_classes": 0},
+            "schedule": meta["schedule"], "prediction": "velocity", "weighting": "uniform", "time_sampler": "uniform",
+            "sigma_data": meta["sigma_data"], "batch": meta["batch"], "lr": meta["lr"], "warmup": 0,
+            "ema": meta["ema_decay"], "grad_clip": None, "bf16": False, "world_size": 1,
+            "reflow": {"teacher": meta["teacher"], "rounds": meta["rounds"], "steps": meta["total_steps"]}}
 
 
 def flow_map_from_checkpoint(sd_or_path, ema: bool = True):
@@ -164,21 +192,27 @@ def add_parser(sub):
 
     p = sub.add_parser(
         "distill",
-        help="distil a teacher field into a few-step flow map (consistency distillation, two-time CTM)",
+        help="distil a teacher field into a few-step flow map (consistency, MeanFlow, shortcut) or reflow it",
         description=(
             "Distil the PF-ODE of a teacher into a learned flow map Psi(x, s, t) (diffusion_lab.flowmap): "
             "--teacher is an exact target (its exact field) or a `diffusion-lab train` checkpoint (its EMA network). "
             f"Methods: {', '.join(TRAINERS)} (consistency distillation, Song et al. 2023; its two-time version after "
             "Kim et al. 2024; consistency training without a teacher, Song et al. 2023 with the improved recipe of "
             "Song & Dhariwal 2023: the teacher then only supplies the data and the reference; MeanFlow, Geng et al. "
-            "2025, and shortcut models, Frans et al. 2024, on the teacher's velocity: these two train in one call, "
-            "so they write their checkpoint at the end and take no --resume). Writes checkpoint.pt (the map, both EMAs, Adam, every RNG state; loads with "
-            "torch.load(weights_only=True); `diffusion-lab compare --flow-map` reads it), distill_log.csv, "
-            "summary.json (settings, teacher evaluations, the 1/2/4-call errors against the exact flow map when the "
-            "teacher is exact, or against the teacher's own PF-ODE, MMD^2 to the exact law on exact-target data) and "
-            "loss.png (+ samples.png for 2-D data) to --out, which must be new or empty unless --overwrite. "
-            "--resume continues from --out/checkpoint.pt to --steps; the result is bitwise that of one "
-            "uninterrupted run. --quick: 400 steps, 1000 evaluation samples."
+            "2025, and shortcut models, Frans et al. 2024, on the teacher's velocity; reflow, Liu et al. 2023: "
+            "--rounds rounds that couple noise samples with the previous flow's map, by RK4, and fit a fresh MLP velocity "
+            "field to the straight lines, on the rectified-flow schedule only (an exact target's field on rf, or a "
+            "checkpoint trained with --schedule rf; other schedules are refused). Writes checkpoint.pt (the map, "
+            "both EMAs, Adam, every RNG state; loads with torch.load(weights_only=True); `diffusion-lab compare "
+            "--flow-map` reads it; for reflow a `diffusion-lab train` checkpoint of the last round's velocity network "
+            "that `sample --checkpoint` and `compare --checkpoint` read, with the run's state inside), "
+            "distill_log.csv, summary.json (settings, teacher evaluations, the 1/2/4-call errors against the exact "
+            "flow map when the teacher is exact, or against the teacher's own PF-ODE, MMD^2 to the exact law on "
+            "exact-target data; reflow: 1/2/4 Euler steps of the field and of the teacher) and loss.png (+ "
+            "samples.png for 2-D data) to --out, which must be new or empty unless --overwrite. Checkpoints are "
+            "written atomically every --ckpt-every steps; --resume continues from --out/checkpoint.pt to --steps and "
+            "the result is bitwise that of one uninterrupted run (ct and reflow keep their --steps: ct's curriculum "
+            "and reflow's rounds and learning-rate decay depend on it). --quick: 400 steps, 1000 evaluation samples."
         ),
     )
     p.add_argument("--teacher", default="ring8", metavar="TARGET_OR_CHECKPOINT",
@@ -187,8 +221,14 @@ def add_parser(sub):
     p.add_argument("--method", default="cd", metavar="METHOD",
                    help=f"distillation method: {', '.join(TRAINERS)} (default cd)")
     p.add_argument("--schedule", default=None, choices=sorted(SCHEDULES),
-                   help="noise schedule of an exact-target teacher (default vp); a checkpoint teacher has its own")
-    p.add_argument("--steps", type=int, default=None, help="total optimiser steps (default 3000; --quick 400)")
+                   help="noise schedule of an exact-target teacher (default vp; reflow: rf, the only one it takes); a "
+                        "checkpoint teacher has its own")
+    p.add_argument("--steps", type=int, default=None,
+                   help="total optimiser steps (default 3000; --quick 400); reflow: over all rounds, a multiple of "
+                        "--rounds")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="reflow: rounds, each coupling --n-train noise samples with the previous flow's map by RK4 "
+                        f"x{REFLOW_COUPLE_STEPS} and training a fresh MLP for --steps / --rounds steps (default 1)")
     p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--grid-steps", type=int, default=18, help="N intervals of the distillation grid (default 18)")
@@ -206,9 +246,10 @@ def add_parser(sub):
     p.add_argument("--loss", default=None, choices=DISTILL_LOSSES,
                    help="consistency distance (default l2; ct: pseudo_huber)")
     p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber constant c (default 0.00054 sqrt(D))")
-    p.add_argument("--hidden", type=int, default=64, help="TwoTimeMLP width (default 64)")
-    p.add_argument("--depth", type=int, default=3, help="TwoTimeMLP residual blocks (default 3)")
-    p.add_argument("--n-train", type=int, default=20000, help="data samples drawn from 2-D data (default 20000)")
+    p.add_argument("--hidden", type=int, default=64, help="TwoTimeMLP width (reflow: the MLP's; default 64)")
+    p.add_argument("--depth", type=int, default=3, help="TwoTimeMLP residual blocks (reflow: the MLP's; default 3)")
+    p.add_argument("--n-train", type=int, default=20000,
+                   help="data samples drawn from 2-D data (reflow: also the coupled noise samples; default 20000)")
     C.add_seed(p)
     p.add_argument("--log-every", type=int, default=100, help="log interval in steps (default 100)")
     p.add_argument("--ckpt-every", type=int, default=500, help="checkpoint interval in steps (default 500; 0: end only)")
@@ -237,6 +278,9 @@ def _check_options(args, parser) -> None:
                      f"available: {', '.join(TRAINERS)}")
     if args.method not in TRAINERS:
         parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(TRAINERS)}")
+    C.at_least(parser, "--rounds", args.rounds, 1)
+    if args.rounds != 1 and args.method != "reflow":
+        parser.error(f"--rounds applies to --method reflow only, not {args.method}")
     if args.method == "shortcut" and args.batch // 8 < 7:  # train_shortcut's 1/8 self-consistency share, 7 levels
         parser.error(f"--method shortcut needs --batch >= 56 (an eighth of the batch covers its 7 step-size levels), "
                      f"got {args.batch}")
@@ -244,6 +288,9 @@ def _check_options(args, parser) -> None:
         args.steps = QUICK_STEPS if args.quick else 3000
     if args.eval_n is None:
         args.eval_n = QUICK_EVAL_N if args.quick else 2000
+    if args.method == "reflow" and args.steps % args.rounds:
+        parser.error(f"--method reflow: --steps ({args.steps}) must be a multiple of --rounds ({args.rounds}), the "
+                     "same number of steps in every round")
     for name in ("steps", "batch", "grid_steps", "hidden", "depth", "n_train", "log_every"):
         C.at_least(parser, f"--{name.replace('_', '-')}", getattr(args, name), 1)
     C.at_least(parser, "--ckpt-every", args.ckpt_every, 0)
@@ -270,8 +317,12 @@ def _teacher(args, parser):
     from ..targets import TARGETS, get_target
     from ._learned import train_data
 
+    reflow = args.method == "reflow"
+    if reflow and args.schedule not in (None, "rf"):
+        parser.error(f"--method reflow works on the rectified-flow schedule only (--schedule rf), not "
+                     f"{args.schedule!r}: its coupling lines x_t = (1 - t) X_0 + t X_1 are that schedule's paths")
     if args.teacher in TARGETS:
-        schedule = get_schedule(args.schedule or "vp")
+        schedule = get_schedule(args.schedule or ("rf" if reflow else "vp"))
         tg = get_target(args.teacher)
         x, _, _ = train_data(args.teacher, args.n_train, args.seed, False)
         desc = {"kind": "exact", "target": args.teacher, "schedule": schedule.settings()}
@@ -285,6 +336,11 @@ def _teacher(args, parser):
         parser.error(f"--teacher {args.teacher}: a class-conditional network needs labels; distill takes "
                      "unconditional ones")
     field = T.field_from_checkpoint(state)
+    if reflow and meta["schedule"].get("name") != "rf":
+        parser.error(f"--method reflow: the teacher checkpoint was trained on {meta['schedule'].get('name')!r}; reflow "
+                     "needs a rectified-flow (rf) teacher. Its field is not converted: rf's noise levels sigma/alpha "
+                     "span 1e-3..999, beyond what a network trained on another schedule has seen, and the coupling "
+                     "reflow learns from would rest on that extrapolation. Train the teacher with --schedule rf")
     if args.schedule is not None and field.schedule.settings() != get_schedule(args.schedule).settings():
         parser.error(f"--schedule {args.schedule}: the teacher checkpoint was trained on {meta['schedule']}; "
                      "leave --schedule out")
@@ -306,15 +362,17 @@ def _meta(args, field, x, teacher_desc, data_name) -> dict:
             "sigma_data": round(float(x.std()), 6), "batch": args.batch, "grid_steps": args.grid_steps,
             "grid_kind": args.grid_kind, "solver": args.solver, "lr": args.lr, "target_decay": args.target_decay,
             "ema_decay": args.ema, "loss": args.loss, "huber_c": args.huber_c,
-            "total_steps": args.steps if args.method == "ct" else None,
+            "total_steps": args.steps if args.method in ("ct", "reflow") else None,
             "ct_s0": args.ct_s0 if args.method == "ct" else None, "ct_s1": args.ct_s1 if args.method == "ct" else None,
-            "map": MAP_KIND[args.method]}
+            "rounds": args.rounds if args.method == "reflow" else None, "map": MAP_KIND[args.method]}
 
 
 def _build_run(meta, field, x, log_every):
     import torch
 
     torch.manual_seed(meta["seed"])
+    if meta["method"] == "reflow":  # each round builds its network (seeded by the round) from the train meta
+        return TRAINERS["reflow"](reflow_train_meta(meta), field, x, meta, log_every)
     psi = _new_map(meta, field.schedule)
     return TRAINERS[meta["method"]](psi, field, x, meta, log_every)
 
@@ -323,7 +381,7 @@ def _resume(args, parser, run_, meta, ckpt) -> None:
     if not os.path.exists(ckpt):
         parser.error(f"--resume: no checkpoint at {ckpt}")
     try:
-        sd = load_distill_checkpoint(ckpt)
+        sd = load_resume_state(ckpt)
     except ValueError as exc:
         parser.error(f"--resume: {exc}")
     diff = [k for k in _RESUME_KEYS if sd["meta"].get(k) != meta[k]]
@@ -333,13 +391,27 @@ def _resume(args, parser, run_, meta, ckpt) -> None:
                      f"{meta[k]!r}")
     if sd["state"]["step"] > args.steps:
         parser.error(f"--resume: the checkpoint is at step {sd['state']['step']}, beyond --steps {args.steps}")
-    run_.load_state_dict(sd["state"])
+    try:
+        run_.load_state_dict(sd["state"])
+    except (KeyError, ValueError) as exc:
+        parser.error(f"--resume: {ckpt}: the saved state does not fit this run ({type(exc).__name__}: {exc})")
 
 
 def _save(path, meta, run_) -> None:
-    from ..training import save_checkpoint
+    """The checkpoint, atomically (``training.save_checkpoint``). A reflow run writes a `diffusion-lab train`
+    checkpoint of its current round's velocity network (read by ``training.load_checkpoint`` /
+    ``field_from_checkpoint``, `sample --checkpoint`, `compare --checkpoint`) with the run's own state under
+    "distill"; the other methods a distillation checkpoint."""
+    from ..training import CHECKPOINT_FORMAT, save_checkpoint
 
-    save_checkpoint(path, {"format": DISTILL_FORMAT, "meta": meta, "state": run_.state_dict()})
+    inner = {"format": DISTILL_FORMAT, "meta": meta, "state": run_.state_dict()}
+    if meta["method"] != "reflow":
+        save_checkpoint(path, inner)
+        return
+    tr = run_.trainer
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "meta": reflow_train_meta(meta), "step": run_.step,
+                           "model": tr.net.state_dict(), "ema": tr.ema.state_dict(),
+                           "history": [dict(r) for r in run_.history], "distill": inner})
 
 
 def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | None = None) -> dict:
@@ -349,7 +421,8 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
     Dormand-Prince at rtol = atol = ``rtol`` (default 1e-6) for a learned one),
     and, on exact-target data, the MMD^2 to the exact law p_{t_min} of the chain and of multistep consistency
     sampling; the same for the teacher's own chain of solver steps over the distillation grid (the map distillation
-    converges to)."""
+    converges to). For reflow ``psi`` is the learned velocity field: its Euler chain at k = 1, 2, 4 steps on the
+    uniform t-grid (x <- x + (t_{i+1} - t_i) v(x, t_i); one step is ``reflow.one_step``) beside the teacher's."""
     import torch
 
     from ..flowmap import teacher_step
@@ -400,6 +473,17 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
         rows.append({"sampler": f"teacher {meta['solver']} x{meta['grid_steps']}", "nfe": field.nfe - calls0,
                      "err_mean": em, "err_p90": e90, **mmd(chain)})
     samples = {}
+    if meta["method"] == "reflow":
+        for k in EVAL_STEPS:
+            for who, f in (("teacher", field), ("reflow", psi)):
+                res = sample(f, x_T, "euler", steps=k, grid_kind="uniform")
+                em, e90 = err(res.x)
+                rows.append({"sampler": f"{who} euler", "nfe": res.nfe, "err_mean": em, "err_p90": e90,
+                             **mmd(res.x)})
+                if who == "reflow":
+                    samples[k] = res.x
+        return {"reference": ref_desc, "reference_nfe": ref_nfe, "n": n, "rows": rows, "samples": samples,
+                "x_T": x_T, "ref": ref}
     for k in EVAL_STEPS:
         for variant, noise in (("chain", False), ("multistep", True)):
             if noise and k == 1:
@@ -428,8 +512,9 @@ def _figures(args, meta, run_, ev) -> list:
     if meta["data_shape"] == [2]:
         name = f"samples.{args.format}"
         panels = {"reference": ev["ref"], **{f"{k}": ev["samples"][k] for k in EVAL_STEPS}}
+        what = "reflow field, {k} Euler step{s}" if meta["method"] == "reflow" else "flow map, {k} call{s} (chain)"
         titles = {"reference": "reference map Phi(x_T)",
-                  **{f"{k}": f"flow map, {k} call{'s' if k > 1 else ''} (chain)" for k in EVAL_STEPS}}
+                  **{f"{k}": what.format(k=k, s="s" if k > 1 else "") for k in EVAL_STEPS}}
         sample_panels(panels, os.path.join(args.out, name), titles)
         written.append(name)
     return written
@@ -447,34 +532,42 @@ def run(args, parser) -> int:
         parser.error(str(exc))
     meta["resolved"] = run_.resolved
     ckpt = os.path.join(args.out, "checkpoint.pt")
-    if not getattr(run_, "resumable", True):
-        if args.resume:
-            parser.error(f"--resume: method {args.method}'s trainer (diffusion_lab.meanflow) has no resumable state in "
-                         f"this version; rerun it from step 0")
-        args.ckpt_every = 0  # one call trains all steps: the checkpoint is written at the end
     if args.resume:
         _resume(args, parser, run_, meta, ckpt)
     C.prepare_out(args, parser, ["checkpoint.pt", "checkpoint.pt.tmp", "distill_log.csv", "summary.json",
                                  *C.figure_names("loss", "samples")], keep=("checkpoint.pt",) if args.resume else ())
-    n_par = sum(p.numel() for p in run_.psi.net.parameters())
+    if meta["method"] == "reflow":
+        import torch
+
+        from ..training import build_network
+
+        with torch.random.fork_rng(devices=[]):  # a network built to be counted leaves the random state alone
+            net_name, n_par = "MLPScore (velocity)", sum(p.numel() for p in build_network(reflow_train_meta(meta))
+                                                         .parameters())
+    else:
+        net_name, n_par = "TwoTimeMLP", sum(p.numel() for p in run_.psi.net.parameters())
     how = {"ct": f"no teacher: data and reference only, curriculum {meta['ct_s0']}..{meta['ct_s1']} intervals, "
-                 f"{run_.grid_kind} grid",
+                 f"{getattr(run_, 'grid_kind', None)} grid",
            "meanflow": "MeanFlow distillation: v = the teacher's velocity, one call per step",
-           "shortcut": "shortcut model, flow matching on the teacher's velocity"}.get(
-        meta["method"], f"{meta['solver']} step, {meta['grid_steps']}-step {run_.grid_kind} grid")
-    print(f"distill {meta['method']} from {args.teacher} ({teacher_desc['kind']} teacher, {how}) into TwoTimeMLP ({n_par:,} parameters); schedule "
-          f"{meta['schedule']['name']}; from step {run_.step} to "
-          f"{args.steps}", flush=True)
+           "shortcut": "shortcut model, flow matching on the teacher's velocity",
+           "reflow": f"{meta['rounds']} round(s) of {args.steps // (meta['rounds'] or 1)} steps, each coupling "
+                     f"{meta['n_train']:,} noise samples by RK4 x{REFLOW_COUPLE_STEPS}"}.get(
+        meta["method"], f"{meta['solver']} step, {meta['grid_steps']}-step {getattr(run_, 'grid_kind', None)} grid")
+    print(f"distill {meta['method']} from {args.teacher} ({teacher_desc['kind']} teacher, {how}) into {net_name} "
+          f"({n_par:,} parameters); schedule {meta['schedule']['name']}; from step {run_.step} to {args.steps}",
+          flush=True)
     t0 = time.perf_counter()
 
     def on_log(rec):
-        calls = f"  teacher calls {run_.teacher_calls}" if getattr(run_, "resumable", True) else ""
-        print(f"step {rec['step']:6d}  loss {rec['loss']:.6f}{calls}  {time.perf_counter() - t0:.1f} s", flush=True)
+        rnd = f"  round {rec['round']}" if "round" in rec else ""
+        print(f"step {rec['step']:6d}{rnd}  loss {rec['loss']:.6f}  teacher calls {run_.teacher_calls}  "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
 
     run_.run(args.steps, on_log=on_log, ckpt_every=args.ckpt_every, on_checkpoint=lambda r: _save(ckpt, meta, r))
     _save(ckpt, meta, run_)
     train_s = time.perf_counter() - t0
-    ev = evaluate(run_.flow_map(), field, target, meta, args.eval_n, args.seed, args.ref_rtol)
+    learned = run_.field() if meta["method"] == "reflow" else run_.flow_map()
+    ev = evaluate(learned, field, target, meta, args.eval_n, args.seed, args.ref_rtol)
     rows = ev["rows"]
     _print_evaluation(args, meta, run_, ev, train_s)
     written = ["checkpoint.pt"]
@@ -483,7 +576,7 @@ def run(args, parser) -> int:
         written.append("distill_log.csv")
     summary = {"command": "diffusion-lab distill", "settings": {**meta, "steps": args.steps, "quick": args.quick,
                                                                  "eval_n": args.eval_n, "ref_rtol": args.ref_rtol},
-               "teacher_calls": run_.teacher_calls, "teacher_evals": run_.teacher_calls * meta["batch"],
+               "teacher_calls": run_.teacher_calls, "teacher_evals": _teacher_evals(run_, meta),
                "teacher_calls_per_step": run_.teacher_calls / max(run_.step, 1),
                "final_loss": run_.history[-1]["loss"] if run_.history else None,
                "evaluation": {"reference": ev["reference"], "reference_nfe": ev["reference_nfe"], "n": ev["n"],
@@ -500,10 +593,16 @@ def run(args, parser) -> int:
     return 0
 
 
+def _teacher_evals(run_, meta) -> int:
+    """Per-sample teacher evaluations: the trainer's count where it keeps one (MeanFlow: calls x batch; shortcut:
+    calls x its flow-matching rows; reflow: calls x coupled samples), else calls x batch."""
+    return int(getattr(run_, "teacher_evals", run_.teacher_calls * meta["batch"]))
+
+
 def _print_evaluation(args, meta, run_, ev, train_s) -> None:
     rows = ev["rows"]
     has_mmd = "mmd2" in rows[0]
-    print(f"step {run_.step}: {run_.teacher_calls} teacher calls ({run_.teacher_calls * meta['batch']:,} teacher "
+    print(f"step {run_.step}: {run_.teacher_calls} teacher calls ({_teacher_evals(run_, meta):,} teacher "
           f"evaluations), {train_s:.1f} s; evaluated on {ev['n']} x_T against {ev['reference']}")
     hdr = f"{'sampler':22s} {'NFE':>4s} {'err mean':>10s} {'err p90':>10s}" + (
         f" {'MMD^2':>10s} {'SE':>8s}" if has_mmd else "")
