@@ -328,6 +328,9 @@ def test_meanflow_and_shortcut_resume_after_interruption_bitwise(tmp_path, monke
         main([*argv, "--method", "ctm", "--out", str(broken), "--resume"])
     assert f"method={method!r}" in capsys.readouterr().err
     assert (broken / "checkpoint.pt").read_bytes() == before
+    # options this method does not use (the consistency grid and teacher solver) do not block a resume
+    assert main([*argv, "--grid-steps", "9", "--solver", "heun", "--out", str(broken), "--resume"]) == 0
+    assert _states(broken / "checkpoint.pt")["step"] == 12
 
 
 def test_reflow_resumes_bitwise_and_writes_a_train_checkpoint(tmp_path, monkeypatch, capsys):

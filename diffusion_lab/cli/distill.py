@@ -356,12 +356,17 @@ def _teacher(args, parser):
 
 
 def _meta(args, field, x, teacher_desc, data_name) -> dict:
+    """The run's settings (checkpoint meta, summary.json). Options a method does not use are recorded as None, so
+    that --resume compares only what the run depends on."""
+    grid = args.method in ("cd", "ctm", "ct")  # the consistency grid, teacher solver and distance
     return {"method": args.method, "teacher": teacher_desc, "schedule": field.schedule.settings(), "data": data_name,
             "data_shape": list(x.shape[1:]), "n_train": int(x.shape[0]), "seed": args.seed,
             "network": {"dim": int(math.prod(x.shape[1:])), "hidden": args.hidden, "depth": args.depth},
-            "sigma_data": round(float(x.std()), 6), "batch": args.batch, "grid_steps": args.grid_steps,
-            "grid_kind": args.grid_kind, "solver": args.solver, "lr": args.lr, "target_decay": args.target_decay,
-            "ema_decay": args.ema, "loss": args.loss, "huber_c": args.huber_c,
+            "sigma_data": round(float(x.std()), 6), "batch": args.batch,
+            "grid_steps": args.grid_steps if grid else None, "grid_kind": args.grid_kind if grid else None,
+            "solver": args.solver if grid else None, "lr": args.lr,
+            "target_decay": args.target_decay if grid or args.method == "shortcut" else None,
+            "ema_decay": args.ema, "loss": args.loss if grid else None, "huber_c": args.huber_c if grid else None,
             "total_steps": args.steps if args.method in ("ct", "reflow") else None,
             "ct_s0": args.ct_s0 if args.method == "ct" else None, "ct_s1": args.ct_s1 if args.method == "ct" else None,
             "rounds": args.rounds if args.method == "reflow" else None, "map": MAP_KIND[args.method]}
