@@ -1,6 +1,6 @@
-"""`diffusion-lab distill`: the trainer run in two calls equals one ``flowmap.distill`` call bitwise, --resume after an interruption
-equals one uninterrupted run bitwise (cd, ct, meanflow, shortcut, reflow), the summary's numbers are those of the written
-map, bad input fails before anything is written; `compare --flow-map` puts the distilled map's rows beside the ODE
+"""`diffusion-lab distill`: the trainer run in two calls equals one ``flowmap.distill`` call bitwise, --resume after an
+interruption equals one uninterrupted run bitwise (cd, ct, meanflow, shortcut, reflow), the summary's numbers are those
+of the written map, bad input fails before anything is written; `compare --flow-map` puts the distilled map's rows beside the ODE
 samplers; reflow writes a `train` checkpoint that `field_from_checkpoint` and `compare --checkpoint` read."""
 import json
 import math
