@@ -3,7 +3,10 @@ teacher's multi-step sampler, judged by a held-out-trained classifier; and the t
 likelihood.
 
 Teacher: the class-conditional ``DiT-tiny/2`` of ``experiments.digits_dit`` (same split, same recipe, same judge;
-the trained weights are cached in ``--cache``), evaluated as a conditional field without guidance (w = 0).
+the trained weights are cached in ``--cache``), evaluated as a conditional field without guidance (w = 0, the
+default) or, with ``--guidance W``, as the classifier-free-guided field (1 + w) eps(x|c) - w eps(x|null) (Ho &
+Salimans 2022; two network evaluations per call), for the teacher's own rows and as the distillation teacher alike
+(the student then learns the guided map in one call per step, as in guided distillation, Meng et al. 2023).
 
 Student: ``flowmap.FlowMap`` around ``flowmap.TwoTimeDiT.from_dit(teacher)``: the teacher's DiT plus an embedding
 of the end time t with a zero-initialised output layer, so the student starts as the teacher's one-step DDIM map
@@ -30,6 +33,7 @@ decoder at t_min, prior N(0, alpha_T^2 sigma_data^2 + sigma_T^2)) and the PF-ODE
 noised to t_min (``likelihood.log_likelihood``, Hutchinson divergence), in bits/dim.
 
     python -m experiments.digits_flow_map [--out results/experiments] [--quick] [--cache DIR] [--methods "cd ctm"]
+                                          [--guidance W]
 """
 from __future__ import annotations
 
@@ -111,7 +115,15 @@ def variational(net, sch, sigma_data: float, x_te: torch.Tensor, n: int, seed: i
             "elbo_cpu_seconds": elbo_cpu, "nll_cpu_seconds": nll_cpu}
 
 
-def run(quick: bool = False, seed: int = 0, cache: str | None = DEFAULT_CACHE, methods=("cd",), log=print):
+def _teacher_field(net, sch, sd, w: float, labels=None):
+    from diffusion_lab.guidance import classifier_free_guidance
+
+    field = T.learned_field(net, sch, "edm", sigma_data=sd, labels=labels)
+    return field if w == 0 else classifier_free_guidance(field, w, 0 if labels is None else labels)
+
+
+def run(quick: bool = False, seed: int = 0, cache: str | None = DEFAULT_CACHE, methods=("cd",), log=print,
+        guidance: float = 0.0):
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown distillation method {m!r}; choose from {METHODS}")
@@ -129,7 +141,7 @@ def run(quick: bool = False, seed: int = 0, cache: str | None = DEFAULT_CACHE, m
     g = torch.Generator().manual_seed(seed + 1)
     x_T = torch.randn(len(labels), *net.data_shape, dtype=torch.float64, generator=g) * \
         float(sch.sigma(torch.tensor(sch.t_max, dtype=torch.float64)))
-    field = T.learned_field(net, sch, "edm", sigma_data=sd, labels=labels)
+    field = _teacher_field(net, sch, sd, guidance, labels)
     rows, grids = [], {}
 
     def add(who, how, xs, nfe, secs, **extra):
@@ -148,7 +160,7 @@ def run(quick: bool = False, seed: int = 0, cache: str | None = DEFAULT_CACHE, m
     train_info = {}
     mid = time_grid(sch, 2, "logsnr")
     for m in methods:
-        psi, tr, cpu = distill_student(m, T.learned_field(net, sch, "edm", sigma_data=sd), net, sch, sd,
+        psi, tr, cpu = distill_student(m, _teacher_field(net, sch, sd, guidance), net, sch, sd,
                                        d["x_tr"], d["y_tr"], cfg, seed, log)
         train_info[m] = {"cpu_seconds": cpu, "teacher_calls": tr.teacher_calls,
                          "teacher_evals": tr.teacher_calls * tr.batch, "final_loss": tr.history[-1]["loss"],
@@ -178,7 +190,7 @@ def run(quick: bool = False, seed: int = 0, cache: str | None = DEFAULT_CACHE, m
                        "teacher_evals": train_info[m]["teacher_evals"]}
     settings = {"teacher": te["settings"], "distill": dict(cfg, methods=list(methods)),
                 "student": "FlowMap(TwoTimeDiT.from_dit(teacher)), EDM preconditioning, sigma_data %.4f" % sd,
-                "two_call_midpoint": float(mid[1]), "guidance": "none (w = 0, conditional)",
+                "two_call_midpoint": float(mid[1]), "guidance": "none (w = 0, conditional)" if guidance == 0 else f"classifier-free, w = {guidance:g}",
                 "judge": "sklearn MLPClassifier(hidden_layer_sizes=(64,)), features = hidden ReLU layer",
                 "seed": seed, "quick": quick,
                 "distill_runs": {m: {k: v for k, v in i.items() if k != "history"} for m, i in train_info.items()}}
@@ -190,9 +202,13 @@ def main(argv=None):
     p.add_argument("--cache", default=None, metavar="DIR",
                    help=f"where the teacher's weights are cached (default {DEFAULT_CACHE}; none with --quick; '' = off)")
     p.add_argument("--methods", default="cd", help=f"distillation methods, from {' '.join(METHODS)} (default cd)")
+    p.add_argument("--guidance", type=float, default=0.0, metavar="W",
+                   help="classifier-free guidance weight w of the teacher (default 0: conditional, unguided)")
     args = p.parse_args(argv)
+    if not args.guidance >= 0:
+        p.error(f"--guidance must be >= 0, got {args.guidance}")
     cache = (None if args.quick else DEFAULT_CACHE) if args.cache is None else (args.cache or None)
-    rows, meta = run(args.quick, args.seed, cache, tuple(args.methods.split()))
+    rows, meta = run(args.quick, args.seed, cache, tuple(args.methods.split()), guidance=args.guidance)
     print(_common.table(rows, ["model", "sampler", "nfe", "accuracy", "min_class_accuracy", "frechet",
                                "sample_seconds"]))
     h, v = meta["headline"], meta["headline"]["variational"]
@@ -205,7 +221,8 @@ def main(argv=None):
     print(f"teacher (null class) on {v['n']} held-out digits: -ELBO {v['neg_elbo_bits_per_dim']:.4f} +- "
           f"{v['neg_elbo_se']:.4f} bits/dim, PF-ODE NLL {v['nll_bits_per_dim']:.4f} +- {v['nll_se']:.4f} bits/dim, "
           f"gap {v['gap_bits_per_dim']:+.4f} +- {v['gap_se']:.4f}")
-    _common.write(args.out, "digits_flow_map", rows, meta["settings"], meta["headline"])
+    name = "digits_flow_map" if args.guidance == 0 else f"digits_flow_map_w{args.guidance:g}"
+    _common.write(args.out, name, rows, meta["settings"], meta["headline"])
     from diffusion_lab.plots import image_grid, loss_curve
 
     names = list(meta["grids"])
@@ -213,20 +230,20 @@ def main(argv=None):
     grid_rows = []
     for c in range(10):
         row = []
-        for name in names:
-            xs = meta["grids"][name]
+        for key in names:
+            xs = meta["grids"][key]
             k = len(xs) // 10
             row.extend(xs[c * k: c * k + min(k, per)])
         grid_rows.append(row)
     n_per = len(grid_rows[0]) // len(names)
-    col_titles = [name.replace(" steps", "").replace(", re-noised (Alg. 1)", " +noise") if j == 0 else ""
-                  for name in names for j in range(n_per)]
+    col_titles = [key.replace(" steps", "").replace(", re-noised (Alg. 1)", " +noise") if j == 0 else ""
+                  for key in names for j in range(n_per)]
     with _common.figure_style(args):
-        image_grid(grid_rows, _common.figure(args, "digits_flow_map"), row_titles=[f"class {c}" for c in range(10)],
+        image_grid(grid_rows, _common.figure(args, name), row_titles=[f"class {c}" for c in range(10)],
                    col_titles=col_titles, title="digits: teacher samplers and distilled flow maps (same x_T)")
     for m, t in meta["train"].items():
         with _common.figure_style(args):
-            loss_curve(t["history"], _common.figure(args, f"digits_flow_map_{m}_loss"),
+            loss_curve(t["history"], _common.figure(args, f"{name}_{m}_loss"),
                        title=f"{m} distillation of the digits DiT: loss")
     return h
 
