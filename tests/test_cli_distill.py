@@ -397,3 +397,10 @@ def test_reflow_resumes_bitwise_and_writes_a_train_checkpoint(tmp_path, monkeypa
     with pytest.raises(SystemExit):
         main([*argv, "--teacher", str(tr / "checkpoint.pt"), "--out", str(tmp_path / "r")])
     assert "trained on 'vp'" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    # `train --resume` on the reflow checkpoint: refused in one line, pointing to distill --resume, nothing written
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "bimodal_1d", "--schedule", "rf", "--prediction", "velocity", "--steps", "9",
+              "--no-plot", "--out", str(straight), "--resume"])
+    err = capsys.readouterr().err
+    assert "holds no training state" in err and "distill --resume" in err
+    assert load_checkpoint(str(straight / "checkpoint.pt"))["step"] == ck_a["step"]

@@ -165,6 +165,11 @@ def _resume(args, parser, trainer, ckpt, meta, device) -> None:
     if not os.path.exists(ckpt):
         parser.error(f"--resume: no checkpoint at {ckpt}")
     state = T.load_checkpoint(ckpt, map_location=device)
+    missing = [k for k in ("optimizer", "loader") if k not in state]
+    if missing:
+        how = (" (it was written by `diffusion-lab distill --method reflow`: continue that run with distill --resume)"
+               if "distill" in state else "")
+        parser.error(f"--resume: {ckpt} holds no training state to continue ({', '.join(missing)} missing){how}")
     diff = [k for k in _RESUME_KEYS if state["meta"].get(k) != meta[k]]
     if diff:
         k = diff[0]
