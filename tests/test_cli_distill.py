@@ -383,6 +383,10 @@ def test_reflow_resumes_bitwise_and_writes_a_train_checkpoint(tmp_path, monkeypa
     assert main(["compare", "--checkpoint", str(straight / "checkpoint.pt"), "--methods", "euler", "--nfe", "1",
                  "--n", "50", "--no-plot", "--out", str(c)]) == 0
     capsys.readouterr()
+    with pytest.raises(SystemExit):  # as a flow map: refused, pointing to --checkpoint
+        main(["compare", "--target", "bimodal_1d", "--schedule", "rf", "--flow-map", str(straight / "checkpoint.pt"),
+              "--methods", "euler", "--nfe", "1", "--n", "50", "--no-plot"])
+    assert "read it with --checkpoint" in capsys.readouterr().err
     before = (broken / "checkpoint.pt").read_bytes()
     for extra, message in ((["--rounds", "1"], "rounds=2"), (["--steps", "10"], "total_steps=8"),
                            (["--method", "meanflow", "--rounds", "1"], "method='reflow'")):

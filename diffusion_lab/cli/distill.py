@@ -110,6 +110,9 @@ def load_distill_checkpoint(path: str) -> dict:
         reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"{path} is not a readable diffusion_lab distillation checkpoint ({type(exc).__name__}"
                          f"{': ' + reason if reason else ''})") from None
+    if isinstance(sd, dict) and "distill" in sd and "meta" in sd:
+        raise ValueError(f"{path} is the velocity field of a `distill --method reflow` run (a `diffusion-lab train` "
+                         f"checkpoint), not a flow map: read it with --checkpoint")
     if not isinstance(sd, dict) or sd.get("format") != DISTILL_FORMAT:
         raise ValueError(f"{path} is not a diffusion_lab distillation checkpoint (expected format {DISTILL_FORMAT!r}; "
                          f"a `diffusion-lab train` checkpoint is a teacher, not a flow map)")
