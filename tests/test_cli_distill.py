@@ -408,3 +408,125 @@ def test_reflow_resumes_bitwise_and_writes_a_train_checkpoint(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert "holds no training state" in err and "distill --resume" in err
     assert load_checkpoint(str(straight / "checkpoint.pt"))["step"] == ck_a["step"]
+
+
+# ------------------------------------------------------------------------------------------------
+# a DiT checkpoint teacher (class-conditional, the 8x8 digits): FlowMap(TwoTimeDiT) students
+
+DIT = ["distill", "--batch", "8", "--grid-steps", "4", "--eval-n", "20", "--log-every", "2", "--no-plot"]
+
+
+@pytest.fixture(scope="module")
+def dit_teacher(tmp_path_factory):
+    """A class-conditional DiT-micro/2 on digits after 3 training steps (EDM preconditioning, as the map's)."""
+    out = tmp_path_factory.mktemp("dit_teacher")
+    assert main(["train", "--data", "digits", "--model", "DiT-micro/2", "--prediction", "edm", "--steps", "3",
+                 "--batch", "16", "--eval-n", "0", "--no-plot", "--out", str(out)]) == 0
+    return str(out / "checkpoint.pt")
+
+
+def _dit_reference(teacher: str, n: int, seed: int = 0):
+    """evaluate's x_T, balanced labels and reference for a labelled map (the teacher's adaptive PF-ODE, rtol 1e-6)."""
+    from diffusion_lab.guidance import bind_labels
+    from diffusion_lab.samplers import sample
+    from diffusion_lab.training import field_from_checkpoint, load_checkpoint
+
+    field = field_from_checkpoint(load_checkpoint(teacher))
+    sch = field.schedule
+    g = torch.Generator().manual_seed(seed + 2)
+    sigma_T = float(sch.sigma(torch.tensor(sch.t_max, dtype=torch.float64)))
+    x_T = torch.randn((n, 1, 8, 8), generator=g, dtype=torch.float64) * sigma_T
+    y = torch.arange(n) % 10
+    bound = bind_labels(field, y)
+    return field, bound, x_T, y, sample(bound, x_T, "adaptive", rtol=1e-6, atol=1e-6).x
+
+
+def test_dit_teacher_cd_resumes_bitwise_and_the_map_reloads(tmp_path, monkeypatch, capsys, dit_teacher):
+    """cd from a class-conditional DiT: the student is FlowMap(TwoTimeDiT) with the teacher's labels; killed during
+    step 3 (last checkpoint: step 2), --resume equals the uninterrupted 4-step run bitwise (weights, target, EMA,
+    Adam, generator, log, summary rows); the checkpoint reloads through flow_map_from_checkpoint(labelled=True) and
+    reproduces the reported 1-call error against the teacher's PF-ODE for the same balanced labels."""
+    from diffusion_lab.flowmap import TwoTimeDiT
+
+    argv = [*DIT, "--teacher", dit_teacher, "--method", "cd", "--steps", "4", "--ckpt-every", "2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert main([*argv, "--out", str(straight)]) == 0
+    printed = capsys.readouterr().out
+    assert "into TwoTimeDiT (the teacher's DiT-micro/2" in printed and "10 classes" in printed
+    restore = _crash_during(ConsistencyTrainer, monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(broken)])
+    restore()
+    assert _states(broken / "checkpoint.pt")["step"] == 2
+    assert main([*argv, "--out", str(broken), "--resume"]) == 0
+    a, b = _states(straight / "checkpoint.pt"), _states(broken / "checkpoint.pt")
+    _assert_same_state(a, b)
+    assert any(k.startswith("emb_t.") for k in a["net"]) and any(k.startswith("dit.") for k in a["net"])
+    sa = json.loads((straight / "summary.json").read_text())
+    sb = json.loads((broken / "summary.json").read_text())
+    assert sa["evaluation"]["rows"] == sb["evaluation"]["rows"]
+    assert sa["teacher_calls"] == 4 * 2 and sa["evaluation"]["labels"] == "balanced, y_i = i mod 10"
+    meta = sa["settings"]
+    assert meta["network"] == {"kind": "dit", "model": "DiT-micro/2", "model_kwargs": {"num_classes": 10}}
+    assert meta["num_classes"] == 10 and meta["batch"] == 8 and meta["lr"] == 2e-4  # the DiT teacher's default
+    rows = {(r["sampler"], r["nfe"]): r for r in sa["evaluation"]["rows"]}
+    assert {(f"teacher {s}", k) for s in ("ddim", "dpmpp_2m") for k in (1, 2, 4)} <= set(rows)
+    # the written map, read back with its labels: the same 1-call error on evaluate's x_T and reference
+    with pytest.raises(ValueError, match="class-conditional flow map"):
+        flow_map_from_checkpoint(str(straight / "checkpoint.pt"))
+    psi, m2 = flow_map_from_checkpoint(str(straight / "checkpoint.pt"), labelled=True)
+    assert isinstance(psi.net, TwoTimeDiT) and m2["num_classes"] == 10
+    _, _, x_T, y, ref = _dit_reference(dit_teacher, 20)
+    with torch.no_grad():
+        e = float((psi(x_T, psi.schedule.t_max, psi.schedule.t_min, y).double() - ref).reshape(20, -1)
+                  .norm(dim=1).mean())
+    assert math.isclose(e, rows["flow map chain", 1]["err_mean"], rel_tol=1e-12)
+    # compare --flow-map samples without labels: refused in one line, nothing written
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["compare", "--target", "ring8", "--flow-map", str(straight / "checkpoint.pt"), "--methods", "ddim",
+              "--nfe", "2", "--n", "10", "--no-plot", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert "class-conditional flow map" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_dit_student_starts_as_the_teachers_ddim_step(tmp_path, dit_teacher):
+    """One step at lr 1e-12 leaves the float32 weights as initialised (Adam moves each by ~1e-12, below their
+    rounding), so the written map is the initial one: Psi(x_T, T, t_min | y) = the teacher's one-step DDIM map for
+    every sample, up to the float32 round-off of the network (atol 2e-5, as in tests/test_flowmap_dit.py), and the
+    reported 1-call errors of map and DDIM agree."""
+    from diffusion_lab.samplers import sample
+
+    out = tmp_path / "d"
+    assert main([*DIT, "--teacher", dit_teacher, "--method", "ctm", "--steps", "1", "--lr", "1e-12",
+                 "--out", str(out)]) == 0
+    psi, _ = flow_map_from_checkpoint(str(out / "checkpoint.pt"), labelled=True)
+    _, bound, x_T, y, _ = _dit_reference(dit_teacher, 20)
+    with torch.no_grad():
+        got = psi(x_T, psi.schedule.t_max, psi.schedule.t_min, y).double()
+    want = sample(bound, x_T, "ddim", steps=1, final="step").x
+    assert float((got - want).abs().max()) < 2e-5
+    rows = {(r["sampler"], r["nfe"]): r for r in json.loads((out / "summary.json").read_text())["evaluation"]["rows"]}
+    assert math.isclose(rows["flow map chain", 1]["err_mean"], rows["teacher ddim", 1]["err_mean"], abs_tol=2e-5)
+
+
+def test_dit_and_conditional_teachers_refused_where_unsupported(tmp_path, capsys, dit_teacher):
+    """meanflow / shortcut / reflow do not take a DiT teacher; a class-conditional MLP has no labelled student:
+    one line, exit 2, nothing written."""
+    for method in ("meanflow", "shortcut", "reflow"):
+        with pytest.raises(SystemExit) as e:
+            main([*DIT, "--teacher", dit_teacher, "--method", method, "--batch", "64", "--steps", "2",
+                  "--out", str(tmp_path / method)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--method cd, ctm, ct only" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / method).exists()
+    tr = tmp_path / "mlp"
+    assert main(["train", "--data", "ring8", "--conditional", "--steps", "2", "--batch", "16", "--hidden", "8",
+                 "--depth", "1", "--n-train", "256", "--eval-n", "0", "--no-plot", "--out", str(tr)]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*SMALL, "--teacher", str(tr / "checkpoint.pt"), "--steps", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "class-conditional mlp" in err and "TwoTimeMLP student takes no labels" in err
+    assert not (tmp_path / "o").exists()

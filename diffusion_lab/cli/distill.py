@@ -26,6 +26,11 @@ PENDING: dict = {}
 REFLOW_COUPLE_STEPS = 64
 
 QUICK_STEPS, QUICK_EVAL_N = 400, 1000
+#: the defaults of a DiT teacher (a FlowMap(TwoTimeDiT) fine-tuned from it, ~0.6 ms per sample and network call on
+#: one CPU thread for DiT-tiny/2): batch 64 and Adam at 2e-4 (the recipe of ``experiments.digits_flow_map``), and
+#: for --quick 200 steps of batch 32 and 200 evaluation samples
+DIT_DEFAULTS = {"batch": 64, "lr": 2e-4}
+DIT_QUICK = {"steps": 200, "batch": 32, "eval_n": 200}
 EVAL_STEPS = (1, 2, 4)
 
 
@@ -33,14 +38,14 @@ EVAL_STEPS = (1, 2, 4)
 # the trainers behind the methods, all resumable: builder(psi, teacher, data, settings, log_every)
 
 def _consistency(method):
-    def build(psi, teacher, data, settings, log_every):
+    def build(psi, teacher, data, settings, log_every, labels=None):
         from ..flowmap import ConsistencyTrainer
 
         keys = ("solver", "batch", "grid_steps", "grid_kind", "lr", "target_decay", "ema_decay", "seed", "loss",
                 "huber_c")
         extra = ({k: settings[k] for k in ("total_steps", "ct_s0", "ct_s1")} if method == "ct" else {})
         return ConsistencyTrainer(psi, teacher if method != "ct" else None, data, method=method, log_every=log_every,
-                                  **{k: settings[k] for k in keys}, **extra)
+                                  labels=labels, **{k: settings[k] for k in keys}, **extra)
 
     return build
 
@@ -81,11 +86,13 @@ def _reflow(psi, teacher, data, settings, log_every):
 
 
 #: method name -> builder(psi, teacher, data, settings, log_every) of a run with the interface of
-#: ``flowmap.ConsistencyTrainer``
+#: ``flowmap.ConsistencyTrainer`` (cd / ctm / ct also take ``labels=``, one class label per data row)
 TRAINERS = {"cd": _consistency("cd"), "ctm": _consistency("ctm"), "ct": _consistency("ct"),
             "meanflow": _meanflow("meanflow"), "shortcut": _meanflow("shortcut"), "reflow": _reflow}
-#: what each method trains: FlowMap(TwoTimeMLP), the average-velocity maps of ``diffusion_lab.meanflow``, or (reflow)
-#: a velocity field, written as a `diffusion-lab train` checkpoint
+#: methods that distil a DiT teacher (class-conditional or not) into FlowMap(TwoTimeDiT)
+DIT_METHODS = ("cd", "ctm", "ct")
+#: what each method trains: FlowMap(TwoTimeMLP) (FlowMap(TwoTimeDiT) for a DiT teacher), the average-velocity maps
+#: of ``diffusion_lab.meanflow``, or (reflow) a velocity field, written as a `diffusion-lab train` checkpoint
 MAP_KIND = {"cd": "flowmap", "ctm": "flowmap", "ct": "flowmap", "meanflow": "meanflow", "shortcut": "shortcut",
             "reflow": "field"}
 
@@ -157,12 +164,23 @@ def reflow_train_meta(meta: dict) -> dict:
             "reflow": {"teacher": meta["teacher"], "rounds": meta["rounds"], "steps": meta["total_steps"]}}
 
 
-def flow_map_from_checkpoint(sd_or_path, ema: bool = True):
-    """(FlowMap with the EMA weights (or the online ones), meta) of a `distill` checkpoint (path or loaded dict)."""
+def flow_map_from_checkpoint(sd_or_path, ema: bool = True, labelled: bool = False):
+    """(FlowMap with the EMA weights (or the online ones), meta) of a `distill` checkpoint (path or loaded dict).
+
+    A class-conditional map (FlowMap(TwoTimeDiT) distilled from a class-conditional DiT, meta["num_classes"] > 0)
+    is sampled with class labels, psi(x, s, t, y) or ``psi.with_labels(y)``; it is returned unbound only with
+    ``labelled=True``, else refused with a ValueError naming the path, for callers that pass no labels."""
     from ..training import schedule_from_settings
 
     sd = load_distill_checkpoint(sd_or_path) if isinstance(sd_or_path, str) else sd_or_path
     meta = sd["meta"]
+    k = int(meta.get("num_classes") or 0)
+    if k and not labelled:
+        where = sd_or_path if isinstance(sd_or_path, str) else "the checkpoint"
+        raise ValueError(f"{where} is a class-conditional flow map ({k} classes, distilled from a "
+                         f"{meta['network'].get('model')} on {meta.get('data')!r}): sampling it needs class labels, "
+                         f"which compare --flow-map does not pass (it compares unconditional maps on exact targets); "
+                         f"load it with flow_map_from_checkpoint(path, labelled=True)")
     weights = sd["state"]["ema"]["module"] if ema else sd["state"]["net"]
     psi = _new_map(meta, schedule_from_settings(meta["schedule"]))
     psi.net.load_state_dict(weights)
@@ -170,13 +188,22 @@ def flow_map_from_checkpoint(sd_or_path, ema: bool = True):
     return psi, meta
 
 
-def _new_map(meta: dict, schedule):
+def _new_map(meta: dict, schedule, teacher_net=None):
     """A fresh map of meta's kind on ``schedule``: FlowMap(TwoTimeMLP) with the EDM preconditioning at sigma_data,
-    or a MeanFlow / shortcut map (``meanflow.meanflow_map`` / ``shortcut_map``)."""
-    from ..flowmap import FlowMap, TwoTimeMLP
+    FlowMap(TwoTimeDiT) for a DiT teacher (meta["network"]["kind"] == "dit": ``TwoTimeDiT.from_dit(teacher_net)``,
+    the teacher's DiT with a zero-initialised end-time embedding, when ``teacher_net`` is given, else the DiT rebuilt
+    from meta["network"]'s "model" and "model_kwargs" for its weights to be loaded), or a MeanFlow / shortcut map
+    (``meanflow.meanflow_map`` / ``shortcut_map``)."""
+    from ..flowmap import FlowMap, TwoTimeDiT, TwoTimeMLP
 
     kind = meta.get("map", "flowmap")
     net = meta["network"]
+    if kind == "flowmap" and net.get("kind") == "dit":
+        from ..training import build_network
+
+        core = TwoTimeDiT.from_dit(teacher_net) if teacher_net is not None else \
+            TwoTimeDiT(build_network({"model": net["model"], "model_kwargs": net["model_kwargs"]}))
+        return FlowMap(core, schedule, sigma_data=float(meta["sigma_data"]))
     if kind == "flowmap":
         return FlowMap(TwoTimeMLP(**net), schedule, sigma_data=float(meta["sigma_data"]))
     from .. import meanflow as M
@@ -215,7 +242,12 @@ def add_parser(sub):
             "samples.png for 2-D data) to --out, which must be new or empty unless --overwrite. Checkpoints are "
             "written atomically every --ckpt-every steps; --resume continues from --out/checkpoint.pt to --steps and "
             "the result is bitwise that of one uninterrupted run (ct and reflow keep their --steps: ct's curriculum "
-            "and reflow's rounds and learning-rate decay depend on it). --quick: 400 steps, 1000 evaluation samples."
+            "and reflow's rounds and learning-rate decay depend on it). --quick: 400 steps, 1000 evaluation samples. "
+            "A DiT checkpoint teacher (cd, ctm, ct only) is distilled into FlowMap(TwoTimeDiT): its own DiT plus a "
+            "zero-initialised embedding of the end time, so the student starts as the teacher's DDIM step (an "
+            "--prediction edm teacher); a class-conditional one (digits) with the label of each x_0, evaluated on "
+            "balanced labels against the teacher's PF-ODE for the same labels (defaults: batch 64, lr 2e-4; --quick "
+            "200 steps of batch 32, 200 evaluation samples)."
         ),
     )
     p.add_argument("--teacher", default="ring8", metavar="TARGET_OR_CHECKPOINT",
@@ -232,8 +264,11 @@ def add_parser(sub):
     p.add_argument("--rounds", type=int, default=1,
                    help="reflow: rounds, each coupling --n-train noise samples with the previous flow's map by RK4 "
                         f"x{REFLOW_COUPLE_STEPS} and training a fresh MLP for --steps / --rounds steps (default 1)")
-    p.add_argument("--batch", type=int, default=256, help="batch size (default 256)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    p.add_argument("--batch", type=int, default=None,
+                   help=f"batch size (default 256; a DiT teacher: {DIT_DEFAULTS['batch']}, --quick "
+                        f"{DIT_QUICK['batch']})")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"Adam learning rate (default 1e-3; a DiT teacher: {DIT_DEFAULTS['lr']:g})")
     p.add_argument("--grid-steps", type=int, default=18, help="N intervals of the distillation grid (default 18)")
     p.add_argument("--grid-kind", default=None, choices=GRID_KINDS,
                    help="distillation grid (default logsnr; ct: karras)")
@@ -249,7 +284,7 @@ def add_parser(sub):
     p.add_argument("--loss", default=None, choices=DISTILL_LOSSES,
                    help="consistency distance (default l2; ct: pseudo_huber)")
     p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber constant c (default 0.00054 sqrt(D))")
-    p.add_argument("--hidden", type=int, default=64, help="TwoTimeMLP width (reflow: the MLP's; default 64)")
+    p.add_argument("--hidden", type=int, default=64, help="TwoTimeMLP width (reflow: the MLP's; a DiT teacher's map is its DiT; default 64)")
     p.add_argument("--depth", type=int, default=3, help="TwoTimeMLP residual blocks (reflow: the MLP's; default 3)")
     p.add_argument("--n-train", type=int, default=20000,
                    help="data samples drawn from 2-D data (reflow: also the coupled noise samples; default 20000)")
@@ -262,7 +297,9 @@ def add_parser(sub):
                    help="tolerance of the reference map the errors are measured against (default 1e-8 for the exact "
                         "map by DOP853, 1e-6 for a learned teacher's PF-ODE by adaptive Dormand-Prince)")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps and {QUICK_EVAL_N} evaluation samples "
-                                                        "unless given (under 2 minutes on one CPU thread)")
+                                                        f"unless given (a DiT teacher: {DIT_QUICK['steps']} steps of "
+                                                        f"batch {DIT_QUICK['batch']}, {DIT_QUICK['eval_n']} samples; "
+                                                        "under 2 minutes on one CPU thread)")
     C.add_threads(p)
     C.add_out(p, "results/distill")
     p.add_argument("--resume", action="store_true",
@@ -281,6 +318,10 @@ def _check_options(args, parser) -> None:
                      f"available: {', '.join(TRAINERS)}")
     if args.method not in TRAINERS:
         parser.error(f"unknown --method {args.method!r}; choose one of {', '.join(TRAINERS)}")
+    # what was left to its default (a DiT teacher has its own, ``_resolve_defaults``)
+    args.defaulted = {k for k in ("steps", "eval_n", "batch", "lr") if getattr(args, k) is None}
+    args.batch = 256 if args.batch is None else args.batch
+    args.lr = 1e-3 if args.lr is None else args.lr
     C.at_least(parser, "--rounds", args.rounds, 1)
     if args.rounds != 1 and args.method != "reflow":
         parser.error(f"--rounds applies to --method reflow only, not {args.method}")
@@ -313,9 +354,21 @@ def _check_options(args, parser) -> None:
                      f"checkpoint file")
 
 
+def _resolve_defaults(args, student) -> None:
+    """A DiT teacher's defaults (``DIT_DEFAULTS``, with --quick ``DIT_QUICK``) for the options left unset."""
+    if student is None:
+        return
+    for k, v in {**DIT_DEFAULTS, **(DIT_QUICK if args.quick else {})}.items():
+        if k in args.defaulted:
+            setattr(args, k, v)
+
+
 def _teacher(args, parser):
-    """(teacher field, data, teacher description dict, exact target or None, data name) of --teacher."""
+    """(teacher field, data, teacher description dict, exact target or None, data name, DiT student or None) of
+    --teacher; the last is, for a DiT teacher, {"network" (meta["network"] of the map), "sigma_data", "num_classes",
+    "labels" (of the data rows, None when unconditional), "teacher_net" (the EMA DiT), "prediction"}."""
     from .. import training as T
+    from ..models import DIT_CONFIGS
     from ..schedules import get_schedule
     from ..targets import TARGETS, get_target
     from ._learned import train_data
@@ -329,15 +382,23 @@ def _teacher(args, parser):
         tg = get_target(args.teacher)
         x, _, _ = train_data(args.teacher, args.n_train, args.seed, False)
         desc = {"kind": "exact", "target": args.teacher, "schedule": schedule.settings()}
-        return tg.field(schedule), x, desc, tg, args.teacher
+        return tg.field(schedule), x, desc, tg, args.teacher, None
     try:
         state = T.load_checkpoint(args.teacher)
     except ValueError as exc:
         parser.error(f"--teacher: {exc}")
     meta = state["meta"]
-    if meta.get("num_classes"):
-        parser.error(f"--teacher {args.teacher}: a class-conditional network needs labels; distill takes "
-                     "unconditional ones")
+    k = int(meta.get("num_classes") or 0)
+    dit = meta["model"] in DIT_CONFIGS
+    if dit and args.method not in DIT_METHODS:
+        parser.error(f"--method {args.method}: the teacher {args.teacher} is a {'class-conditional ' if k else ''}"
+                     f"{meta['model']}, distilled by --method {', '.join(DIT_METHODS)} only (into a FlowMap around "
+                     f"the teacher's DiT{', with the class labels of its data' if k else ''}); meanflow, shortcut and "
+                     "reflow train MLPs from unconditional MLP teachers")
+    if k and not dit:
+        parser.error(f"--teacher {args.teacher}: a class-conditional {meta['model']} ({k} classes): its labels reach "
+                     f"FlowMap(TwoTimeDiT) students only, distilled from a DiT teacher (train --model DiT-...); the "
+                     "TwoTimeMLP student takes no labels")
     field = T.field_from_checkpoint(state)
     if reflow and meta["schedule"].get("name") != "rf":
         parser.error(f"--method reflow: the teacher checkpoint was trained on {meta['schedule'].get('name')!r}; reflow "
@@ -348,24 +409,32 @@ def _teacher(args, parser):
         parser.error(f"--schedule {args.schedule}: the teacher checkpoint was trained on {meta['schedule']}; "
                      "leave --schedule out")
     try:
-        x, _, _ = train_data(meta["data"], args.n_train, args.seed, False)
+        x, y, _ = train_data(meta["data"], args.n_train, args.seed, bool(k))
     except ValueError as exc:
         parser.error(f"--teacher {args.teacher}: its data {meta['data']!r}: {exc}")
     desc = {"kind": "checkpoint", "path": os.path.abspath(args.teacher), "step": int(state["step"]),
             "model": meta["model"], "prediction": meta["prediction"], "data": meta["data"],
             "schedule": meta["schedule"]}
     tg = get_target(meta["data"]) if meta["data"] in TARGETS else None
-    return field, x, desc, tg, meta["data"]
+    student = None
+    if dit:  # the student is the teacher's DiT with an end-time embedding, at the teacher's sigma_data
+        student = {"network": {"kind": "dit", "model": meta["model"], "model_kwargs": dict(meta["model_kwargs"])},
+                   "sigma_data": float(meta["sigma_data"]), "num_classes": k, "labels": y if k else None,
+                   "teacher_net": field.model.net, "prediction": meta["prediction"]}
+    return field, x, desc, tg, meta["data"], student
 
 
-def _meta(args, field, x, teacher_desc, data_name) -> dict:
+def _meta(args, field, x, teacher_desc, data_name, student=None) -> dict:
     """The run's settings (checkpoint meta, summary.json). Options a method does not use are recorded as None, so
-    that --resume compares only what the run depends on."""
+    that --resume compares only what the run depends on. A DiT teacher (``student``, see ``_teacher``) makes the
+    map a FlowMap(TwoTimeDiT) at the teacher's sigma_data; --hidden / --depth do not apply to it."""
     grid = args.method in ("cd", "ctm", "ct")  # the consistency grid, teacher solver and distance
+    network = student["network"] if student else {"dim": int(math.prod(x.shape[1:])), "hidden": args.hidden,
+                                                   "depth": args.depth}
     return {"method": args.method, "teacher": teacher_desc, "schedule": field.schedule.settings(), "data": data_name,
-            "data_shape": list(x.shape[1:]), "n_train": int(x.shape[0]), "seed": args.seed,
-            "network": {"dim": int(math.prod(x.shape[1:])), "hidden": args.hidden, "depth": args.depth},
-            "sigma_data": round(float(x.std()), 6), "batch": args.batch,
+            "data_shape": list(x.shape[1:]), "n_train": int(x.shape[0]), "seed": args.seed, "network": network,
+            "num_classes": student["num_classes"] if student else 0,
+            "sigma_data": student["sigma_data"] if student else round(float(x.std()), 6), "batch": args.batch,
             "grid_steps": args.grid_steps if grid else None, "grid_kind": args.grid_kind if grid else None,
             "solver": args.solver if grid else None, "lr": args.lr,
             "target_decay": args.target_decay if grid or args.method == "shortcut" else None,
@@ -375,12 +444,15 @@ def _meta(args, field, x, teacher_desc, data_name) -> dict:
             "rounds": args.rounds if args.method == "reflow" else None, "map": MAP_KIND[args.method]}
 
 
-def _build_run(meta, field, x, log_every):
+def _build_run(meta, field, x, log_every, student=None):
     import torch
 
     torch.manual_seed(meta["seed"])
     if meta["method"] == "reflow":  # each round builds its network (seeded by the round) from the train meta
         return TRAINERS["reflow"](reflow_train_meta(meta), field, x, meta, log_every)
+    if student is not None:  # FlowMap(TwoTimeDiT.from_dit(teacher)): it starts as the teacher's DDIM step
+        psi = _new_map(meta, field.schedule, teacher_net=student["teacher_net"])
+        return TRAINERS[meta["method"]](psi, field, x, meta, log_every, labels=student["labels"])
     psi = _new_map(meta, field.schedule)
     return TRAINERS[meta["method"]](psi, field, x, meta, log_every)
 
@@ -429,11 +501,17 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
     Dormand-Prince at rtol = atol = ``rtol`` (default 1e-6) for a learned one),
     and, on exact-target data, the MMD^2 to the exact law p_{t_min} of the chain and of multistep consistency
     sampling; the same for the teacher's own chain of solver steps over the distillation grid (the map distillation
-    converges to). For reflow ``psi`` is the learned velocity field: its Euler chain at k = 1, 2, 4 steps on the
-    uniform t-grid (x <- x + (t_{i+1} - t_i) v(x, t_i); one step is ``reflow.one_step``) beside the teacher's."""
+    converges to), and the teacher's DDIM and DPM-Solver++(2M) at the map's budgets of k = 1, 2, 4 calls. For reflow
+    ``psi`` is the learned velocity field: its Euler chain at k = 1, 2, 4 steps on the uniform t-grid (x <- x +
+    (t_{i+1} - t_i) v(x, t_i); one step is ``reflow.one_step``) beside the teacher's.
+
+    A class-conditional map (meta["num_classes"] = K > 0) is evaluated on balanced labels y_i = i mod K: the
+    reference, the teacher's rows and the map are all conditioned on y_i (``guidance.bind_labels``,
+    ``FlowMap.with_labels``), so the errors are those of Psi(x_T, T, t | y) against Phi(x_T | y)."""
     import torch
 
     from ..flowmap import teacher_step
+    from ..guidance import bind_labels
     from ..metrics import mmd2_exact
     from ..reference import flow_map
     from ..samplers import sample
@@ -447,6 +525,10 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
     else:
         sigma_T = float(sch.sigma(torch.tensor(sch.t_max, dtype=torch.float64)))
         x_T = torch.randn((n, *meta["data_shape"]), generator=g, dtype=torch.float64) * sigma_T
+    k_cls = int(meta.get("num_classes") or 0)
+    labels = torch.arange(n) % k_cls if k_cls else None
+    if labels is not None:
+        field, psi = bind_labels(field, labels), psi.with_labels(labels)
     nfe0 = field.nfe
     if exact:
         rtol = 1e-8 if rtol is None else rtol
@@ -480,6 +562,13 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
         em, e90 = err(chain)
         rows.append({"sampler": f"teacher {meta['solver']} x{meta['grid_steps']}", "nfe": field.nfe - calls0,
                      "err_mean": em, "err_p90": e90, **mmd(chain)})
+    if meta["method"] != "reflow":  # the teacher at the map's budgets
+        for solver in ("ddim", "dpmpp_2m"):
+            for k in EVAL_STEPS:
+                res = sample(field, x_T, solver, nfe=k, final="step")
+                em, e90 = err(res.x)
+                rows.append({"sampler": f"teacher {solver}", "nfe": res.nfe, "err_mean": em, "err_p90": e90,
+                             **mmd(res.x)})
     samples = {}
     if meta["method"] == "reflow":
         for k in EVAL_STEPS:
@@ -491,7 +580,7 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
                 if who == "reflow":
                     samples[k] = res.x
         return {"reference": ref_desc, "reference_nfe": ref_nfe, "n": n, "rows": rows, "samples": samples,
-                "x_T": x_T, "ref": ref}
+                "x_T": x_T, "ref": ref, "labels": labels}
     for k in EVAL_STEPS:
         for variant, noise in (("chain", False), ("multistep", True)):
             if noise and k == 1:
@@ -504,7 +593,7 @@ def evaluate(psi, field, target, meta: dict, n: int, seed: int, rtol: float | No
                 samples[k] = res.x
             rows.append({**row, **mmd(res.x)})
     return {"reference": ref_desc, "reference_nfe": ref_nfe, "n": n, "rows": rows, "samples": samples, "x_T": x_T,
-            "ref": ref}
+            "ref": ref, "labels": labels}
 
 
 def _figures(args, meta, run_, ev) -> list:
@@ -532,10 +621,11 @@ def run(args, parser) -> int:
     _check_options(args, parser)
     C.set_threads(args, parser)
     C.check_figure_options(args, parser)
-    field, x, teacher_desc, target, data_name = _teacher(args, parser)
-    meta = _meta(args, field, x, teacher_desc, data_name)
+    field, x, teacher_desc, target, data_name, student = _teacher(args, parser)
+    _resolve_defaults(args, student)
+    meta = _meta(args, field, x, teacher_desc, data_name, student)
     try:
-        run_ = _build_run(meta, field, x, args.log_every)
+        run_ = _build_run(meta, field, x, args.log_every, student)
     except ValueError as exc:
         parser.error(str(exc))
     meta["resolved"] = run_.resolved
@@ -552,6 +642,10 @@ def run(args, parser) -> int:
         with torch.random.fork_rng(devices=[]):  # a network built to be counted leaves the random state alone
             net_name, n_par = "MLPScore (velocity)", sum(p.numel() for p in build_network(reflow_train_meta(meta))
                                                          .parameters())
+    elif student is not None:
+        net_name = (f"TwoTimeDiT (the teacher's {student['network']['model']} + an end-time embedding"
+                    + (f", {student['num_classes']} classes" if student["num_classes"] else "") + ")")
+        n_par = sum(p.numel() for p in run_.psi.net.parameters())
     else:
         net_name, n_par = "TwoTimeMLP", sum(p.numel() for p in run_.psi.net.parameters())
     how = {"ct": f"no teacher: data and reference only, curriculum {meta['ct_s0']}..{meta['ct_s1']} intervals, "
@@ -564,6 +658,10 @@ def run(args, parser) -> int:
     print(f"distill {meta['method']} from {args.teacher} ({teacher_desc['kind']} teacher, {how}) into {net_name} "
           f"({n_par:,} parameters); schedule {meta['schedule']['name']}; from step {run_.step} to {args.steps}",
           flush=True)
+    if student is not None:
+        print(f"the student starts as {_student_init(student)}"
+              + (f"; each x_0 is distilled with its class label ({meta['num_classes']} classes)"
+                 if meta["num_classes"] else ""), flush=True)
     t0 = time.perf_counter()
 
     def on_log(rec):
@@ -584,11 +682,14 @@ def run(args, parser) -> int:
         written.append("distill_log.csv")
     summary = {"command": "diffusion-lab distill", "settings": {**meta, "steps": args.steps, "quick": args.quick,
                                                                  "eval_n": args.eval_n, "ref_rtol": args.ref_rtol},
+               "student_init": _student_init(student),
                "teacher_calls": run_.teacher_calls, "teacher_evals": _teacher_evals(run_, meta),
                "teacher_calls_per_step": run_.teacher_calls / max(run_.step, 1),
                "final_loss": run_.history[-1]["loss"] if run_.history else None,
                "evaluation": {"reference": ev["reference"], "reference_nfe": ev["reference_nfe"], "n": ev["n"],
-                              "law": "exact p_t_min" if target is not None else None, "rows": rows},
+                              "law": "exact p_t_min" if target is not None else None,
+                              "labels": (f"balanced, y_i = i mod {meta['num_classes']}" if ev["labels"] is not None
+                                         else None), "rows": rows},
                "seconds_this_run": train_s, "versions": C.versions()}
     C.write_json(os.path.join(args.out, "summary.json"), summary, default=str)
     written.append("summary.json")
@@ -599,6 +700,17 @@ def run(args, parser) -> int:
             written += _figures(args, meta, run_, ev)
     C.wrote(written, args.out, f"({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _student_init(student) -> str | None:
+    """How a DiT student starts: FlowMap(TwoTimeDiT.from_dit(teacher)) is the teacher's DDIM step when the teacher
+    predicts with the EDM preconditioning (the map's own), else only the teacher's weights."""
+    if student is None:
+        return None
+    if student["prediction"] == "edm":
+        return "the teacher's DDIM step (its DiT, EDM preconditioning, zero end-time embedding)"
+    return (f"the teacher's weights; not its DDIM step: the teacher predicts {student['prediction']!r}, the map's "
+            "network the EDM-preconditioned F")
 
 
 def _teacher_evals(run_, meta) -> int:
