@@ -284,7 +284,9 @@ def add_parser(sub):
     p.add_argument("--loss", default=None, choices=DISTILL_LOSSES,
                    help="consistency distance (default l2; ct: pseudo_huber)")
     p.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber constant c (default 0.00054 sqrt(D))")
-    p.add_argument("--hidden", type=int, default=64, help="TwoTimeMLP width (reflow: the MLP's; a DiT teacher's map is its DiT; default 64)")
+    p.add_argument("--hidden", type=int, default=64,
+                   help="TwoTimeMLP width (reflow: the MLP's; unused with a DiT teacher, whose map is its DiT; "
+                        "default 64)")
     p.add_argument("--depth", type=int, default=3, help="TwoTimeMLP residual blocks (reflow: the MLP's; default 3)")
     p.add_argument("--n-train", type=int, default=20000,
                    help="data samples drawn from 2-D data (reflow: also the coupled noise samples; default 20000)")
